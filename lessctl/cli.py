@@ -1,0 +1,70 @@
+"""The Typer app: registers every command, the global options, and the one error funnel."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lessctl import __version__
+from lessctl.commands._common import STATE
+from lessctl.errors import LessctlError
+
+app = typer.Typer(
+    name="lessctl",
+    help="LESS data selection: the 5% of an instruction-tuning pool whose gradients best match a target task.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lessctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="Workspace file (default: lessctl.toml in this folder or a parent)."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    STATE.config_path = config
+    STATE.debug = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def _register() -> None:
+    from lessctl.commands import register_all
+
+    register_all(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
+    _register()
+    try:
+        app(args=argv, prog_name="lessctl")
+    except LessctlError as exc:
+        if STATE.debug:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

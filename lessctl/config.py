@@ -1,0 +1,356 @@
+"""The typed experiment config: lessctl.toml + command-line overrides, validated once.
+
+Precedence: the defaults here (the paper's settings) < the workspace file < options given to a
+command. Every problem (unknown key, wrong type, bad value) is reported at once, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lessctl.errors import ConfigError
+
+CONFIG_NAME = "lessctl.toml"
+BUILTIN_TARGETS = ("mmlu", "bbh", "tydiqa")
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _f("less", "Name of the experiment (used in job names and reports).")
+    output_dir: str = _f("out", "Output folder, relative to the workspace file.")
+    seed: int = _f(3, "Seed for the warmup subset, training and the random baseline (LESS's data seed is 3).")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = _f("meta-llama/Llama-2-7b-hf", "Base model: a local folder or a hub name (offline: must be cached).")
+    dtype: str = _f("auto", "Training dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
+    max_seq_length: int = _f(2048, "Tokens per example; longer examples are truncated.")
+    chat_format: str = _f("tulu", "Chat format of the training text: tulu or llama2.")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(128, "LoRA rank.")
+    alpha: int = _f(512, "LoRA alpha.")
+    dropout: float = _f(0.1, "LoRA dropout (training only; gradients are taken in eval mode).")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    percentage: float = _f(0.05, "Share of each training file used (the warmup subset; 1.0 keeps all).")
+    epochs: int = _f(4, "Training epochs; warmup saves a checkpoint at the end of each.")
+    learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
+    warmup_ratio: float = _f(0.03, "Share of optimizer steps with a linear learning-rate warmup.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(1, "Examples per device per forward pass.")
+    gradient_accumulation_steps: int = _f(32, "Forward passes per optimizer step (effective batch = batch_size x this x devices).")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup (transformers name).")
+    logging_steps: int = _f(1, "Log the loss every this many optimizer steps.")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    percentage: float = _f(1.0, "Share of the selection to train on (1.0: all of it).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: dict = _f({}, "Training pool: {name = path to a jsonl file}.")
+    targets: dict = _f({}, 'Targets: {name = "mmlu"|"bbh"|"tydiqa"} or {name = {file = "path.jsonl"}}.')
+    data_dir: str = _f("data", "LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa (for built-in targets).")
+
+
+@dataclass(frozen=True)
+class GradsConfig:
+    dims: list = _f([8192], "Projection dimensions.")
+    projector: str = _f("auto", "Projector: auto (cuda on a GPU with fast_jl, else basic), cuda or basic.")
+    batch_tokens: int = _f(8192, "Token budget of one batch of per-example gradients.")
+    block_size: int = _f(128, "BasicProjector block size (LESS uses 128).")
+    projection_seed: int = _f(0, "Seed of the random projection (LESS uses 0).")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    percentage: float = _f(0.05, "Share of the pooled training sets to select.")
+    method: str = _f("less", "Selection method: less, random or bm25.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data_dir: str = _f("", "LESS-layout data folder for evaluation (default: [data] data_dir).")
+    batch_size: int = _f(8, "Prompts per forward pass / generation batch.")
+    bbh_examples_per_task: int = _f(40, "Seeded sample of examples per BBH task.")
+    limit: int = _f(0, "Examples per subject/task/language (0: all).")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partition: str = _f("", "Partition (#SBATCH --partition); empty: the cluster's default.")
+    account: str = _f("", "Account to charge (#SBATCH --account).")
+    qos: str = _f("", "Quality of service (#SBATCH --qos).")
+    gpus: int = _f(1, "GPUs per job for GPU stages.")
+    cpus: int = _f(8, "CPUs per task.")
+    memory: str = _f("", "Memory per node, e.g. 64G; empty: the cluster's default.")
+    time: str = _f("12:00:00", "Time limit per job.")
+    modules: list = _f([], "Environment modules to load (module load ...).")
+    setup: list = _f([], "Shell lines run before the stage (e.g. activating a virtual environment).")
+    sbatch_extra: list = _f([], "Extra #SBATCH lines, e.g. '--constraint=a100'.")
+    env: dict = _f({}, "Environment variables exported in the job.")
+    templates: str = _f("", "A folder of your own templates overriding the shipped ones.")
+    stages: dict = _f({}, "Per-stage overrides, e.g. [slurm.stages.grads] time = '48:00:00'.")
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warmup: TrainConfig = field(default_factory=TrainConfig)
+    grads: GradsConfig = field(default_factory=GradsConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # Not part of the file: where it was read from (None: defaults only).
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def root(self) -> Path:
+        """The workspace folder: relative paths in the file are relative to it."""
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, p: str | os.PathLike) -> Path:
+        q = Path(os.path.expanduser(str(p)))
+        return q if q.is_absolute() else (self.root / q)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.experiment.output_dir)
+
+    def train_files(self) -> dict[str, Path]:
+        return {name: self.resolve(p) for name, p in self.data.train.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("path", None)
+        return d
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "path"}
+
+
+def _section_cls(name: str) -> type:
+    hints = typing.get_type_hints(Config)
+    return hints[name]
+
+
+def _check_type(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
+    """Checks (and lightly coerces: int -> float) one value; appends a problem naming the key."""
+    if typ in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if typ in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ in ("str", str):
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    if typ in ("bool", bool):
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if typ in ("list", list):
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {value!r}")
+        return value
+    if typ in ("dict", dict):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a table, got {value!r}")
+        return value
+    return value
+
+
+def _closest(name: str, options: list[str]) -> str:
+    m = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{m[0]}'?)" if m else f" (valid: {', '.join(options)})"
+
+
+def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
+    if cfg.model.chat_format not in ("tulu", "llama2"):
+        problems.append(f"{where}model.chat_format: expected tulu or llama2, got {cfg.model.chat_format!r}")
+    if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        problems.append(f"{where}model.dtype: expected auto, bf16, fp16 or fp32, got {cfg.model.dtype!r}")
+    if cfg.model.max_seq_length <= 0:
+        problems.append(f"{where}model.max_seq_length: must be positive")
+    for sec in ("warmup", "finetune"):
+        t = getattr(cfg, sec)
+        if not 0 < t.percentage <= 1:
+            problems.append(f"{where}{sec}.percentage: must be in (0, 1], got {t.percentage}")
+        if t.epochs < 1:
+            problems.append(f"{where}{sec}.epochs: must be at least 1")
+        if not 0 <= t.warmup_ratio < 1:
+            problems.append(f"{where}{sec}.warmup_ratio: must be in [0, 1)")
+        if t.batch_size < 1 or t.gradient_accumulation_steps < 1:
+            problems.append(f"{where}{sec}: batch_size and gradient_accumulation_steps must be at least 1")
+    if not 0 < cfg.select.percentage <= 1:
+        problems.append(f"{where}select.percentage: must be in (0, 1], got {cfg.select.percentage}")
+    if cfg.select.method not in ("less", "random", "bm25"):
+        problems.append(f"{where}select.method: expected less, random or bm25, got {cfg.select.method!r}")
+    if cfg.grads.projector not in ("auto", "cuda", "basic"):
+        problems.append(f"{where}grads.projector: expected auto, cuda or basic, got {cfg.grads.projector!r}")
+    if not cfg.grads.dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in cfg.grads.dims):
+        problems.append(f"{where}grads.dims: expected a list of positive integers, got {cfg.grads.dims!r}")
+    for name, path in cfg.data.train.items():
+        if not isinstance(path, str):
+            problems.append(f"{where}data.train.{name}: expected a path string, got {path!r}")
+    for name, spec in cfg.data.targets.items():
+        if isinstance(spec, str):
+            if spec not in BUILTIN_TARGETS:
+                problems.append(
+                    f"{where}data.targets.{name}: unknown built-in target {spec!r}"
+                    f"{_closest(spec, list(BUILTIN_TARGETS))}; a custom target is {{file = \"path.jsonl\"}}"
+                )
+        elif isinstance(spec, dict):
+            unknown = set(spec) - {"file", "subtask_key"}
+            if "file" not in spec:
+                problems.append(f"{where}data.targets.{name}: a custom target needs file = \"path.jsonl\"")
+            for k in sorted(unknown):
+                problems.append(f"{where}data.targets.{name}.{k}: unknown key{_closest(k, ['file', 'subtask_key'])}")
+        else:
+            problems.append(f"{where}data.targets.{name}: expected a built-in name or a table, got {spec!r}")
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, path: Path | None = None) -> Config:
+    """Builds and validates a Config from a parsed TOML dict plus `{"section.key": value}` overrides."""
+    where = f"{path}: " if path else ""
+    problems: list[str] = []
+    hints = typing.get_type_hints(Config)
+    sections: dict[str, dict[str, Any]] = {}
+    for sec_name, sec_val in raw.items():
+        if sec_name not in SECTIONS:
+            problems.append(f"{where}unknown section [{sec_name}]{_closest(sec_name, list(SECTIONS))}")
+            continue
+        if not isinstance(sec_val, dict):
+            problems.append(f"{where}{sec_name}: expected a table [{sec_name}]")
+            continue
+        sections[sec_name] = dict(sec_val)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        sec_name, _, fname = key.partition(".")
+        sections.setdefault(sec_name, {})[fname] = value
+
+    built: dict[str, Any] = {}
+    for sec_name in SECTIONS:
+        cls = hints[sec_name]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        ftypes = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for k, v in sections.get(sec_name, {}).items():
+            if k not in fields:
+                problems.append(f"{where}unknown key {sec_name}.{k}{_closest(k, list(fields))}")
+                continue
+            kwargs[k] = _check_type(f"{where}{sec_name}.{k}", v, ftypes[k], problems)
+        try:
+            built[sec_name] = cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - guarded by the checks above
+            problems.append(f"{where}[{sec_name}]: {exc}")
+            built[sec_name] = cls()
+    cfg = Config(**built, path=path)
+    if not problems:
+        _validate_values(cfg, where, problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        p = d / CONFIG_NAME
+        if p.is_file():
+            return p
+    return None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such workspace file; create one with `lessctl init`") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None, required: bool = True) -> Config:
+    """Finds (or takes) the workspace file, reads it and applies the overrides."""
+    if path is None:
+        path = find_config()
+        if path is None:
+            if required:
+                raise ConfigError(
+                    f"no {CONFIG_NAME} in {Path.cwd()} or its parents; create one with "
+                    "`lessctl init --preset tiny` or pass --config PATH"
+                )
+            return build_config({}, overrides, None)
+    path = Path(path).resolve()
+    return build_config(read_toml(path), overrides, path)
+
+
+def describe_fields() -> dict[str, dict[str, str]]:
+    """{section: {key: one-line doc}}: for `lessctl config show --docs` and the README."""
+    hints = typing.get_type_hints(Config)
+    return {
+        sec: {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(hints[sec])}
+        for sec in SECTIONS
+    }
+
+
+def to_toml(d: dict[str, Any]) -> str:
+    """A small TOML writer for the value types the config uses."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{_key(k)} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines: list[str] = []
+    for sec, body in d.items():
+        lines.append(f"[{sec}]")
+        for k, v in body.items():
+            lines.append(f"{_key(k)} = {val(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else '"' + k + '"'
