@@ -57,3 +57,48 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for r in rows:
         table.add_row(*["" if v is None else str(v) for v in r])
     out_console().print(table)
+
+
+class ProgressBar:
+    """A rich progress bar with a rate on stderr; silent without a terminal or under --json."""
+
+    def __init__(self, description: str, total: int | None = None, unit: str = "it", quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        console = err_console()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet or not console.is_terminal,
+            transient=False,
+        )
+        self._unit = unit
+        self._task = self._progress.add_task(description, total=total, rate="")
+
+    def __enter__(self) -> "ProgressBar":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def update(self, *, completed: int | None = None, advance: int = 0, total: int | None = None,
+               description: str | None = None) -> None:
+        kw = {}
+        if total is not None:
+            kw["total"] = total
+        if description is not None:
+            kw["description"] = description
+        self._progress.update(self._task, completed=completed, advance=advance or None, **kw)
+        task = self._progress.tasks[0]
+        speed = task.finished_speed or task.speed
+        if speed:
+            self._progress.update(self._task, rate=f"{speed:.1f} {self._unit}/s")
+
+    def log(self, message: str) -> None:
+        self._progress.console.print(message)

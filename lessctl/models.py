@@ -1,0 +1,130 @@
+"""Loading base models, LoRA adapters and tokenizers the way users load them (transformers + peft)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lessctl.errors import ConfigError, MissingArtifactError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str | None = None):
+    """'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
+    import torch
+
+    device = device or default_device()
+    if name == "auto":
+        if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def _load_error(what: str, name: str, exc: Exception) -> ConfigError:
+    local = Path(name).expanduser()
+    if local.exists():
+        return ConfigError(f"cannot load {what} from {local}: {exc}".splitlines()[0])
+    return ConfigError(
+        f"cannot load {what} {name!r}: it is not a local folder and not in the Hugging Face cache "
+        "(set [model] name_or_path to a downloaded model folder, or download it first with network access)"
+    )
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The tokenizer, with a pad token added when it has none (as LESS does)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise _load_error("the tokenizer", str(name_or_path), exc) from None
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def load_base_model(name_or_path: str | Path, dtype: str = "auto", device: str | None = None, tokenizer: Any = None):
+    """A causal LM on `device`, embeddings resized when the tokenizer gained tokens."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype, device))
+    except (OSError, ValueError) as exc:
+        raise _load_error("the model", str(name_or_path), exc) from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.to(device)
+
+
+def add_lora(model: Any, lora_cfg: Any):
+    """Wraps a base model with a fresh LoRA adapter (peft) per the [lora] config."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    pcfg = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        inference_mode=False,
+    )
+    return get_peft_model(model, pcfg)
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    return cfg.get("base_model_name_or_path") or ""
+
+
+def load_adapter_model(
+    adapter_dir: str | Path, base: str | None = None, dtype: str = "auto", device: str | None = None, trainable: bool = False
+):
+    """Base model + the LoRA adapter saved in `adapter_dir` (a checkpoint or a finetune folder).
+
+    Returns (model, tokenizer). The tokenizer is the adapter folder's when it saved one.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise MissingArtifactError(f"{adapter_dir}: no LoRA adapter here ({ADAPTER_CONFIG} missing)")
+    base = base or adapter_base(adapter_dir)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tok = load_tokenizer(tok_src)
+    model = load_base_model(base, dtype, device, tokenizer=tok)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    return model.to(device or default_device()), tok
+
+
+def load_model_for_eval(path: str | Path, dtype: str = "auto", device: str | None = None):
+    """A base model folder, or an adapter folder whose base is loaded and the adapter merged in.
+
+    Returns (model, tokenizer) in eval mode, the tokenizer padding on the left for generation.
+    """
+    device = device or default_device()
+    if is_adapter_dir(path):
+        model, tok = load_adapter_model(path, dtype=dtype, device=device)
+        model = model.merge_and_unload()
+    else:
+        tok = load_tokenizer(path)
+        model = load_base_model(path, dtype, device, tokenizer=tok)
+    tok.padding_side = "left"
+    model.eval()
+    return model, tok

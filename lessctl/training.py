@@ -1,0 +1,316 @@
+"""Warmup and finetune: one LoRA training loop (transformers Trainer + peft) and the checkpoint manifest.
+
+Warmup saves a checkpoint (adapter, optimizer state, trainer state) at the end of every epoch and
+writes `warmup/checkpoints.json` = [{"step", "epoch", "lr_mean"}], where lr_mean is the mean of the
+learning rates the optimizer actually used in that epoch's steps (LESS's checkpoint weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lessctl import __version__
+from lessctl.config import Config, TrainConfig
+from lessctl.errors import AlreadyExistsError, InputError, MissingArtifactError
+
+log = logging.getLogger(__name__)
+
+LR_FILE = "lessctl_lrs.json"  # per-step learning rates so far, saved in every checkpoint
+MANIFEST = "checkpoints.json"
+RUN_FILE = "lessctl_run.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    checkpoints: list[dict]
+    counts: dict
+    seconds: float
+    resumed_from: str | None = None
+
+
+def warmup_dir(cfg: Config) -> Path:
+    return cfg.output_dir / "warmup"
+
+
+def checkpoints_path(cfg: Config) -> Path:
+    return warmup_dir(cfg) / MANIFEST
+
+
+def read_checkpoints(cfg: Config) -> list[dict]:
+    """The manifest written by warmup; a user error naming `lessctl warmup` when it is missing."""
+    p = checkpoints_path(cfg)
+    if not p.is_file():
+        raise MissingArtifactError(f"no warmup checkpoints in {warmup_dir(cfg)} ({MANIFEST} missing); run `lessctl warmup` first")
+    return json.loads(p.read_text())
+
+
+def checkpoint_dir(cfg: Config, step: int) -> Path:
+    return warmup_dir(cfg) / f"checkpoint-{step}"
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders whose save finished (our LR file is written after the Trainer's files)."""
+    found = []
+    for d in out.glob("checkpoint-*"):
+        if d.is_dir() and (d / LR_FILE).is_file() and (d / "trainer_state.json").is_file():
+            try:
+                found.append((int(d.name.split("-")[1]), d))
+            except ValueError:
+                continue
+    return [d for _, d in sorted(found)]
+
+
+def _lr_callback(history: list[float], output_dir: Path):
+    from transformers import TrainerCallback
+
+    class LearningRateRecorder(TrainerCallback):
+        """Records the learning rate of each optimizer step and saves the history with each checkpoint."""
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            if optimizer is not None:
+                history.append(float(optimizer.param_groups[0]["lr"]))
+
+        def on_save(self, args, state, control, **kw):
+            d = output_dir / f"checkpoint-{state.global_step}"
+            if d.is_dir():
+                tmp = d / (LR_FILE + ".tmp")
+                tmp.write_text(json.dumps({"lrs": history[: state.global_step], "epoch": state.epoch}))
+                os.replace(tmp, d / LR_FILE)
+
+    return LearningRateRecorder()
+
+
+def _stop_after_callback(n_saves: int):
+    """Test hook (LESSCTL_TEST_EXIT_AFTER_SAVES): hard-exits the process after n checkpoint saves."""
+    from transformers import TrainerCallback
+
+    class ExitAfterSaves(TrainerCallback):
+        seen = 0
+
+        def on_save(self, args, state, control, **kw):
+            self.seen += 1
+            if self.seen >= n_saves:
+                os._exit(17)
+
+    return ExitAfterSaves()
+
+
+class _ListDataset:
+    def __init__(self, examples: list):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+
+
+def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_each_epoch: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    from lessctl.models import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    return TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=tcfg.epochs,
+        per_device_train_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        learning_rate=tcfg.learning_rate,
+        lr_scheduler_type=tcfg.lr_scheduler,
+        warmup_steps=tcfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=tcfg.weight_decay,
+        optim="adamw_torch",
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        save_strategy="epoch" if save_each_epoch else "no",
+        save_only_model=False,
+        logging_steps=tcfg.logging_steps,
+        report_to=[],
+        seed=cfg.experiment.seed,
+        data_seed=cfg.experiment.seed,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def train_lora(
+    cfg: Config,
+    tcfg: TrainConfig,
+    train_files: dict[str, Path],
+    out: Path,
+    *,
+    base_model: str | None = None,
+    save_each_epoch: bool,
+    resume: bool = True,
+    device: str | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Trains a fresh LoRA on the seeded `tcfg.percentage` subset of `train_files` into `out`."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+
+    from lessctl.data import build_training_set
+    from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
+
+    device = device or default_device()
+    t0 = time.time()
+    base = base_model or cfg.model.name_or_path
+    base = str(cfg.resolve(base)) if cfg.resolve(base).exists() else base
+    tok = load_tokenizer(base)
+    examples, counts = build_training_set(
+        train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, cfg.experiment.seed
+    )
+    if not examples:
+        raise InputError("no training example has trainable tokens; check the data files and max_seq_length")
+    torch.manual_seed(cfg.experiment.seed)
+    model = load_base_model(base, cfg.model.dtype, device, tokenizer=tok)
+    model = add_lora(model, cfg.lora)
+    out.mkdir(parents=True, exist_ok=True)
+
+    resume_from = None
+    history: list[float] = []
+    if resume and save_each_epoch:
+        done = _complete_checkpoints(out)
+        if done:
+            resume_from = done[-1]
+            history = list(json.loads((resume_from / LR_FILE).read_text())["lrs"])
+            log.info("resuming from %s", resume_from)
+
+    callbacks: list[Any] = [_lr_callback(history, out)]
+    if on_log is not None:
+
+        class _Log(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs:
+                    on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
+
+        callbacks.append(_Log())
+    stop_after = os.environ.get("LESSCTL_TEST_EXIT_AFTER_SAVES")
+    if stop_after:
+        callbacks.append(_stop_after_callback(int(stop_after)))
+
+    trainer = Trainer(
+        model=model,
+        args=_training_args(cfg, tcfg, out, device, save_each_epoch),
+        train_dataset=_ListDataset(examples),
+        data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100),
+        callbacks=callbacks,
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs go to our progress bar, never to stdout
+    trainer.remove_callback(ProgressCallback)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    checkpoints: list[dict] = []
+    if save_each_epoch:
+        checkpoints = _manifest(out, history)
+    else:
+        trainer.save_model(str(out))
+        tok.save_pretrained(str(out))
+    return TrainResult(out, checkpoints, counts, time.time() - t0, str(resume_from) if resume_from else None)
+
+
+def _manifest(out: Path, history: list[float]) -> list[dict]:
+    """[{"step", "epoch", "lr_mean", "path"}] from the saved checkpoints and the recorded learning rates."""
+    entries = []
+    prev = 0
+    for d in _complete_checkpoints(out):
+        step = int(d.name.split("-")[1])
+        state = json.loads((d / "trainer_state.json").read_text())
+        lrs = history[prev:step]
+        if not lrs:
+            continue
+        entries.append({
+            "step": step,
+            "epoch": int(round(state.get("epoch", len(entries) + 1))),
+            "lr_mean": sum(lrs) / len(lrs),
+            "path": d.name,
+        })
+        prev = step
+    return entries
+
+
+def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, on_log=None) -> TrainResult:
+    """`lessctl warmup`: LoRA on the warmup subset, a checkpoint per epoch, then checkpoints.json."""
+    out = warmup_dir(cfg)
+    files = cfg.train_files()
+    if not files:
+        raise InputError(f"{cfg.path or 'config'}: [data] train is empty; add training files, e.g. train = {{dolly = \"dolly.jsonl\"}}")
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        if not force:
+            raise AlreadyExistsError(f"warmup is already complete in {out}; pass --force to train it again")
+        shutil.rmtree(out)
+    elif force and out.exists():
+        shutil.rmtree(out)
+    res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res.checkpoints, indent=2))
+    os.replace(tmp, manifest)
+    _write_run_file(out, cfg, {"kind": "warmup", "counts": res.counts, "seconds": res.seconds})
+    return res
+
+
+def run_finetune(
+    cfg: Config,
+    train_file: Path,
+    name: str,
+    *,
+    base_model: str | None = None,
+    meta: dict | None = None,
+    force: bool = False,
+    device: str | None = None,
+    on_log=None,
+) -> TrainResult:
+    """`lessctl finetune`: a fresh LoRA on `train_file` (all of it by default) into finetune/<name>/."""
+    out = cfg.output_dir / "finetune" / name
+    if (out / "adapter_config.json").is_file():
+        if not force:
+            raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
+        shutil.rmtree(out)
+    if not Path(train_file).is_file():
+        raise MissingArtifactError(f"{train_file}: no such training file")
+    res = train_lora(
+        cfg, cfg.finetune, {Path(train_file).stem: Path(train_file)}, out,
+        base_model=base_model, save_each_epoch=False, resume=False, device=device, on_log=on_log,
+    )
+    base = base_model or cfg.model.name_or_path
+    _write_run_file(out, cfg, {
+        "kind": "finetune", "train_file": str(train_file), "base_model": base,
+        "selection_model": cfg.model.name_or_path, "counts": res.counts, "seconds": res.seconds, **(meta or {}),
+    })
+    return res
+
+
+def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:
+    rec = {"lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "config": cfg.to_dict()}
+    (out / RUN_FILE).write_text(json.dumps(rec, indent=2, default=str))
+
+
+def expected_lrs(n_steps: int, peak: float, warmup_ratio: float) -> list[float]:
+    """The linear-with-warmup schedule's learning rate at each optimizer step (for checks and docs)."""
+    warm = math.ceil(warmup_ratio * n_steps) if warmup_ratio < 1 else int(warmup_ratio)
+    out = []
+    for s in range(n_steps):
+        if s < warm:
+            out.append(peak * s / max(1, warm))
+        else:
+            out.append(peak * max(0.0, (n_steps - s) / max(1, n_steps - warm)))
+    return out
+

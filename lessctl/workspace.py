@@ -1,0 +1,91 @@
+"""Creating workspaces: `lessctl init --preset ...` writes lessctl.toml (and, for tiny, its model and data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lessctl.config import CONFIG_NAME, build_config, to_toml
+from lessctl.errors import AlreadyExistsError, ConfigError
+
+PRESETS = ("tiny", "llama2-7b", "llama2-13b", "mistral-7b")
+_HUB = {
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+}
+LESS_TRAIN = {  # LESS's four training sets in its data layout
+    "flan_v2": "train/processed/flan_v2/flan_v2_data.jsonl",
+    "cot": "train/processed/cot/cot_data.jsonl",
+    "dolly": "train/processed/dolly/dolly_data.jsonl",
+    "oasst1": "train/processed/oasst1/oasst1_data.jsonl",
+}
+
+
+def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
+    """The workspace file's content for a preset (the paper's hyper-parameters for real models)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if preset == "tiny":
+        return {
+            "experiment": {"name": "tiny", "output_dir": "out", "seed": 3},
+            "model": {"name_or_path": "model", "dtype": "auto", "max_seq_length": 128, "chat_format": "tulu"},
+            "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "data": {
+                "train": {"synth_a": "data/synth_a.jsonl", "synth_b": "data/synth_b.jsonl"},
+                "targets": {
+                    f: {"file": f"data/{f}_target.jsonl"} for f in ("arithmetic", "antonyms", "sorting")
+                },
+                "data_dir": data_dir,
+            },
+            "warmup": {
+                "percentage": 0.5, "epochs": 4, "learning_rate": 2e-3, "warmup_ratio": 0.03,
+                "batch_size": 4, "gradient_accumulation_steps": 2,
+            },
+            "grads": {"dims": [128], "projector": "auto", "batch_tokens": 4096},
+            "select": {"percentage": 0.05, "method": "less"},
+            "finetune": {"epochs": 4, "learning_rate": 2e-3, "batch_size": 4, "gradient_accumulation_steps": 1},
+        }
+    return {
+        "experiment": {"name": preset, "output_dir": "out", "seed": 3},
+        "model": {"name_or_path": _HUB[preset], "dtype": "auto", "max_seq_length": 2048, "chat_format": "tulu"},
+        "lora": {"r": 128, "alpha": 512, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {
+            "train": {k: f"{data_dir}/{v}" for k, v in LESS_TRAIN.items()},
+            "targets": {"mmlu": "mmlu", "bbh": "bbh", "tydiqa": "tydiqa"},
+            "data_dir": data_dir,
+        },
+        "warmup": {"percentage": 0.05, "epochs": 4, "learning_rate": 2e-5, "warmup_ratio": 0.03,
+                   "batch_size": 1, "gradient_accumulation_steps": 32},
+        "grads": {"dims": [8192], "projector": "auto", "batch_tokens": 16384},
+        "select": {"percentage": 0.05, "method": "less"},
+        "finetune": {"epochs": 4, "learning_rate": 2e-5, "batch_size": 1, "gradient_accumulation_steps": 32},
+    }
+
+
+HEADER = """\
+# lessctl workspace ({preset} preset). Every value can be overridden by a command's options.
+# Start with:  lessctl warmup && lessctl grads && lessctl match --target {target}
+# `lessctl config show --docs` explains each key.
+
+"""
+
+
+def init_workspace(folder: Path, preset: str, *, data_dir: str = "data", force: bool = False) -> Path:
+    """Writes `folder/lessctl.toml` for the preset; the tiny preset also builds its data and model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONFIG_NAME
+    if path.exists() and not force:
+        raise AlreadyExistsError(f"{path} exists; pass --force to overwrite it")
+    raw = preset_config(preset, data_dir)
+    build_config(raw, path=path)  # a preset must always validate
+    if preset == "tiny":
+        from lessctl.tiny import build_tiny_model, corpus_texts, write_tiny_data
+
+        files = write_tiny_data(folder / "data")
+        texts = corpus_texts(list(files["train"].values()) + list(files["targets"].values()))
+        build_tiny_model(folder / "model", texts)
+    target = next(iter(raw["data"]["targets"]))
+    path.write_text(HEADER.format(preset=preset, target=target) + to_toml(raw))
+    return path
