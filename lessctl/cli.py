@@ -51,9 +51,31 @@ def _register() -> None:
     register_all(app)
 
 
+# Options that take several values: `--dims 64 128` is read as `--dims 64 --dims 128`.
+MULTI_VALUE_OPTIONS = {"--dims", "--ckpt", "--ckpts", "--weights", "--train", "--target"}
+
+
+def expand_multi_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    current: str | None = None
+    for tok in argv:
+        if tok == "--":
+            current = None
+            out.append(tok)
+        elif tok.startswith("-"):
+            current = tok if tok in MULTI_VALUE_OPTIONS else None
+            out.append(tok)
+        elif current is not None and out and out[-1] != current:
+            out.extend([current, tok])
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
     _register()
+    argv = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="lessctl")
     except LessctlError as exc:

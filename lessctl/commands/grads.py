@@ -1,0 +1,114 @@
+"""`lessctl grads`: per-example gradient features into HDF5 stores; `lessctl store`: inspect them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lessctl.commands._common import ForceOpt, JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
+
+
+def grads(
+    ckpt: Annotated[Optional[list[int]], typer.Option("--ckpt", help="Checkpoint step(s) (default: every checkpoint in warmup/checkpoints.json).")] = None,
+    ckpt_index: Annotated[Optional[int], typer.Option("--ckpt-index", help="1-based position in checkpoints.json (for Slurm arrays).")] = None,
+    dims: Annotated[Optional[list[int]], typer.Option("--dims", help="Projection dimension(s), e.g. --dims 4096 8192.")] = None,
+    train: Annotated[Optional[list[str]], typer.Option("--train", help="Training set name(s) (default: all; adam features).")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="Target name(s) (default: all; sgd features).")] = None,
+    grad_type: Annotated[Optional[str], typer.Option("--type", help="Override the feature type: adam, sgd or sign.")] = None,
+    projector: Annotated[Optional[str], typer.Option("--projector", help="auto, cuda (TRAK's fast_jl) or basic (TRAK's BasicProjector).")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: compute only the K-th of N contiguous row ranges.")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget per batch (longest x examples).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compute LESS gradient features (adam for training sets, sgd for targets) into HDF5 stores."""
+    from lessctl.collect import collect_gradients, parse_shard, resolve_steps
+    from lessctl.errors import ConfigError
+    from lessctl.gradients import GRAD_TYPES
+
+    if grad_type is not None and grad_type not in GRAD_TYPES:
+        raise ConfigError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
+    cfg = load_config({"grads.dims": dims, "grads.projector": projector, "grads.batch_tokens": batch_tokens})
+    steps = resolve_steps(cfg, ckpt, ckpt_index)
+    con = err_console()
+    with ProgressBar("grads", unit="ex", quiet=json_out) as bar:
+        state = {"key": None}
+
+        def progress(name, step, done, total):
+            key = (name, step)
+            if state["key"] != key:
+                state["key"] = key
+                bar.update(completed=done, total=total, description=f"{name} ckpt {step}")
+            else:
+                bar.update(completed=done)
+
+        results = collect_gradients(
+            cfg, steps=steps, dims=list(cfg.grads.dims), train=train, targets=target, grad_type=grad_type,
+            projector=cfg.grads.projector, shard=parse_shard(shard), force=force, device=device,
+            progress=progress, announce=None if json_out else con.print,
+        )
+    rows = [{"store": str(r.path), "name": r.name, "step": r.step, "type": r.grad_type, "rows": r.rows,
+             "status": r.status, "seconds": round(r.seconds, 2), "examples_per_s": round(r.examples_per_s, 2),
+             "rows_without_labels": r.zero_label_rows} for r in results]
+    if json_out:
+        emit_json({"stores": rows})
+        return
+    print_table("gradient stores", ["name", "ckpt", "type", "rows", "status", "ex/s", "file"],
+                [[r["name"], r["step"], r["type"], r["rows"], r["status"], r["examples_per_s"], Path(r["store"]).name] for r in rows])
+    for r in rows:
+        if r["rows_without_labels"]:
+            con.print(f"[yellow]{r['name']}: {r['rows_without_labels']} examples have no label tokens (zero features)")
+
+
+store_app = typer.Typer(help="Inspect gradient stores.", no_args_is_help=True)
+
+
+@store_app.command("ls")
+def store_ls(json_out: JsonOpt = False) -> None:
+    """List the workspace's gradient stores."""
+    from lessctl.store import list_stores
+
+    cfg = load_config()
+    stores = list_stores(cfg.output_dir / "grads")
+    if json_out:
+        emit_json({"stores": stores})
+        return
+    print_table("gradient stores", ["name", "ckpt", "type", "dims", "rows", "projector", "complete"],
+                [[s.get("name"), s.get("step"), s.get("grad_type"), ",".join(map(str, s.get("dims") or [])),
+                  s.get("rows"), s.get("projector"), s.get("complete")] for s in stores])
+
+
+@store_app.command("verify")
+def store_verify(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Store files (default: every store of the workspace).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check stores: schema, completeness, finite values, unit rows. Exit 1 on a problem."""
+    from lessctl.errors import VerifyError
+    from lessctl.store import verify_store
+
+    if not paths:
+        cfg = load_config()
+        paths = sorted(p for p in (cfg.output_dir / "grads").glob("*.h5"))
+        if not paths:
+            from lessctl.errors import MissingArtifactError
+
+            raise MissingArtifactError(f"no gradient stores in {cfg.output_dir / 'grads'}; run `lessctl grads` first")
+    report = {str(p): verify_store(p) for p in paths}
+    bad = {p: probs for p, probs in report.items() if probs}
+    if json_out:
+        emit_json({"ok": not bad, "stores": report})
+    else:
+        for p, probs in report.items():
+            err_console().print(f"{'[red]FAIL' if probs else '[green]ok'}[/] {p}" + "".join(f"\n    {x}" for x in probs))
+    if bad:
+        first = next(iter(bad))
+        raise VerifyError(f"{len(bad)} of {len(report)} stores failed verification; first: {first}: {bad[first][0]}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("grads", epilog="Example: lessctl grads --ckpt 105 --dims 8192")(grads)
+    app.add_typer(store_app, name="store", help="Inspect gradient stores (ls, verify).")

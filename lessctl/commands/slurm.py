@@ -1,0 +1,172 @@
+"""`lessctl slurm render|submit|status`: the pipeline's stages as Slurm jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lessctl.commands._common import JsonOpt, emit_json, load_config, print_table
+
+app = typer.Typer(
+    help="Run the stages as Slurm jobs: render one script, submit the whole chain, follow it.",
+    no_args_is_help=True,
+)
+_MAIN_APP: Optional[typer.Typer] = None
+
+JobNameOpt = Annotated[Optional[str], typer.Option("--job-name", help="Job name (default: <experiment>-<stage>).")]
+ArrayOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--array",
+        help="Run as a job array (e.g. 1-4). grads: task k takes the k-th warmup checkpoint (--ckpt-index k).",
+    ),
+]
+ShardsOpt = Annotated[
+    Optional[int],
+    typer.Option("--shards", min=1, help="grads: an array of N tasks, task k computing shard k/N (--shard k/N)."),
+]
+TimeOpt = Annotated[Optional[str], typer.Option("--time", help="Time limit, e.g. 12:00:00 or 2-00:00:00.")]
+PartitionOpt = Annotated[Optional[str], typer.Option("--partition", help="Partition.")]
+AccountOpt = Annotated[Optional[str], typer.Option("--account", help="Account to charge.")]
+QosOpt = Annotated[Optional[str], typer.Option("--qos", help="Quality of service.")]
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", min=0, help="GPUs for this job.")]
+CpusOpt = Annotated[Optional[int], typer.Option("--cpus", min=1, help="CPUs per task.")]
+MemOpt = Annotated[Optional[str], typer.Option("--mem", help="Memory per node, e.g. 64G.")]
+DependencyOpt = Annotated[Optional[str], typer.Option("--dependency", help="A Slurm dependency, e.g. afterok:123.")]
+
+
+def _known_commands() -> Optional[set[str]]:
+    """The commands registered on the main app (None when unknown)."""
+    if _MAIN_APP is None:
+        return None
+    names = set()
+    for c in _MAIN_APP.registered_commands:
+        name = c.name or (c.callback.__name__.replace("_", "-") if c.callback else None)
+        if name:
+            names.add(name)
+    for g in _MAIN_APP.registered_groups:
+        if g.name:
+            names.add(g.name)
+    return names
+
+
+@app.command(
+    "render",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Examples: lessctl slurm render grads --ckpt 105 --time 24:00:00 | sbatch;  "
+    "lessctl slurm render grads --array 1-4;  lessctl slurm render grads --ckpt 105 --shards 8;  "
+    "options after -- go to the stage even where render has one of that name.",
+)
+def render(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Argument(help="The stage (a lessctl command: warmup, grads, match, finetune, eval, ...).")],
+    job_name: JobNameOpt = None,
+    array: ArrayOpt = None,
+    shards: ShardsOpt = None,
+    time: TimeOpt = None,
+    partition: PartitionOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    gpus: GpusOpt = None,
+    cpus: CpusOpt = None,
+    mem: MemOpt = None,
+    dependency: DependencyOpt = None,
+) -> None:
+    """Print an sbatch script that runs `lessctl STAGE [its options]` in this workspace."""
+    from difflib import get_close_matches
+
+    from lessctl import slurm
+    from lessctl.errors import ConfigError
+
+    stage_args = list(ctx.args)
+    known = _known_commands()
+    if known is not None and stage not in known:
+        close = get_close_matches(stage, sorted(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"STAGE: unknown lessctl command '{stage}'{hint}")
+    task_args: list[str] = []
+    if shards is not None:
+        if stage != "grads":
+            raise ConfigError("--shards: only grads runs in shards")
+        if array is not None:
+            raise ConfigError("--shards: give --shards or --array, not both")
+        array, task_args = f"1-{shards}", ["--shard", f"{slurm.TASK}/{shards}"]
+    elif array is not None and stage == "grads":
+        if any(a.split("=")[0] in ("--ckpt", "--ckpt-index", "--shard") for a in stage_args):
+            raise ConfigError("--array: grads takes its checkpoint from the array task; drop --ckpt/--ckpt-index/--shard")
+        task_args = ["--ckpt-index", slurm.TASK]
+    cfg = load_config()
+    text = slurm.render_script(
+        cfg, stage, stage_args, job_name=job_name, array=array, task_args=task_args, dependency=dependency,
+        time=time, partition=partition, account=account, qos=qos, gpus=gpus, cpus=cpus, memory=mem,
+    )
+    slurm.log_dir(cfg, create=True)  # Slurm opens the log before the script runs
+    typer.echo(text, nl=False)
+
+
+@app.command("submit")
+def submit(
+    stages: Annotated[
+        str, typer.Option("--stages", help="Comma-separated stages, run in pipeline order.")
+    ] = ",".join(("warmup", "grads", "match", "finetune", "eval")),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scripts and sbatch lines; submit nothing.")] = False,
+    shards: ShardsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Submit the stages as a chain of jobs (each after the previous one succeeded)."""
+    from lessctl import slurm
+
+    cfg = load_config()
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+    rows = slurm.submit_pipeline(cfg, names, dry_run=dry_run, shards=shards)
+    if json_out:
+        emit_json({"dry_run": dry_run, "jobs": rows, "jobs_file": None if dry_run else str(slurm.jobs_path(cfg))})
+        return
+    if dry_run:
+        for r in rows:
+            after = f" after {', '.join(r['after'])}" if r["after"] else ""
+            typer.echo(f"# ===== {r['label']}{after}: {' '.join(r['sbatch'])} < script =====")
+            typer.echo(r["script"])
+    title = "Slurm jobs (dry run: nothing submitted)" if dry_run else f"Slurm jobs (recorded in {slurm.jobs_path(cfg)})"
+    print_table(
+        title,
+        ["stage", "job", "array", "after", "log"],
+        [[r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), r["log"]] for r in rows],
+    )
+
+
+@app.command("status")
+def status(json_out: JsonOpt = False) -> None:
+    """Show the state of the jobs recorded by `lessctl slurm submit` (squeue, else sacct or scontrol)."""
+    from lessctl import slurm
+
+    cfg = load_config()
+    jobs = slurm.load_jobs(cfg)
+    states = slurm.job_states([j["job_id"] for j in jobs if j.get("job_id")])
+    rows: list[dict[str, Any]] = []
+    for j in jobs:
+        st = states.get(str(j.get("job_id")))
+        rows.append({**j, "state": st.state if st else "UNKNOWN", "reason": st.reason if st else "",
+                     "tasks": st.tasks if st else {}})
+    if json_out:
+        emit_json({"jobs": rows})
+        return
+
+    def tasks(r: dict[str, Any]) -> str:
+        if not r["tasks"]:
+            return ""
+        done = sum(1 for s in r["tasks"].values() if s == "COMPLETED")
+        return f"{done}/{len(r['tasks'])} done"
+
+    print_table(
+        "Slurm jobs",
+        ["stage", "job", "state", "reason", "tasks", "log"],
+        [[r["label"], r["job_id"], r["state"], r["reason"], tasks(r), r["log"]] for r in rows],
+    )
+
+
+def register(main_app: typer.Typer) -> None:
+    global _MAIN_APP
+    _MAIN_APP = main_app
+    main_app.add_typer(app, name="slurm", help="Run the stages as Slurm jobs (render, submit, status).")

@@ -1,0 +1,169 @@
+"""Random projections of gradient features: TRAK's projectors with LESS's settings, chosen explicitly.
+
+LESS projects with TRAK (package `traker`): a Rademacher matrix, seed 0, model_id 0, the input cast
+to float16. On a GPU that is `CudaProjector` (the fast_jl kernel); elsewhere `BasicProjector` with
+block size 128. There is never a silent fallback: `auto` says what it chose, and `cuda` without a
+working fast_jl is an error with the fix. Every projector records what makes its matrix unique
+(kind, seed, block size, model_id, dtype, and for fast_jl the GPU's SM count) in the store, and
+matching refuses to compare stores whose projections differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lessctl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FAST_JL_FIX = (
+    "fast_jl (TRAK's CUDA projector) is not usable here: {why}. Install it with `pip install lessctl[cuda]` "
+    "(needs nvcc); with CUDA 13 its setup.py must be built for your GPU: unpack fast_jl-0.1.3, replace "
+    "'7.0+PTX' by your arch (e.g. '9.0' on H100) in setup.py, then `pip install --no-build-isolation .`; "
+    "or pass --projector basic (slower, and a different random matrix)"
+)
+# Cache BasicProjector's matrix blocks when they fit in this many bytes (TRAK regenerates them every call).
+BASIC_CACHE_BYTES = 2 << 30
+
+
+def fast_jl_status(device: Any = "cuda") -> tuple[bool, str]:
+    """(usable, reason): imports fast_jl and runs TRAK's own test projection on the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    try:
+        import fast_jl
+
+        n_sms = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+        fast_jl.project_rademacher_8(torch.zeros(8, 1000, device=device), 512, 0, n_sms)
+        return True, "ok"
+    except ImportError as exc:
+        return False, f"cannot import fast_jl ({exc})"
+    except RuntimeError as exc:
+        return False, f"its kernel failed ({str(exc).splitlines()[0]})"
+
+
+class Projector:
+    """Projects rows of a [B, P] feature matrix to [B, D] float32, one fixed random matrix per dim."""
+
+    kind = "base"
+
+    def __init__(self, grad_dim: int, dim: int, device: Any, seed: int = 0, model_id: int = 0):
+        self.grad_dim, self.dim, self.device, self.seed, self.model_id = grad_dim, dim, device, seed, model_id
+
+    def project(self, x):  # x: [B, P] any float dtype
+        raise NotImplementedError
+
+    @property
+    def attrs(self) -> dict:
+        return {"kind": self.kind, "type": "rademacher", "seed": self.seed, "model_id": self.model_id, "grad_dim": self.grad_dim}
+
+
+class TrakBasicProjector(Projector):
+    """TRAK's BasicProjector, with its matrix blocks generated once and kept when they fit in memory.
+
+    The blocks are produced by TRAK's own generator states, so the result is exactly
+    `BasicProjector.project(x.half(), model_id)`; TRAK itself regenerates every block on every call.
+    """
+
+    kind = "basic"
+
+    def __init__(self, grad_dim, dim, device, seed=0, model_id=0, block_size=128, dtype=None):
+        import torch
+        from trak.projectors import BasicProjector, ProjectionType
+
+        super().__init__(grad_dim, dim, device, seed, model_id)
+        self.dtype = dtype or torch.float32
+        self.block_size = block_size
+        self.trak = BasicProjector(
+            grad_dim=grad_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
+            device=torch.device(device), block_size=block_size, dtype=self.dtype, model_id=model_id,
+        )
+        esize = torch.finfo(self.dtype).bits // 8
+        self.blocks = None
+        if grad_dim * dim * esize <= BASIC_CACHE_BYTES and self.trak.num_blocks > 1:
+            self.blocks = []
+            for i in range(self.trak.num_blocks):
+                self.trak.generate_sketch_matrix(self.trak.generator_states[i])
+                self.blocks.append(self.trak.proj_matrix.clone())
+
+    def project(self, x):
+        import torch
+
+        x = x.to(torch.float16)  # LESS casts the features to float16 before projecting
+        if self.blocks is None:
+            return self.trak.project(x, model_id=self.model_id).float()
+        xd = x.to(self.dtype)
+        out = torch.empty(x.shape[0], self.dim, dtype=self.dtype, device=x.device)
+        for i, block in enumerate(self.blocks):
+            st, ed = i * self.trak.block_size, min((i + 1) * self.trak.block_size, self.dim)
+            out[:, st:ed] = xd @ block[:, : ed - st]
+        return out.float()
+
+    @property
+    def attrs(self) -> dict:
+        return {**super().attrs, "block_size": self.block_size, "dtype": str(self.dtype).replace("torch.", "")}
+
+
+class TrakCudaProjector(Projector):
+    """TRAK's CudaProjector (fast_jl). Its matrix depends on the GPU's SM count, which is recorded."""
+
+    kind = "cuda"
+
+    def __init__(self, grad_dim, dim, device, seed=0, model_id=0):
+        import torch
+        from trak.projectors import CudaProjector, ProjectionType
+
+        super().__init__(grad_dim, dim, device, seed, model_id)
+        ok, why = fast_jl_status(device)
+        if not ok:
+            raise ConfigError("--projector cuda: " + FAST_JL_FIX.format(why=why))
+        # fast_jl indexes with 32-bit integers: batch * grad_dim must stay below 2**32.
+        self.max_rows = max(1, min(32, (2**32 - 1) // grad_dim))
+        mbs = 32 if self.max_rows >= 32 else 16 if self.max_rows >= 16 else 8
+        self.trak = CudaProjector(grad_dim=grad_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
+                                  device=torch.device(device), max_batch_size=mbs)
+        self.sm_count = self.trak.num_sms
+
+    def project(self, x):
+        import torch
+
+        x = x.to(torch.float16)
+        outs = [self.trak.project(x[i : i + self.max_rows], model_id=self.model_id).float()
+                for i in range(0, x.shape[0], self.max_rows)]
+        return torch.cat(outs)
+
+    @property
+    def attrs(self) -> dict:
+        return {**super().attrs, "dtype": "float16", "sm_count": int(self.sm_count)}
+
+
+def choose_projector_kind(kind: str, device: Any) -> tuple[str, str]:
+    """Resolves `auto` to cuda or basic and says why."""
+    if kind not in ("auto", "cuda", "basic"):
+        raise ConfigError(f"--projector: expected auto, cuda or basic, got {kind!r}")
+    if kind != "auto":
+        return kind, "requested"
+    if not str(device).startswith("cuda"):
+        return "basic", "no GPU: TRAK's BasicProjector"
+    ok, why = fast_jl_status(device)
+    if ok:
+        return "cuda", "GPU with a working fast_jl: TRAK's CudaProjector"
+    log.warning("--projector auto: a GPU but no working fast_jl (%s); using BasicProjector", why)
+    return "basic", f"GPU without a working fast_jl ({why}): TRAK's BasicProjector, a different matrix; see `lessctl doctor`"
+
+
+def make_projector(kind: str, grad_dim: int, dim: int, device: Any, *, seed: int = 0, block_size: int = 128, dtype=None) -> Projector:
+    if kind == "cuda":
+        return TrakCudaProjector(grad_dim, dim, device, seed=seed)
+    if kind == "basic":
+        return TrakBasicProjector(grad_dim, dim, device, seed=seed, block_size=block_size, dtype=dtype)
+    raise ConfigError(f"--projector: unknown projector {kind!r}")
+
+
+def same_projection(a: dict, b: dict) -> list[str]:
+    """Differences between two stores' projector attributes that make their features incomparable."""
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
