@@ -54,9 +54,11 @@ def _known_commands() -> Optional[set[str]]:
 @app.command(
     "render",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    epilog="Examples: lessctl slurm render grads --ckpt 105 --time 24:00:00 | sbatch;  "
-    "lessctl slurm render grads --array 1-4;  lessctl slurm render grads --ckpt 105 --shards 8;  "
-    "options after -- go to the stage even where render has one of that name.",
+    epilog="Examples:\n\n"
+    "lessctl slurm render grads --ckpt 105 --time 24:00:00 | sbatch\n\n"
+    "lessctl slurm render grads --array 1-4     (task k: the k-th warmup checkpoint)\n\n"
+    "lessctl slurm render grads --ckpt 105 --shards 8\n\n"
+    "Options after -- go to the stage even where render has one of that name.",
 )
 def render(
     ctx: typer.Context,
@@ -73,7 +75,7 @@ def render(
     mem: MemOpt = None,
     dependency: DependencyOpt = None,
 ) -> None:
-    """Print an sbatch script that runs `lessctl STAGE [its options]` in this workspace."""
+    """Print an sbatch script that runs `lessctl STAGE` with the options that follow it, in this workspace."""
     from difflib import get_close_matches
 
     from lessctl import slurm
