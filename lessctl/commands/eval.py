@@ -1,0 +1,96 @@
+"""`lessctl eval`: MMLU, BBH and TydiQA scores of the finetuned models (or any model folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lessctl.commands._common import JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
+
+COLUMNS = ["model", "method", "target", "task", "metric", "score", "n", "seconds"]
+
+
+class _BarCallback:
+    """The core's progress callback (advance, set_total) drawn on a ProgressBar."""
+
+    def __init__(self, bar: ProgressBar):
+        self._bar = bar
+
+    def __call__(self, n: int) -> None:
+        self._bar.update(advance=n)
+
+    def set_total(self, n: int) -> None:
+        self._bar.update(completed=0, total=n)
+
+
+def eval_(
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="mmlu, bbh or tydiqa (repeat for several).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A model folder, a LoRA adapter folder (merged into its base) or 'base' (default: every finetuned model of the workspace).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Examples per subject/task/language, for quick runs (0: all).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per forward pass / generation batch.")] = None,
+    examples_per_task: Annotated[Optional[int], typer.Option("--bbh-examples", help="Seeded sample per BBH task (0: all; LESS: 40).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
+    from lessctl.errors import ConfigError
+    from lessctl.evaluation import TASKS, describe_model, finetuned_models, run_evaluation
+
+    tasks = list(dict.fromkeys(task or []))
+    if not tasks:
+        raise ConfigError(f"eval needs --task ({', '.join(TASKS)}; repeat it for several)")
+    for t in tasks:
+        if t not in TASKS:
+            raise ConfigError(f"--task: unknown task {t!r}; expected one of {', '.join(TASKS)}")
+    cfg = load_config({
+        # Paths given on the command line are relative to the current folder, not the workspace.
+        "eval.data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
+        "eval.limit": limit,
+        "eval.batch_size": batch_size,
+        "eval.bbh_examples_per_task": examples_per_task,
+    })
+    data = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
+    base_local = cfg.resolve(cfg.model.name_or_path)
+    base_path = str(base_local) if base_local.exists() else cfg.model.name_or_path  # else a hub name
+    if model is None:
+        specs = finetuned_models(cfg.output_dir)
+    elif model == "base":
+        specs = [describe_model("base", base_model=base_path)]
+    else:
+        local = Path(model).expanduser()
+        path = str(local.resolve()) if local.exists() else model
+        specs = [describe_model(path, output_dir=cfg.output_dir, base_model=base_path)]
+
+    options = {"limit": cfg.eval.limit or None, "batch_size": cfg.eval.batch_size}
+    records = []
+    con = err_console()
+    for spec in specs:
+        for t in tasks:
+            extra = {"examples_per_task": cfg.eval.bbh_examples_per_task or None} if t == "bbh" else {}
+            with ProgressBar(f"{t} {spec.name}", unit="examples", quiet=json_out) as bar:
+                outcome = run_evaluation(
+                    spec, t, data, cfg.output_dir, dtype=cfg.model.dtype, device=device,
+                    progress=_BarCallback(bar), **options, **extra,
+                )
+            records.append(outcome.record)
+            if not json_out:
+                con.print(f"{spec.name} {t}: {outcome.record['metric']} {outcome.record['score']:.2f} -> {outcome.path}")
+    if json_out:
+        emit_json({"results": records})
+        return
+    print_table("evaluation", COLUMNS, [_row(r) for r in records])
+
+
+def _row(r: dict) -> list:
+    return [r.get("model"), r.get("method"), r.get("target"), r.get("task"), r.get("metric"),
+            f"{r['score']:.2f}", r.get("n"), r.get("elapsed_s")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "eval",
+        epilog="Examples: lessctl eval --task tydiqa  |  lessctl eval --task mmlu --model out/finetune/mmlu-less --limit 5",
+    )(eval_)

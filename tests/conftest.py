@@ -1,0 +1,105 @@
+"""Shared fixtures: offline settings, the real data folder, a tiny workspace built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("LESSCTL_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if not (d / "eval").is_dir():
+        pytest.skip(f"real data folder not found at {d} (set LESSCTL_TEST_DATA)")
+    return d
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-2000:]!r})"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Runs `lessctl ARGS` through the real main() in-process; returns code, stdout, stderr."""
+    from lessctl.cli import main
+    from lessctl.commands._common import STATE
+
+    def run(*args: str, cwd: Path | None = None) -> CliResult:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        STATE.config_path, STATE.debug = None, False
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        cap = capsys.readouterr()
+        return CliResult(code, cap.out, cap.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory) -> Path:
+    """A tiny workspace after `init --preset tiny` and `warmup` (2 epochs); copy it before changing it."""
+    from lessctl.config import load_config
+    from lessctl.training import run_warmup
+    from lessctl.workspace import init_workspace
+
+    root = tmp_path_factory.mktemp("tiny")
+    path = init_workspace(root, "tiny")
+    cfg = load_config(path, {"warmup.epochs": 2})
+    run_warmup(cfg, device="cpu")
+    # keep the 2-epoch setting in the file so that later commands see the same config
+    text = path.read_text().replace("epochs = 4\nlearning_rate = 0.002\nwarmup_ratio", "epochs = 2\nlearning_rate = 0.002\nwarmup_ratio", 1)
+    path.write_text(text)
+    return root
+
+
+@pytest.fixture
+def tiny_ws(tiny_template, tmp_path) -> Path:
+    """A private copy of the tiny warmed-up workspace."""
+    dst = tmp_path / "ws"
+    shutil.copytree(tiny_template, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_grads_template(tiny_template, tmp_path_factory) -> Path:
+    """The tiny workspace with gradient stores (dims 64 and 128) at both checkpoints."""
+    from lessctl.collect import collect_gradients
+    from lessctl.config import load_config
+
+    root = tmp_path_factory.mktemp("tinygrads") / "ws"
+    shutil.copytree(tiny_template, root, symlinks=True)
+    cfg = load_config(root / "lessctl.toml")
+    steps = [c["step"] for c in __import__("json").loads((cfg.output_dir / "warmup" / "checkpoints.json").read_text())]
+    collect_gradients(cfg, steps=steps, dims=[64, 128], projector="basic", device="cpu")
+    return root
+
+
+@pytest.fixture
+def tiny_grads_ws(tiny_grads_template, tmp_path) -> Path:
+    dst = tmp_path / "wsg"
+    shutil.copytree(tiny_grads_template, dst, symlinks=True)
+    return dst

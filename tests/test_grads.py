@@ -1,0 +1,332 @@
+"""The grads stage: batched per-example gradients, LESS's transforms, TRAK projection, resume, shards, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lessctl.config import load_config
+from lessctl.data import encode_record, read_jsonl
+from lessctl.gradients import (
+    AdamState,
+    PerExampleGradients,
+    load_adam_state,
+    naive_gradients,
+    token_batches,
+    transform,
+)
+from lessctl.models import load_adapter_model
+from lessctl.store import open_store, store_path
+
+
+def _checkpoint(ws: Path) -> tuple[Path, int]:
+    manifest = json.loads((ws / "out" / "warmup" / "checkpoints.json").read_text())
+    step = manifest[-1]["step"]
+    return ws / "out" / "warmup" / f"checkpoint-{step}", step
+
+
+def _model(ws: Path):
+    ckpt, _ = _checkpoint(ws)
+    model, tok = load_adapter_model(ckpt, base=str(ws / "model"), dtype="fp32", device="cpu", trainable=True)
+    model.eval()
+    return model, tok
+
+
+def _encoded(ws: Path, tok, n: int = 10):
+    recs = read_jsonl(ws / "data" / "synth_a.jsonl")[:n]
+    return [encode_record(r, tok, 128) for r in recs]
+
+
+def test_batched_gradients_equal_batch_of_one(tiny_template):
+    model, tok = _model(tiny_template)
+    enc = _encoded(tiny_template, tok, 12)
+    seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    assert len({len(s) for s in seqs}) > 1, "the batch must mix lengths so padding is exercised"
+    peg = PerExampleGradients(model)
+    try:
+        batched, loss, count = peg(seqs, labels, tok.pad_token_id)
+    finally:
+        peg.remove()
+    naive = naive_gradients(model, seqs, labels, tok.pad_token_id)
+    assert batched.shape == naive.shape == (12, peg.grad_dim)
+    rel = (batched - naive).norm(dim=1) / naive.norm(dim=1)
+    assert rel.max().item() < 1e-4, rel
+    assert (count > 0).all()
+    # the per-example loss is the mean token loss HF computes for a batch of one
+    one = model(input_ids=torch.tensor([seqs[0]]), labels=torch.tensor([labels[0]])).loss
+    assert abs(one.item() - loss[0].item()) < 1e-5
+
+
+def test_fully_masked_example_gives_zero_gradient(tiny_template):
+    model, tok = _model(tiny_template)
+    enc = _encoded(tiny_template, tok, 3)
+    labels = [e.labels for e in enc]
+    labels[1] = [-100] * len(labels[1])
+    peg = PerExampleGradients(model)
+    try:
+        g, _, count = peg([e.input_ids for e in enc], labels, tok.pad_token_id)
+    finally:
+        peg.remove()
+    assert count[1].item() == 0 and torch.count_nonzero(g[1]) == 0
+    assert torch.count_nonzero(g[0]) > 0
+
+
+def test_adam_transform_matches_hand_computation():
+    g = torch.tensor([[0.5, -2.0, 0.0, 1e-3]])
+    m = torch.tensor([0.1, 0.2, -0.3, 0.0])
+    v = torch.tensor([0.01, 0.04, 0.09, 0.0])
+    state = AdamState(m, v, 0.9, 0.999, 1e-8)
+    got = transform(g, "adam", state)[0].tolist()
+    for i in range(4):
+        m1 = 0.9 * m[i].item() + 0.1 * g[0, i].item()
+        v1 = 0.999 * v[i].item() + 0.001 * g[0, i].item() ** 2
+        assert got[i] == pytest.approx(m1 / (v1 + 1e-8) ** 0.5, rel=1e-5)
+    assert transform(g, "sgd") is g
+    assert transform(g, "sign")[0].tolist() == [1.0, -1.0, 0.0, 1.0]
+
+
+def test_token_batches_respect_budget():
+    lengths = [5, 40, 12, 33, 7, 40, 1]
+    batches = list(token_batches(lengths, 80))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 80 or len(b) == 1
+
+
+def test_optimizer_state_by_position_and_by_name_agree(tiny_ws):
+    model, _ = _model(tiny_ws)
+    ckpt, _ = _checkpoint(tiny_ws)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    by_pos = load_adam_state(ckpt, params, "cpu")
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    assert all(isinstance(k, int) for k in sd["state"])  # a plain Trainer run keys by position
+    names = [n for n, _ in params]
+    sd["state"] = {names[k]: v for k, v in sd["state"].items()}  # the FSDP layout: keyed by name
+    sd["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    by_name_dir = tiny_ws / "by-name"
+    by_name_dir.mkdir()
+    torch.save(sd, by_name_dir / "optimizer.pt")
+    by_name = load_adam_state(by_name_dir, params, "cpu")
+    assert torch.equal(by_pos.exp_avg, by_name.exp_avg) and torch.equal(by_pos.exp_avg_sq, by_name.exp_avg_sq)
+    assert (by_pos.beta1, by_pos.beta2, by_pos.eps) == (0.9, 0.999, 1e-8)
+    assert by_pos.exp_avg.numel() == sum(p.numel() for _, p in params)
+
+
+def test_stored_row_equals_trak_basic_projector_on_fp16_feature(tiny_grads_template):
+    from trak.projectors import BasicProjector, ProjectionType
+
+    ws = tiny_grads_template
+    ckpt, step = _checkpoint(ws)
+    model, tok = _model(ws)
+    enc = _encoded(ws, tok, 3)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    adam = load_adam_state(ckpt, params, "cpu")
+    g = naive_gradients(model, [e.input_ids for e in enc], [e.labels for e in enc], tok.pad_token_id)
+    feats = transform(g, "adam", adam).to(torch.float16)
+    with open_store(ws / "out" / "grads", "synth_a", step, "adam") as r:
+        for dim in (64, 128):
+            proj = BasicProjector(grad_dim=g.shape[1], proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
+                                  device=torch.device("cpu"), block_size=128, dtype=torch.float32, model_id=0)
+            expected = proj.project(feats, model_id=0).float()
+            expected = (expected / expected.norm(dim=1, keepdim=True)).numpy()
+            stored = r.read(dim)[:3].astype(np.float32)
+            cos = (stored * expected).sum(1) / np.linalg.norm(stored, axis=1)
+            assert cos.min() > 0.9999, cos
+            np.testing.assert_allclose(stored, expected, atol=2e-3)
+        assert r.projector["kind"] == "basic" and r.projector["seed"] == 0 and r.projector["block_size"] == 128
+        assert r.attrs["grad_type"] == "adam" and r.attrs["step"] == step
+
+
+def test_cached_blocks_equal_trak_regeneration():
+    """Our block cache (several blocks) gives exactly what TRAK's BasicProjector computes itself."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    from lessctl.projection import TrakBasicProjector
+
+    x = torch.randn(5, 3000)
+    ours = TrakBasicProjector(3000, 300, "cpu", block_size=128)
+    assert ours.blocks is not None and len(ours.blocks) == 3
+    theirs = BasicProjector(grad_dim=3000, proj_dim=300, seed=0, proj_type=ProjectionType.rademacher,
+                            device=torch.device("cpu"), block_size=128, dtype=torch.float32)
+    assert torch.equal(ours.project(x), theirs.project(x.half(), model_id=0).float())
+
+
+def test_store_schema_and_verify(tiny_grads_ws, cli):
+    res = cli("--config", tiny_grads_ws / "lessctl.toml", "store", "verify")
+    assert res.code == 0, res
+    res = cli("--config", tiny_grads_ws / "lessctl.toml", "store", "ls", "--json")
+    stores = json.loads(res.out)["stores"]
+    assert {(s["name"], s["grad_type"]) for s in stores} >= {("synth_a", "adam"), ("synth_b", "adam"),
+                                                              ("arithmetic", "sgd"), ("antonyms", "sgd"), ("sorting", "sgd")}
+    assert all(s["complete"] and s["dims"] == [64, 128] for s in stores)
+    _, step = _checkpoint(tiny_grads_ws)
+    p = store_path(tiny_grads_ws / "out" / "grads", "synth_a", step, "adam")
+    with h5py.File(p) as f:
+        n = f["index"].shape[0]
+        assert f["dim128/features"].dtype == np.float16 and f["dim128/features"].shape == (n, 128)
+        assert f["dim128/norms"].dtype == np.float32 and f["index"].dtype == np.int64
+        assert len(f.attrs["source_sha256"]) == 64 and bool(f.attrs["complete"])
+    size = p.stat().st_size
+    assert size < (2 * n * (64 + 128) + 8 * n) * 1.5 + 64_000
+    # a corrupted row makes verify fail with exit 1
+    with h5py.File(p, "r+") as f:
+        f["dim64/features"][0] = np.full(64, np.nan, dtype=np.float16)
+    res = cli("--config", tiny_grads_ws / "lessctl.toml", "store", "verify")
+    assert res.code == 1 and "error:" in res.err
+
+
+def test_complete_store_is_skipped_unless_force(tiny_grads_ws, cli):
+    cfgp = tiny_grads_ws / "lessctl.toml"
+    res = cli("--config", cfgp, "grads", "--dims", "64", "128", "--target", "sorting", "--json")
+    assert res.code == 0, res
+    assert {s["status"] for s in json.loads(res.out)["stores"]} == {"skipped"}
+    res = cli("--config", cfgp, "grads", "--dims", "64", "128", "--target", "sorting", "--ckpt-index", "1", "--force", "--json")
+    assert res.code == 0, res
+    assert [s["status"] for s in json.loads(res.out)["stores"]] == ["written"]
+
+
+def _wait_rows(part: Path, at_least: int, proc, timeout: float = 120.0) -> int:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"grads finished before it could be killed: {proc.stderr.read()}")
+        if part.exists():
+            try:
+                with h5py.File(part, "r", locking=False) as f:
+                    n = int(f.attrs.get("rows_completed", 0))
+                if n >= at_least:
+                    return n
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError("no progress in time")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(tiny_ws, tmp_path, cli):
+    other = tmp_path / "uninterrupted"
+    shutil.copytree(tiny_ws, other, symlinks=True)
+    _, step = _checkpoint(tiny_ws)
+    args = ["grads", "--ckpt", str(step), "--train", "synth_a", "--dims", "64", "--batch-tokens", "256"]
+    env = {**os.environ, "LESSCTL_FLUSH_ROWS": "8"}
+    proc = subprocess.Popen([sys.executable, "-m", "lessctl.cli", "--config", str(tiny_ws / "lessctl.toml"), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    final = store_path(tiny_ws / "out" / "grads", "synth_a", step, "adam")
+    part = final.with_name(final.name + ".part")
+    done = _wait_rows(part, 16, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not final.exists() and part.exists()
+    assert 16 <= done < 180
+    # resume (same flush size, in-process) and compare with an uninterrupted run
+    os.environ["LESSCTL_FLUSH_ROWS"] = "8"
+    try:
+        import lessctl.collect as collect
+
+        old, collect.FLUSH_ROWS = collect.FLUSH_ROWS, 8
+        res = cli("--config", tiny_ws / "lessctl.toml", *args, "--json")
+        assert res.code == 0, res
+        assert json.loads(res.out)["stores"][0]["status"] == "resumed"
+        res = cli("--config", other / "lessctl.toml", *args, "--json")
+        assert res.code == 0, res
+    finally:
+        collect.FLUSH_ROWS = old
+        os.environ.pop("LESSCTL_FLUSH_ROWS", None)
+    with open_store(tiny_ws / "out" / "grads", "synth_a", step, "adam") as a, \
+         open_store(other / "out" / "grads", "synth_a", step, "adam") as b:
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.read(64), b.read(64))
+        np.testing.assert_array_equal(a.norms(64), b.norms(64))
+
+
+def test_three_shards_read_as_one(tiny_grads_ws, cli):
+    cfgp = tiny_grads_ws / "lessctl.toml"
+    _, step = _checkpoint(tiny_grads_ws)
+    for k in (1, 2, 3):
+        res = cli("--config", cfgp, "grads", "--ckpt", str(step), "--train", "synth_b", "--dims", "64", "128",
+                  "--shard", f"{k}/3", "--json")
+        assert res.code == 0, res
+    grads = tiny_grads_ws / "out" / "grads"
+    whole = store_path(grads, "synth_b", step, "adam")
+    moved = whole.with_name("whole.h5")
+    whole.rename(moved)
+    from lessctl.store import StoreReader
+
+    with open_store(grads, "synth_b", step, "adam") as sharded, StoreReader([moved]) as ref:
+        assert len(sharded.paths) == 3 and sharded.n_rows == ref.n_rows
+        np.testing.assert_array_equal(sharded.index, ref.index)
+        for d in (64, 128):
+            np.testing.assert_allclose(sharded.read(d).astype(np.float32), ref.read(d).astype(np.float32), atol=2e-3)
+    # a missing shard is named
+    store_path(grads, "synth_b", step, "adam", (2, 3)).unlink()
+    res = cli("--config", cfgp, "match", "--target", "sorting", "--ckpts", str(step))
+    assert res.code == 2 and "shard 2/3" in res.err and "--shard 2/3" in res.err
+
+
+def test_changed_source_refuses_to_resume(tiny_ws, cli):
+    cfgp = tiny_ws / "lessctl.toml"
+    _, step = _checkpoint(tiny_ws)
+    # make a partial store by killing a subprocess early
+    proc = subprocess.Popen([sys.executable, "-m", "lessctl.cli", "--config", str(cfgp), "grads", "--ckpt", str(step),
+                             "--train", "synth_a", "--dims", "64", "--batch-tokens", "256"],
+                            env={**os.environ, "LESSCTL_FLUSH_ROWS": "8"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    final = store_path(tiny_ws / "out" / "grads", "synth_a", step, "adam")
+    _wait_rows(final.with_name(final.name + ".part"), 8, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(tiny_ws / "data" / "synth_a.jsonl", "a") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    res = cli("--config", cfgp, "grads", "--ckpt", str(step), "--train", "synth_a", "--dims", "64")
+    assert res.code == 2 and res.err.count("error:") == 1 and "source" in res.err and "--force" in res.err, res
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["grads", "--type", "adamw"], "--type"),
+        (["grads", "--shard", "4/3"], "--shard"),
+        (["grads", "--shard", "x"], "--shard"),
+        (["grads", "--ckpt", "99999"], "--ckpt"),
+        (["grads", "--train", "nope"], "--train"),
+        (["grads", "--target", "nope"], "--target"),
+        (["grads", "--projector", "magic"], "projector"),
+        (["grads", "--ckpt-index", "9"], "--ckpt-index"),
+    ],
+)
+def test_grads_user_errors(tiny_ws, cli, args, needle):
+    res = cli("--config", tiny_ws / "lessctl.toml", *args)
+    assert res.code == 2, res
+    lines = [l for l in res.err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res
+    assert "Traceback" not in res.err
+
+
+def test_adam_without_optimizer_state_is_a_user_error(tiny_ws, cli):
+    ckpt, step = _checkpoint(tiny_ws)
+    (ckpt / "optimizer.pt").unlink()
+    res = cli("--config", tiny_ws / "lessctl.toml", "grads", "--ckpt", str(step), "--train", "synth_a", "--dims", "64")
+    assert res.code == 2 and "optimizer.pt" in res.err and "--type sgd" in res.err, res
+    # sgd works without it
+    res = cli("--config", tiny_ws / "lessctl.toml", "grads", "--ckpt", str(step), "--target", "sorting", "--dims", "64")
+    assert res.code == 0, res
+
+
+def test_grads_without_warmup_names_the_command(tmp_path, cli):
+    from lessctl.workspace import preset_config
+    from lessctl.config import to_toml
+
+    (tmp_path / "lessctl.toml").write_text(to_toml(preset_config("tiny")))
+    res = cli("--config", tmp_path / "lessctl.toml", "grads")
+    assert res.code == 2 and "lessctl warmup" in res.err
+    assert load_config(tmp_path / "lessctl.toml").grads.dims == [128]
