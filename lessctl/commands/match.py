@@ -36,7 +36,7 @@ def match(
                                 progress=lambda done, total: bar.update(completed=done, total=total))
                 results.append(res)
     if json_out:
-        emit_json({"selections": [{"file": str(r.file), **r.summary} for r in results]})
+        emit_json({"selections": [{**r.summary, "file": str(r.file)} for r in results]})
         return
     print_table("selections", ["target", "method", "selected", "of", "by training set", "file"],
                 [[r.target, r.method, r.n_selected, r.total,
