@@ -102,3 +102,48 @@ class ProgressBar:
 
     def log(self, message: str) -> None:
         self._progress.console.print(message)
+
+
+# ----------------------------------------------------------------------------- shell completion
+# Each returns the candidates that start with what was typed, read from the current workspace; they
+# never raise (a shell completion must not print errors).
+
+STAGES = ("warmup", "grads", "match", "finetune", "eval")
+
+
+def _quiet_config():
+    try:
+        return load_config()
+    except Exception:  # noqa: BLE001 - completion must stay silent
+        return None
+
+
+def complete_ckpts(incomplete: str) -> list[str]:
+    import json
+
+    cfg = _quiet_config()
+    if cfg is None:
+        return []
+    try:
+        steps = [str(c["step"]) for c in json.loads((cfg.output_dir / "warmup" / "checkpoints.json").read_text())]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [s for s in steps if s.startswith(incomplete)]
+
+
+def complete_train(incomplete: str) -> list[str]:
+    cfg = _quiet_config()
+    return [n for n in (cfg.data.train if cfg else {}) if n.startswith(incomplete)]
+
+
+def complete_targets(incomplete: str) -> list[str]:
+    cfg = _quiet_config()
+    return [n for n in (cfg.data.targets if cfg else {}) if n.startswith(incomplete)]
+
+
+def complete_stages(incomplete: str) -> list[str]:
+    return [s for s in STAGES if s.startswith(incomplete)]
+
+
+def complete_methods(incomplete: str) -> list[str]:
+    return [m for m in ("less", "random", "bm25") if m.startswith(incomplete)]

@@ -7,15 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from lessctl.commands._common import complete_ckpts, complete_targets, complete_train
 from lessctl.commands._common import ForceOpt, JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
 
 
 def grads(
-    ckpt: Annotated[Optional[list[int]], typer.Option("--ckpt", help="Checkpoint step(s) (default: every checkpoint in warmup/checkpoints.json).")] = None,
+    ckpt: Annotated[Optional[list[int]], typer.Option("--ckpt", autocompletion=complete_ckpts, help="Checkpoint step(s) (default: every checkpoint in warmup/checkpoints.json).")] = None,
     ckpt_index: Annotated[Optional[int], typer.Option("--ckpt-index", help="1-based position in checkpoints.json (for Slurm arrays).")] = None,
     dims: Annotated[Optional[list[int]], typer.Option("--dims", help="Projection dimension(s), e.g. --dims 4096 8192.")] = None,
-    train: Annotated[Optional[list[str]], typer.Option("--train", help="Training set name(s) (default: all; adam features).")] = None,
-    target: Annotated[Optional[list[str]], typer.Option("--target", help="Target name(s) (default: all; sgd features).")] = None,
+    train: Annotated[Optional[list[str]], typer.Option("--train", autocompletion=complete_train, help="Training set name(s) (default: all; adam features).")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", autocompletion=complete_targets, help="Target name(s) (default: all; sgd features).")] = None,
     grad_type: Annotated[Optional[str], typer.Option("--type", help="Override the feature type: adam, sgd or sign.")] = None,
     projector: Annotated[Optional[str], typer.Option("--projector", help="auto, cuda (TRAK's fast_jl) or basic (TRAK's BasicProjector).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: compute only the K-th of N contiguous row ranges.")] = None,
@@ -77,8 +78,10 @@ def store_ls(json_out: JsonOpt = False) -> None:
         emit_json({"stores": stores})
         return
     print_table("gradient stores", ["name", "ckpt", "type", "dims", "rows", "projector", "complete"],
-                [[s.get("name"), s.get("step"), s.get("grad_type"), ",".join(map(str, s.get("dims") or [])),
-                  s.get("rows"), s.get("projector"), s.get("complete")] for s in stores])
+                [[s["name"], s["step"], s["grad_type"], ",".join(map(str, s["dims"])),
+                  s["rows"], s["projector"],
+                  "yes" if s["complete"] else ("missing shards " + ",".join(map(str, s["missing_shards"])) if s["missing_shards"] else "no")]
+                 for s in stores])
 
 
 @store_app.command("verify")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lessctl.commands._common import complete_methods, complete_targets
 from lessctl.commands._common import ForceOpt, JsonOpt, ProgressBar, emit_json, err_console, load_config
 
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (overrides the file).")]
@@ -54,8 +55,8 @@ def warmup(
 def finetune(
     train_file: Annotated[Optional[Path], typer.Option("--train-file", help="A jsonl file to train on.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Output folder name under finetune/.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", help="Train on this target's selection (selected/<target>/<method>/).")] = None,
-    method: Annotated[str, typer.Option("--method", help="Which selection of --target: less, random, bm25, ...")] = "less",
+    target: Annotated[Optional[str], typer.Option("--target", autocompletion=complete_targets, help="Train on this target's selection (selected/<target>/<method>/).")] = None,
+    method: Annotated[str, typer.Option("--method", autocompletion=complete_methods, help="Which selection of --target: less, random, bm25, ...")] = "less",
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Train another base model on the selection (LESS-T).")] = None,
     epochs: EpochsOpt = None,
     learning_rate: LrOpt = None,
