@@ -156,7 +156,7 @@ def collect_gradients(
         if s not in manifest:
             raise ConfigError(f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})")
     sets = data_sets(cfg, train, targets, grad_type)
-    kind, why = choose_projector_kind(projector, device)
+    kind, why = choose_projector_kind(projector, device, dims)
     if announce:
         announce(f"projector: {kind} ({why})")
     grads_dir = cfg.output_dir / "grads"

@@ -117,6 +117,9 @@ class TrakCudaProjector(Projector):
         from trak.projectors import CudaProjector, ProjectionType
 
         super().__init__(grad_dim, dim, device, seed, model_id)
+        if dim % 512:
+            raise ConfigError(f"--dims {dim}: TRAK's CUDA projector (fast_jl) needs a multiple of 512; "
+                              "use such dimensions or --projector basic")
         ok, why = fast_jl_status(device)
         if not ok:
             raise ConfigError("--projector cuda: " + FAST_JL_FIX.format(why=why))
@@ -140,7 +143,7 @@ class TrakCudaProjector(Projector):
         return {**super().attrs, "dtype": "float16", "sm_count": int(self.sm_count)}
 
 
-def choose_projector_kind(kind: str, device: Any) -> tuple[str, str]:
+def choose_projector_kind(kind: str, device: Any, dims: list[int] | None = None) -> tuple[str, str]:
     """Resolves `auto` to cuda or basic and says why."""
     if kind not in ("auto", "cuda", "basic"):
         raise ConfigError(f"--projector: expected auto, cuda or basic, got {kind!r}")
@@ -148,6 +151,9 @@ def choose_projector_kind(kind: str, device: Any) -> tuple[str, str]:
         return kind, "requested"
     if not str(device).startswith("cuda"):
         return "basic", "no GPU: TRAK's BasicProjector"
+    odd = [d for d in dims or [] if d % 512]
+    if odd:
+        return "basic", f"--dims {odd[0]} is not a multiple of 512, which fast_jl needs: TRAK's BasicProjector"
     ok, why = fast_jl_status(device)
     if ok:
         return "cuda", "GPU with a working fast_jl: TRAK's CudaProjector"

@@ -36,6 +36,14 @@ MemOpt = Annotated[Optional[str], typer.Option("--mem", help="Memory per node, e
 DependencyOpt = Annotated[Optional[str], typer.Option("--dependency", help="A Slurm dependency, e.g. afterok:123.")]
 
 
+def _short(path: str, root) -> str:
+    """A log path relative to the workspace where it lies inside it (tables stay readable)."""
+    import os
+
+    rel = os.path.relpath(path, root)
+    return path if rel.startswith("..") else rel
+
+
 def _known_commands() -> Optional[set[str]]:
     """The commands registered on the main app (None when unknown)."""
     if _MAIN_APP is None:
@@ -134,7 +142,7 @@ def submit(
     print_table(
         title,
         ["stage", "job", "array", "after", "log"],
-        [[r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), r["log"]] for r in rows],
+        [[r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), _short(r["log"], cfg.root)] for r in rows],
     )
 
 
@@ -164,7 +172,7 @@ def status(json_out: JsonOpt = False) -> None:
     print_table(
         "Slurm jobs",
         ["stage", "job", "state", "reason", "tasks", "log"],
-        [[r["label"], r["job_id"], r["state"], r["reason"], tasks(r), r["log"]] for r in rows],
+        [[r["label"], r["job_id"], r["state"], r["reason"], tasks(r), _short(r["log"], cfg.root)] for r in rows],
     )
 
 
