@@ -48,7 +48,8 @@ def _global(
 def _register() -> None:
     from lessctl.commands import register_all
 
-    register_all(app)
+    if not app.registered_commands:  # main() may run many times in one process (tests): register once
+        register_all(app)
 
 
 # Options that take several values: `--dims 64 128` is read as `--dims 64 --dims 128`.

@@ -258,6 +258,9 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
         if value is None:
             continue
         sec_name, _, fname = key.partition(".")
+        if sec_name not in SECTIONS:  # else the override would be dropped silently
+            problems.append(f"unknown key {key}{_closest(sec_name, list(SECTIONS))}")
+            continue
         sections.setdefault(sec_name, {})[fname] = value
 
     built: dict[str, Any] = {}

@@ -149,15 +149,16 @@ def format_chat(messages: Sequence[dict], tokenizer: Any, chat_format: str = "tu
     return "".join(t for t, _ in chat_segments(messages, tokenizer, chat_format))
 
 
-def _n_tokens(tokenizer: Any, text: str, max_len: int) -> int:
-    return len(tokenizer(text, max_length=max_len, truncation=True)["input_ids"])
+def _n_tokens(tokenizer: Any, text: str, max_len: int, special: bool = True) -> int:
+    return len(tokenizer(text, max_length=max_len, truncation=True, add_special_tokens=special)["input_ids"])
 
 
 def encode_messages(messages: Sequence[dict], tokenizer: Any, max_len: int, chat_format: str = "tulu") -> tuple[list[int], list[int]]:
     """Tokenizes the whole conversation once; masks every non-trained span by prefix token lengths."""
     segs = chat_segments(messages, tokenizer, chat_format)
     text = "".join(t for t, _ in segs)
-    ids = list(tokenizer(text, max_length=max_len, truncation=True)["input_ids"])
+    special = chat_format != "llama2"  # llama2 text already holds its <s>: adding one more would double it
+    ids = list(tokenizer(text, max_length=max_len, truncation=True, add_special_tokens=special)["input_ids"])
     labels = list(ids)
     prefix = ""
     for j, (seg, trained) in enumerate(segs):
@@ -165,8 +166,8 @@ def encode_messages(messages: Sequence[dict], tokenizer: Any, max_len: int, chat
         prefix += seg
         if trained:
             continue
-        start = 0 if j == 0 else _n_tokens(tokenizer, start_text, max_len)
-        end = _n_tokens(tokenizer, prefix, max_len)
+        start = 0 if j == 0 else _n_tokens(tokenizer, start_text, max_len, special)
+        end = _n_tokens(tokenizer, prefix, max_len, special)
         for k in range(start, min(end, len(labels))):
             labels[k] = IGNORE_INDEX
         if end >= max_len:

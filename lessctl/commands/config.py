@@ -20,10 +20,12 @@ def show(
     from lessctl.config import describe_fields, to_toml
 
     if docs:
+        from rich.markup import escape  # "[warmup]" and docs like "[slurm.stages.grads]" are text, not markup
+
         for sec, fields in describe_fields().items():
-            out_console().print(f"[bold][{sec}][/bold]")
+            out_console().print(f"[bold]{escape(f'[{sec}]')}[/bold]")
             for k, d in fields.items():
-                out_console().print(f"  {k}: {d}", highlight=False)
+                out_console().print(f"  {k}: {escape(d)}", highlight=False)
         return
     cfg = load_config()
     if json_out:
