@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lessctl.data import join_prompt_completion
 from lessctl.errors import ConfigError, InputError
 
 BUILTIN_TARGETS = ("mmlu", "bbh", "tydiqa")
@@ -186,31 +187,26 @@ def wrap_user_turn(user_text: str, assistant_prefix: str, chat_format: str, *, s
     return user_text + sep + assistant_prefix
 
 
-def format_messages_prompt(messages: list[dict], chat_format: str, eos_token: str = "") -> str:
-    """The chat text of `messages` (all but a final assistant reply) ending at the assistant's turn.
+def split_messages(messages: list[dict], chat_format: str, tokenizer: Any = None) -> tuple[str, str]:
+    """(prompt, completion) of a conversation whose last message is the assistant reply to learn.
 
-    tulu (LESS.md section 1): `<|system|>\\n{c}\\n`, `<|user|>\\n{c}\\n`, `<|assistant|>\\n{c}{eos}\\n`,
-    contents stripped, then `<|assistant|>\\n`. llama2: `[INST] <<SYS>>\\n{s}\\n<</SYS>>\\n\\n{u} [/INST] {a}{eos}`
-    per exchange, ending `[/INST] `. plain: contents joined by blank lines, ending in a blank line.
+    tulu and llama2 are `lessctl.data`'s chat formats (the training text) cut before the final reply;
+    the completion is that reply as training writes it (llama2: with its leading space), without
+    the eos. The tokenizer gives the eos (and llama2's bos) strings written after earlier turns
+    (none without one). plain: every earlier content, stripped, followed by a blank line; the reply
+    stripped.
     """
-    if chat_format == "tulu":
-        text = ""
-        for m in messages:
-            text += f"<|{m['role']}|>\n" + m["content"].strip()
-            text += (eos_token + "\n") if m["role"] == "assistant" else "\n"
-        return text + "<|assistant|>\n"
-    if chat_format == "llama2":
-        text, system = "", ""
-        for m in messages:
-            if m["role"] == "system":
-                system = "<<SYS>>\n" + m["content"].strip() + "\n<</SYS>>\n\n"
-            elif m["role"] == "user":
-                text += "[INST] " + system + m["content"].strip() + " [/INST]"
-                system = ""
-            else:
-                text += " " + m["content"].strip() + eos_token
-        return text + " "
-    return "".join(m["content"].strip() + "\n\n" for m in messages)
+    if chat_format == "plain":
+        return "".join(m["content"].strip() + "\n\n" for m in messages[:-1]), messages[-1]["content"].strip()
+    from types import SimpleNamespace
+
+    from lessctl.data import chat_segments
+
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    segments = chat_segments(messages, SimpleNamespace(eos_token=eos, bos_token=bos), chat_format)
+    reply = chat_segments(messages, SimpleNamespace(eos_token="", bos_token=""), chat_format)[-1][0]
+    return "".join(text for text, _ in segments[:-1]), reply.rstrip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,14 +291,7 @@ def _custom_path(spec: dict, root: Path | None) -> Path:
     return p if p.is_absolute() or root is None else Path(root) / p
 
 
-def _join_prompt_completion(prompt: str, completion: str) -> str:
-    """The completion with a space in front when neither side has whitespace at the join (as in training)."""
-    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
-        return " " + completion
-    return completion
-
-
-def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, eos_token: str) -> list[TargetExample]:
+def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, tokenizer: Any) -> list[TargetExample]:
     path = _custom_path(spec, root)
     key = spec.get("subtask_key") or "subtask"
     layout = 'one JSON object a line, {"messages": [...]} or {"prompt": ..., "completion": ...}, optional "' + key + '"'
@@ -332,11 +321,13 @@ def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, e
                     raise InputError(f"{where}: messages must be a list of {{role: system|user|assistant, content: str}}")
                 if msgs[-1]["role"] != "assistant":
                     raise InputError(f"{where}: the last message must be the assistant's (the completion)")
-                prompt = format_messages_prompt(msgs[:-1], chat_format, eos_token)
-                out.append(TargetExample(prompt, msgs[-1]["content"].strip(), subtask))
+                prompt, completion = split_messages(msgs, chat_format, tokenizer)
+                out.append(TargetExample(prompt, completion, subtask))
             elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+                # The completion gets the space that training's join puts between the two sides.
                 prompt = rec["prompt"]
-                out.append(TargetExample(prompt, _join_prompt_completion(prompt, rec["completion"]), subtask))
+                joined = join_prompt_completion(prompt, rec["completion"])
+                out.append(TargetExample(prompt, joined[len(prompt) :], subtask))
             else:
                 raise InputError(f"{where}: expected {layout}")
     if not out:
@@ -355,15 +346,15 @@ def load_target(
     chat_format: str = "tulu",
     root: Path | None = None,
     *,
-    eos_token: str = "",
+    tokenizer: Any = None,
 ) -> list[TargetExample]:
     """The examples of one target, in LESS's order, each tagged with its subtask.
 
     spec: "mmlu" | "bbh" | "tydiqa" (read from the LESS-layout `data_dir`) or {"file": path,
     "subtask_key": key} (a jsonl of messages or prompt/completion records; relative paths are
     relative to `root`). chat_format: "tulu" (LESS's default), "llama2" or "plain" (LESS's
-    non-chat variant). eos_token is written after earlier assistant turns of multi-turn custom
-    targets only.
+    non-chat variant). The tokenizer only gives the eos/bos strings that the chat formats write
+    after earlier assistant turns of multi-turn custom targets.
     """
     _check_chat_format(chat_format)
     if isinstance(spec, str):
@@ -374,7 +365,7 @@ def load_target(
             )
         return _BUILTIN_LOADERS[spec](Path(data_dir), chat_format)
     if isinstance(spec, dict):
-        return _custom_target(spec, name, chat_format, root, eos_token)
+        return _custom_target(spec, name, chat_format, root, tokenizer)
     raise ConfigError(f"target {name!r}: expected a built-in name or {{file = \"path.jsonl\"}}, got {spec!r}")
 
 

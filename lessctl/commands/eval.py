@@ -37,7 +37,8 @@ def eval_(
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
     from lessctl.errors import ConfigError
-    from lessctl.evaluation import TASKS, describe_model, finetuned_models, run_evaluation
+    from lessctl.evaluation import TASKS, check_data, describe_model, finetuned_models, run_evaluation
+    from lessctl.models import load_model_for_eval
 
     tasks = list(dict.fromkeys(task or []))
     if not tasks:
@@ -64,20 +65,23 @@ def eval_(
         path = str(local.resolve()) if local.exists() else model
         specs = [describe_model(path, output_dir=cfg.output_dir, base_model=base_path)]
 
+    for t in tasks:  # a missing data file stops us before any model is loaded
+        check_data(t, data)
     options = {"limit": cfg.eval.limit or None, "batch_size": cfg.eval.batch_size}
     records = []
     con = err_console()
     for spec in specs:
+        loaded = load_model_for_eval(spec.path, dtype=cfg.model.dtype, device=device)  # once for all tasks
         for t in tasks:
             extra = {"examples_per_task": cfg.eval.bbh_examples_per_task or None} if t == "bbh" else {}
             with ProgressBar(f"{t} {spec.name}", unit="examples", quiet=json_out) as bar:
                 outcome = run_evaluation(
-                    spec, t, data, cfg.output_dir, dtype=cfg.model.dtype, device=device,
-                    progress=_BarCallback(bar), **options, **extra,
+                    spec, t, data, cfg.output_dir, loaded=loaded, progress=_BarCallback(bar), **options, **extra
                 )
             records.append(outcome.record)
             if not json_out:
                 con.print(f"{spec.name} {t}: {outcome.record['metric']} {outcome.record['score']:.2f} -> {outcome.path}")
+        del loaded
     if json_out:
         emit_json({"results": records})
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -35,12 +36,26 @@ def results(
         by_task.setdefault(str(r.get("task")), []).append(r)
     for t, rows in by_task.items():
         metric = rows[0].get("metric", "score")
+        transfer = any(r.get("transfer") for r in rows)  # LESS-T rows: selected with one model, trained on another
+        extra = _extra_metrics(rows, metric)
         print_table(
             f"{t} ({metric})",
-            COLUMNS,
+            COLUMNS + (["transfer"] if transfer else []) + extra,
             [[r.get("model"), r.get("method"), r.get("target"), _score(r.get("score")), r.get("n"), r.get("limit"),
-              r.get("time"), r.get("lessctl_version")] for r in rows],
+              r.get("time"), r.get("lessctl_version")] + ([_transfer(r)] if transfer else [])
+             + [_metric_cell((r.get("metrics") or {}).get(c)) for c in extra] for r in rows],
         )
+
+
+def _transfer(r: dict) -> str:
+    """'A -> B' (selected with model A, trained model B) for a transfer row, else empty."""
+    if not r.get("transfer"):
+        return ""
+
+    def short(m) -> str:
+        return Path(str(m)).name or str(m) if m else "?"
+
+    return f"{short(r.get('selection_model'))} -> {short(r.get('base_model'))}"
 
 
 def _score(v) -> str:
@@ -49,3 +64,21 @@ def _score(v) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("results", epilog="Example: lessctl results --task tydiqa --json")(results)
+
+
+def _extra_metrics(rows: list[dict], headline: str) -> list[str]:
+    """Metrics a record carries besides its headline score (its `metrics` table, e.g. IR's mrr@5 and
+    malformed answers), in first-seen order: extra columns of the task's table."""
+    names: dict[str, None] = {}
+    for r in rows:
+        for k in r.get("metrics") or {}:
+            if k != headline:
+                names.setdefault(k, None)
+    return list(names)
+
+
+def _metric_cell(v) -> str:
+    """A count as it is, a score with two decimals, nothing for a metric the row lacks."""
+    if v is None:
+        return ""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else _score(v)
