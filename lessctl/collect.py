@@ -39,7 +39,7 @@ class DataSet:
         if self.role == "train":
             return [encode_record(r, tok, L, cfg.model.chat_format, self.name) for r in read_jsonl(self.files[0])]
         out = []
-        for i, ex in enumerate(load_target_examples(cfg, self.name)):
+        for i, ex in enumerate(load_target_examples(cfg, self.name, tok)):
             ids, labels = encode_target(ex.prompt, ex.completion, tok, L)
             out.append(Encoded(ids, labels, i, self.name, {"subtask": ex.subtask}))
         return out
@@ -55,10 +55,12 @@ def _target_spec(cfg: Config, name: str):
     return spec
 
 
-def load_target_examples(cfg: Config, name: str):
+def load_target_examples(cfg: Config, name: str, tokenizer=None):
+    """The target's examples; with the tokenizer, earlier assistant turns of custom targets end with eos."""
     from lessctl.targets import load_target
 
-    return load_target(_target_spec(cfg, name), cfg.resolve(cfg.data.data_dir), name, cfg.model.chat_format, cfg.root)
+    return load_target(_target_spec(cfg, name), cfg.resolve(cfg.data.data_dir), name, cfg.model.chat_format, cfg.root,
+                       tokenizer=tokenizer)
 
 
 def data_sets(cfg: Config, train: list[str] | None, targets: list[str] | None, grad_type: str | None) -> list[DataSet]:

@@ -19,6 +19,8 @@ from lessctl.errors import ConfigError
 
 CONFIG_NAME = "lessctl.toml"
 BUILTIN_TARGETS = ("mmlu", "bbh", "tydiqa")
+# Keys of a custom target: its LESS examples, an optional subtask key, an optional held-out eval file.
+TARGET_KEYS = ("file", "subtask_key", "eval_file")
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -71,7 +73,7 @@ class FinetuneConfig(TrainConfig):
 @dataclass(frozen=True)
 class DataConfig:
     train: dict = _f({}, "Training pool: {name = path to a jsonl file}.")
-    targets: dict = _f({}, 'Targets: {name = "mmlu"|"bbh"|"tydiqa"} or {name = {file = "path.jsonl"}}.')
+    targets: dict = _f({}, 'Targets: {name = "mmlu"|"bbh"|"tydiqa"} or {name = {file = "path.jsonl", eval_file = "held-out.jsonl"}}.')
     data_dir: str = _f("data", "LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa (for built-in targets).")
 
 
@@ -231,11 +233,11 @@ def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
                     f"{_closest(spec, list(BUILTIN_TARGETS))}; a custom target is {{file = \"path.jsonl\"}}"
                 )
         elif isinstance(spec, dict):
-            unknown = set(spec) - {"file", "subtask_key"}
+            unknown = set(spec) - set(TARGET_KEYS)
             if "file" not in spec:
                 problems.append(f"{where}data.targets.{name}: a custom target needs file = \"path.jsonl\"")
             for k in sorted(unknown):
-                problems.append(f"{where}data.targets.{name}.{k}: unknown key{_closest(k, ['file', 'subtask_key'])}")
+                problems.append(f"{where}data.targets.{name}.{k}: unknown key{_closest(k, list(TARGET_KEYS))}")
         else:
             problems.append(f"{where}data.targets.{name}: expected a built-in name or a table, got {spec!r}")
 

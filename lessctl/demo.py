@@ -10,6 +10,7 @@ from typing import Callable
 from lessctl.config import CONFIG_NAME, load_config
 
 DEMO_METHODS = ("less", "random", "bm25")
+EVAL_LIMIT = 12  # held-out examples per target in the demo's before/after evaluation
 
 
 def selection_precision(selected_file: Path, family: str) -> float:
@@ -18,9 +19,10 @@ def selection_precision(selected_file: Path, family: str) -> float:
     return sum(r.get("family") == family for r in rows) / max(1, len(rows))
 
 
-def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = None,
+def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = None, train: bool = True,
              step: Callable[[str], None] | None = None) -> dict:
-    """init --preset tiny (once), warmup, grads at every checkpoint, match with each method; returns the report."""
+    """init --preset tiny (once), warmup, grads at every checkpoint, match with each method, and (train=True)
+    finetune on each selection and evaluate the target's held-out set before and after; returns the report."""
     from lessctl.collect import collect_gradients
     from lessctl.data import read_jsonl
     from lessctl.selection import run_match
@@ -59,6 +61,43 @@ def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = No
                              "file": str(res.file)}
         report["targets"][target] = entry
     timings["match"] = round(time.time() - t, 1)
+    if train:
+        t = time.time()
+        _train_and_evaluate(cfg, report, device, say)
+        timings["finetune_eval"] = round(time.time() - t, 1)
     report["timings"] = timings
     report["seconds"] = round(time.time() - t0, 1)
     return report
+
+
+def _train_and_evaluate(cfg, report: dict, device, say) -> None:
+    """Finetunes a LoRA on each selection and scores the target's eval_file before (base) and after."""
+    from lessctl.evaluation import ModelSpec, describe_model, run_custom_evaluation
+    from lessctl.models import is_adapter_dir
+    from lessctl.results import eval_json_path
+    from lessctl.selection import selection_file
+    from lessctl.training import run_finetune
+
+    def evaluate(spec, target: str) -> dict:
+        p = eval_json_path(cfg.output_dir, spec.name, target)
+        if p.is_file():
+            res = json.loads(p.read_text())
+        else:
+            eval_file = cfg.resolve(cfg.data.targets[target]["eval_file"])
+            res = run_custom_evaluation(spec, target, eval_file, cfg.output_dir, dtype=cfg.model.dtype, device=device,
+                                        chat_format=cfg.model.chat_format, limit=EVAL_LIMIT,
+                                        max_new_tokens=24, batch_size=12).result
+        return {"exact_match": round(res["exact_match"], 2), "f1": round(res["f1"], 2)}
+
+    base = str(cfg.resolve(cfg.model.name_or_path))
+    for target, entry in report["targets"].items():
+        say(f"evaluate: base model on {target}")
+        entry["base"] = evaluate(ModelSpec("base", base), target)
+        for method in DEMO_METHODS:
+            name = f"{target}-{method}"
+            out = cfg.output_dir / "finetune" / name
+            if not is_adapter_dir(out):
+                say(f"finetune: {name}")
+                run_finetune(cfg, selection_file(cfg, target, method), name,
+                             meta={"target": target, "method": method}, device=device)
+            entry[method].update(evaluate(describe_model(out, output_dir=cfg.output_dir), target))

@@ -96,23 +96,27 @@ def _finetune(cfg: Config, device) -> list[StageReport]:
 
 
 def _eval(cfg: Config, device) -> list[StageReport]:
-    from lessctl.evaluation import describe_model, run_evaluation
+    from lessctl.evaluation import describe_model, run_custom_evaluation, run_evaluation
     from lessctl.results import eval_json_path
 
     reps = []
     data_dir = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
     for target, spec in cfg.data.targets.items():
         name = f"{target}-{cfg.select.method}"
-        task = spec if isinstance(spec, str) else None
-        if task is None:
-            reps.append(StageReport("eval", name, "not applicable", "custom target: no built-in benchmark"))
+        task = spec if isinstance(spec, str) else target
+        if not isinstance(spec, str) and not spec.get("eval_file"):
+            reps.append(StageReport("eval", name, "not applicable", "custom target without eval_file"))
             continue
         if eval_json_path(cfg.output_dir, name, task).is_file():
             reps.append(StageReport("eval", f"{name}/{task}", "skipped", "result exists"))
             continue
         model_spec = describe_model(cfg.output_dir / "finetune" / name, output_dir=cfg.output_dir)
-        res = run_evaluation(model_spec, task, data_dir, cfg.output_dir, dtype=cfg.model.dtype, device=device,
-                             batch_size=cfg.eval.batch_size, limit=cfg.eval.limit or None)
+        opts = {"dtype": cfg.model.dtype, "device": device, "batch_size": cfg.eval.batch_size, "limit": cfg.eval.limit or None}
+        if isinstance(spec, str):
+            res = run_evaluation(model_spec, task, data_dir, cfg.output_dir, **opts)
+        else:
+            res = run_custom_evaluation(model_spec, target, cfg.resolve(spec["eval_file"]), cfg.output_dir,
+                                        chat_format=cfg.model.chat_format, **opts)
         reps.append(StageReport("eval", f"{name}/{task}", "done", f"{res.record['metric']} {res.record['score']}"))
     return reps
 

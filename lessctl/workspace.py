@@ -20,12 +20,16 @@ LESS_TRAIN = {  # LESS's four training sets in its data layout
     "dolly": "train/processed/dolly/dolly_data.jsonl",
     "oasst1": "train/processed/oasst1/oasst1_data.jsonl",
 }
+# Presets outside PRESETS because they need more than a name (tiny-ir: a folder of BEIR collections).
+EXTRA_PRESETS = ("tiny-ir",)
 
 
 def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
     """The workspace file's content for a preset (the paper's hyper-parameters for real models)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if preset not in PRESETS + EXTRA_PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS + EXTRA_PRESETS)})")
+    if preset == "tiny-ir":
+        return _tiny_ir_config(data_dir)
     if preset == "tiny":
         return {
             "experiment": {"name": "tiny", "output_dir": "out", "seed": 3},
@@ -34,7 +38,8 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
             "data": {
                 "train": {"synth_a": "data/synth_a.jsonl", "synth_b": "data/synth_b.jsonl"},
                 "targets": {
-                    f: {"file": f"data/{f}_target.jsonl"} for f in ("arithmetic", "antonyms", "sorting")
+                    f: {"file": f"data/{f}_target.jsonl", "eval_file": f"data/{f}_eval.jsonl"}
+                    for f in ("arithmetic", "antonyms", "sorting")
                 },
                 "data_dir": data_dir,
             },
@@ -63,6 +68,31 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
     }
 
 
+def _tiny_ir_config(beir_root: str) -> dict[str, Any]:
+    """LESS for listwise reranking on the tiny model: the msmarco* collection of `beir_root` as the pool,
+    every other collection's dev file as a target (files written by init_workspace into data/)."""
+    from lessctl.ir import TINY_IR_MAX_SEQ_LENGTH, tiny_ir_layout
+
+    (pool, _), targets = tiny_ir_layout(beir_root)
+    return {
+        "experiment": {"name": "tiny-ir", "output_dir": "out", "seed": 3},
+        "model": {"name_or_path": "model", "dtype": "auto", "max_seq_length": TINY_IR_MAX_SEQ_LENGTH, "chat_format": "tulu"},
+        "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {
+            "train": {pool: f"data/{pool}_data.jsonl"},
+            "targets": {name: {"file": f"data/{name}_dev.jsonl"} for name, _ in targets},
+            "data_dir": "data",
+        },
+        "warmup": {
+            "percentage": 0.5, "epochs": 4, "learning_rate": 2e-3, "warmup_ratio": 0.03,
+            "batch_size": 4, "gradient_accumulation_steps": 2,
+        },
+        "grads": {"dims": [128], "projector": "auto", "batch_tokens": 8192},
+        "select": {"percentage": 0.25, "method": "less"},  # a quarter of a ~40-example pool: ~10 examples
+        "finetune": {"epochs": 4, "learning_rate": 2e-3, "batch_size": 4, "gradient_accumulation_steps": 1},
+    }
+
+
 HEADER = """\
 # lessctl workspace ({preset} preset). Every value can be overridden by a command's options.
 # Start with:  lessctl warmup && lessctl grads && lessctl match --target {target}
@@ -86,6 +116,10 @@ def init_workspace(folder: Path, preset: str, *, data_dir: str = "data", force: 
         files = write_tiny_data(folder / "data")
         texts = corpus_texts(list(files["train"].values()) + list(files["targets"].values()))
         build_tiny_model(folder / "model", texts)
+    elif preset == "tiny-ir":
+        from lessctl.ir import build_tiny_ir_workspace
+
+        build_tiny_ir_workspace(folder, data_dir)
     target = next(iter(raw["data"]["targets"]))
     path.write_text(HEADER.format(preset=preset, target=target) + to_toml(raw))
     return path

@@ -40,7 +40,7 @@ def results(
         extra = _extra_metrics(rows, metric)
         print_table(
             f"{t} ({metric})",
-            COLUMNS + (["transfer"] if transfer else []) + extra,
+            COLUMNS + (["transfer to"] if transfer else []) + extra,
             [[r.get("model"), r.get("method"), r.get("target"), _score(r.get("score")), r.get("n"), r.get("limit"),
               r.get("time"), r.get("lessctl_version")] + ([_transfer(r)] if transfer else [])
              + [_metric_cell((r.get("metrics") or {}).get(c)) for c in extra] for r in rows],
@@ -48,14 +48,11 @@ def results(
 
 
 def _transfer(r: dict) -> str:
-    """'A -> B' (selected with model A, trained model B) for a transfer row, else empty."""
-    if not r.get("transfer"):
+    """The base model a transfer row trained (its data selected with the workspace's model), else empty."""
+    m = r.get("base_model")
+    if not r.get("transfer") or not m:
         return ""
-
-    def short(m) -> str:
-        return Path(str(m)).name or str(m) if m else "?"
-
-    return f"{short(r.get('selection_model'))} -> {short(r.get('base_model'))}"
+    return Path(str(m)).name or str(m)
 
 
 def _score(v) -> str:

@@ -152,7 +152,7 @@ def make_record(spec: ModelSpec, task: str, result: dict, elapsed_s: float) -> d
     """The line of results.jsonl for one evaluation."""
     from lessctl import __version__
 
-    metric = HEADLINE[task]
+    metric = result.get("metric") or HEADLINE[task]
     return {
         "model": spec.name,
         "method": spec.method,
@@ -177,7 +177,8 @@ def record_result(output_dir: str | Path, spec: ModelSpec, task: str, result: di
     from lessctl.results import append_result, write_eval_json
 
     record = make_record(spec, task, result, elapsed_s)
-    full = {**{HEADLINE[task]: result[HEADLINE[task]]}, **result, "model": asdict(spec), "lessctl_version": record["lessctl_version"]}
+    metric = record["metric"]
+    full = {metric: result[metric], **result, "model": asdict(spec), "lessctl_version": record["lessctl_version"]}
     path = write_eval_json(output_dir, spec.name, task, full)
     record["eval_json"] = str(path)
     append_result(output_dir, record)
@@ -210,3 +211,31 @@ def run_evaluation(
     model, tokenizer = loaded
     result = evaluate_task(task, model, tokenizer, data_dir, **options)
     return record_result(output_dir, spec, task, result, time.time() - start)
+
+
+def run_custom_evaluation(
+    spec: ModelSpec,
+    target: str,
+    eval_file: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    loaded: tuple[Any, Any] | None = None,
+    chat_format: str = "tulu",
+    **options: Any,
+) -> EvalOutcome:
+    """Evaluates a custom target's held-out `eval_file` (exact match and F1) and records it as task `target`."""
+    from lessctl.evaluation.custom import evaluate_jsonl
+
+    if not Path(eval_file).is_file():
+        raise MissingArtifactError(f"{eval_file}: no such eval file for target '{target}'")
+    start = time.time()
+    if loaded is None:
+        from lessctl.models import load_model_for_eval
+
+        loaded = load_model_for_eval(spec.path, dtype=dtype, device=device)
+    model, tokenizer = loaded
+    result = evaluate_jsonl(model, tokenizer, eval_file, chat_format=chat_format, **options)
+    result = {"task": target, "metric": "exact_match", **result}
+    return record_result(output_dir, spec, target, result, time.time() - start)
