@@ -68,11 +68,13 @@ def tiny_template(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny")
     path = init_workspace(root, "tiny")
-    cfg = load_config(path, {"warmup.epochs": 2})
-    run_warmup(cfg, device="cpu")
-    # keep the 2-epoch setting in the file so that later commands see the same config
-    text = path.read_text().replace("epochs = 4\nlearning_rate = 0.002\nwarmup_ratio", "epochs = 2\nlearning_rate = 0.002\nwarmup_ratio", 1)
+    # a shorter warmup than the preset's (2 epochs on 25% of the pool), written into the file so that
+    # every later command sees the same config
+    text = path.read_text()
+    text = text.replace("[warmup]\npercentage = 0.5\nepochs = 4\n", "[warmup]\npercentage = 0.25\nepochs = 2\n", 1)
+    assert "percentage = 0.25\nepochs = 2" in text
     path.write_text(text)
+    run_warmup(load_config(path), device="cpu")
     return root
 
 

@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from lessctl.commands._common import err_console
-from lessctl.workspace import PRESETS
+from lessctl.workspace import EXTRA_PRESETS, PRESETS
 
 
 def init(
-    preset: Annotated[str, typer.Option("--preset", "-p", help=f"One of: {', '.join(PRESETS)}.")] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", "-p", help=f"One of: {', '.join(PRESETS + EXTRA_PRESETS)} (tiny-ir: --data-dir is a folder of BEIR collections).")] = "tiny",
     directory: Annotated[Path, typer.Option("--dir", "-d", help="Workspace folder (created if missing).")] = Path("."),
-    data_dir: Annotated[str, typer.Option("--data-dir", help="LESS-layout data folder for real presets.")] = "data",
+    data_dir: Annotated[str, typer.Option("--data-dir", help="LESS-layout data folder for real presets; BEIR folders for tiny-ir.")] = "data",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing lessctl.toml.")] = False,
 ) -> None:
     """Create lessctl.toml for a preset (tiny builds an offline model and synthetic data too)."""
