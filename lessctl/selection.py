@@ -232,6 +232,7 @@ class SelectionResult:
     n_selected: int
     total: int
     summary: dict
+    scored: Scored | None = None  # every pool row's score, unrounded (sorted.csv keeps 6 decimals)
 
 
 def run_match(
@@ -334,7 +335,7 @@ def run_match(
         **info, "seconds": round(time.time() - t0, 3),
     }
     _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary)
+    return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary, scored)
 
 
 def _sha(path: Path) -> str:
