@@ -1,0 +1,57 @@
+"""`lessctl doctor`: what this machine can run (GPU, TRAK, fast_jl) and how to fix what it cannot."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from lessctl.commands._common import JsonOpt, emit_json, err_console, print_table
+
+
+def doctor(
+    device: Annotated[Optional[str], typer.Option("--device", help="The GPU to check, e.g. cuda:1 (default: cuda).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when something is broken.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check the environment: torch, CUDA, the GPU, traker, and a known-answer test of fast_jl."""
+    from rich.markup import escape
+
+    from lessctl.doctor import run_doctor
+
+    rep = run_doctor(device)
+    if json_out:
+        emit_json(rep.to_dict())
+    else:
+        fj = rep.fast_jl
+        if fj.ok is None:
+            fj_text = ("imports; " if fj.imports else "") + fj.detail
+        else:
+            fj_text = "ok (known-answer test passed)" if fj.ok else f"BROKEN: {fj.detail}"
+        gpu = (f"{rep.gpu_name}, {rep.sm_count} SMs, sm_{(rep.gpu_capability or '').replace('.', '')}, {rep.gpu_memory_gib} GiB"
+               + (f" (x{rep.gpu_count})" if rep.gpu_count > 1 else "")) if rep.cuda_available else "none visible"
+        rows = [
+            ["python", rep.python],
+            ["lessctl", rep.lessctl],
+            ["torch", f"{rep.torch} (CUDA build {rep.torch_cuda_build or 'none'})"],
+            ["transformers / peft", f"{rep.transformers} / {rep.peft}"],
+            ["GPU", gpu],
+            ["bf16", "yes" if rep.bf16_supported else "no"],
+            ["traker", rep.traker_version if rep.traker else f"BROKEN: {rep.traker_error}"],
+            ["fast_jl", fj_text],
+            ["--projector auto", f"{rep.projector_auto} ({rep.projector_auto_reason})"],
+        ]
+        print_table("lessctl doctor", ["check", "result"], [[escape(str(c)) for c in r] for r in rows])
+        con = err_console()
+        for n in rep.notes:
+            con.print(f"note: {escape(n)}")
+        if rep.fast_jl_fix:
+            con.print(f"[yellow]fix: {escape(rep.fast_jl_fix)}")
+        if rep.problems:
+            con.print(f"[red]{len(rep.problems)} problem(s): " + escape("; ".join(rep.problems)))
+    if strict and rep.problems:
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("doctor", epilog="Example: lessctl doctor --json")(doctor)
