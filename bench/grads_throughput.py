@@ -4,7 +4,7 @@
 One run builds a random-weight Llama of a given shape with a LoRA adapter, synthetic Adam moments and
 synthetic examples, then times (a) a re-implementation of the authors' loop (LESS's `collect_grads`:
 one example per forward/backward, `.grad` vectorised, Adam transform, a projection every 16 examples
-with TRAK's CudaProjector) and (b) lessctl's path (`PerExampleGradients` over `token_batches`, `transform`,
+with TRAK's CudaProjector) and (b) lessctl's path (`lessctl.gradients.FeatureCollector`: batched gradients, in-place transform,
 lessctl's projectors), and checks both against fp32 ground truth. See bench/README.md.
 
     python bench/grads_throughput.py --shape tiny --examples 8 --dims 512 --projectors basic --fp32-check 4
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lessctl.gradients import AdamState, PerExampleGradients, naive_gradients, token_batches, transform
+from lessctl.gradients import AdamState, FeatureCollector, PerExampleGradients, naive_gradients, transform
 
 # Llama shapes. 7b and 13b are Llama-2's; 1b is TinyLlama-1.1B's (grouped-query attention).
 SHAPES: dict[str, dict[str, int]] = {
@@ -185,6 +185,7 @@ class PathRun:
     batch_log: list = field(default_factory=list)  # lessctl: per batch, its size, padded length and part times
     example_fwd_bwd_s: list = field(default_factory=list)  # baseline: forward/backward time per example
     pass_seconds: list = field(default_factory=list)  # with --repeats: every timed pass (the fastest is reported)
+    project_rows: int = 0  # lessctl: rows gathered per projector call
 
 
 # ----------------------------------------------------------------------------- projectors
@@ -290,51 +291,26 @@ def fastest(run_pass: Callable[[], PathRun], repeats: int) -> PathRun:
     return best
 
 
-def lessctl_batches(lengths: list[int], batch_tokens: int, max_examples: int | None) -> Iterator[list[int]]:
-    """lessctl's token_batches, each split further into at most `max_examples` examples when given."""
-    for b in token_batches(lengths, batch_tokens):
-        if not max_examples:
-            yield b
-            continue
-        for i in range(0, len(b), max_examples):
-            yield b[i : i + max_examples]
-
-
 def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dict[int, Any], device: torch.device,
                 batch_tokens: int, max_examples: int | None, keep_raw: bool = False) -> PathRun:
-    """lessctl's grads stage (collect.py) without the store: batched per-example gradients, transform, project."""
-    n = len(examples)
-    feats = {d: np.zeros((n, d), dtype=np.float32) for d in projectors}
-    raws = {d: np.zeros((n, d), dtype=np.float32) for d in projectors}
+    """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs."""
     peg = PerExampleGradients(model)
     run = PathRun()
     try:
         with PartTimer(device) as t:
-            for batch in lessctl_batches([len(e.ids) for e in examples], batch_tokens, max_examples):
-                run.batches += 1
-                T = max(len(examples[i].ids) for i in batch)
-                run.padded_tokens += len(batch) * T
-                before = dict(t.seconds)
-                with t.part("fwd_bwd"):
-                    g, _, _ = peg([examples[i].ids for i in batch], [examples[i].labels for i in batch], 0)
-                with t.part("transform"):
-                    f = transform(g, "adam", adam)
-                if keep_raw:
-                    for d, proj in projectors.items():
-                        raws[d][batch] = proj.project(g).cpu().numpy()
-                del g
-                with t.part("projection"):
-                    for d, proj in projectors.items():
-                        feats[d][batch] = proj.project(f).cpu().numpy()
-                del f
-                run.batch_log.append({"examples": len(batch), "tokens": T} | {
-                    k: round(t.seconds[k] - before.get(k, 0.0), 4) for k in ("fwd_bwd", "transform", "projection")})
+            collector = FeatureCollector(peg, projectors, "adam", adam, pad_id=0, batch_tokens=batch_tokens,
+                                         max_batch_examples=max_examples, timer=t, keep_raw=keep_raw)
+            got = collector([e.ids for e in examples], [e.labels for e in examples])
     finally:
         peg.remove()
     run.timer = t
-    run.features = {d: torch.from_numpy(v) for d, v in feats.items()}
+    run.batches = len(got.batches)
+    run.padded_tokens = sum(b * T for b, T in got.batches)
+    run.batch_log = [{"examples": b, "tokens": T} for b, T in got.batches]
+    run.features = {d: torch.from_numpy(v) for d, v in got.features.items()}
     if keep_raw:
-        run.raw = {d: torch.from_numpy(v) for d, v in raws.items()}
+        run.raw = {d: torch.from_numpy(v) for d, v in got.raw.items()}
+    run.project_rows = collector.project_rows
     return run
 
 

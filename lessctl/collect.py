@@ -145,7 +145,7 @@ def collect_gradients(
     """Computes and stores the features of every selected data set at every selected checkpoint."""
     import torch
 
-    from lessctl.gradients import PerExampleGradients, load_adam_state, token_batches, transform
+    from lessctl.gradients import FeatureCollector, PerExampleGradients, load_adam_state
     from lessctl.models import default_device, load_adapter_model
     from lessctl.projection import choose_projector_kind, make_projector
     from lessctl.store import StoreWriter, store_complete, store_path
@@ -189,6 +189,8 @@ def collect_gradients(
             if ds.grad_type == "adam" and adam is None:
                 adam = load_adam_state(ckpt, peg.params, device)
             enc = ds.encode(cfg, tok)
+            collector = FeatureCollector(peg, projectors, ds.grad_type, adam if ds.grad_type == "adam" else None,
+                                         pad_id=tok.pad_token_id, batch_tokens=batch_tokens)
             start, end = shard_rows(len(enc), shard)
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
             attrs = {
@@ -210,16 +212,9 @@ def collect_gradients(
                     progress(ds.name, step, done0, end - start)
                 while pos < end:
                     window = enc[pos : min(end, pos + FLUSH_ROWS)]
-                    feats = {d: np.zeros((len(window), d), dtype=np.float32) for d in dims}
-                    for batch in token_batches([len(e.input_ids) for e in window], batch_tokens):
-                        g, _, count = peg([window[i].input_ids for i in batch], [window[i].labels for i in batch], tok.pad_token_id)
-                        zero += int((count == 0).sum())
-                        f = transform(g, ds.grad_type, adam)
-                        del g
-                        for d in dims:
-                            feats[d][batch] = projectors[d].project(f).cpu().numpy()
-                        del f
-                    w.write(feats)
+                    got = collector([e.input_ids for e in window], [e.labels for e in window])
+                    zero += got.zero_label_rows
+                    w.write(got.features)
                     pos += len(window)
                     if progress:
                         progress(ds.name, step, pos - start, end - start)

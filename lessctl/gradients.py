@@ -179,19 +179,28 @@ def load_adam_state(ckpt_dir: Path, params: list[tuple[str, Any]], device) -> Ad
     return AdamState(torch.cat(m).to(device), torch.cat(v).to(device), float(b1), float(b2), float(g0.get("eps", 1e-8)))
 
 
-def transform(g, grad_type: str, adam: AdamState | None = None):
-    """LESS's features from raw gradients g [B, P]: adam (no bias correction, eps inside the sqrt), sgd, sign."""
+def transform(g, grad_type: str, adam: AdamState | None = None, inplace: bool = False):
+    """LESS's features from raw gradients g [B, P]: adam (no bias correction, eps inside the sqrt), sgd, sign.
+
+    With inplace=True the result overwrites g and the adam transform needs one extra [B, P] buffer
+    instead of five (at 7B shape a row is 0.5 GB).
+    """
     import torch
 
     if grad_type == "sgd":
         return g
     if grad_type == "sign":
-        return torch.sign(g)
+        return g.sign_() if inplace else torch.sign(g)
     if grad_type == "adam":
         assert adam is not None
-        m = adam.beta1 * adam.exp_avg + (1 - adam.beta1) * g
-        v = adam.beta2 * adam.exp_avg_sq + (1 - adam.beta2) * g * g
-        return m / torch.sqrt(v + adam.eps)
+        if not inplace:
+            m = adam.beta1 * adam.exp_avg + (1 - adam.beta1) * g
+            v = adam.beta2 * adam.exp_avg_sq + (1 - adam.beta2) * g * g
+            return m / torch.sqrt(v + adam.eps)
+        denom = g * g  # [B, P]: the one temporary
+        denom.mul_(1 - adam.beta2).add_(adam.exp_avg_sq, alpha=adam.beta2).add_(adam.eps).sqrt_()
+        g.mul_(1 - adam.beta1).add_(adam.exp_avg, alpha=adam.beta1).div_(denom)
+        return g
     raise InputError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
 
 
@@ -210,3 +219,110 @@ def token_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[in
         batch.append(i)
     if batch:
         yield batch
+
+
+def split_batches(lengths: Sequence[int], batch_tokens: int, max_examples: int | None = None) -> Iterator[list[int]]:
+    """token_batches, each cut further into at most `max_examples` examples."""
+    for b in token_batches(lengths, batch_tokens):
+        step = max_examples or len(b)
+        for i in range(0, len(b), step):
+            yield b[i : i + step]
+
+
+def auto_max_batch_examples(grad_dim: int, device) -> int | None:
+    """On a GPU: how many [P] float32 gradient rows (with the transform's temporary and the hooks' own
+    buffers, about 4 copies) fit in a quarter of the GPU's memory; on a CPU no cap."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return max(1, int(0.25 * total // (4 * 4 * grad_dim)))
+
+
+def auto_project_rows(projectors: dict, grad_dim: int, device) -> int:
+    """Rows to gather before one projection call: fast_jl costs the same for 2 rows as for its maximum,
+    and BasicProjector may regenerate its matrix on every call, so calls should be as full as memory allows."""
+    budget = (8 << 30) if str(device).startswith("cuda") else (1 << 30)
+    rows = max(1, budget // (2 * grad_dim))  # float16 rows
+    for p in projectors.values():
+        if getattr(p, "kind", "") == "cuda":
+            rows = min(rows, p.max_rows)
+    return int(rows)
+
+
+class _NullTimer:
+    def part(self, name: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Collected:
+    features: dict  # dim -> [n, D] float32 numpy (unnormalized projections)
+    zero_label_rows: int
+    batches: list  # (examples, padded length) per forward/backward
+    raw: dict | None = None  # dim -> [n, D]: projections of the raw gradients (keep_raw, for checks)
+
+
+class FeatureCollector:
+    """Features of many examples: batched gradients, the in-place transform, and projection in full calls.
+
+    Gradient rows are gathered (as float16, the projector's input) until `project_rows` are waiting, so
+    each projector call is as large as memory allows whatever the batch sizes.
+    """
+
+    def __init__(self, peg: PerExampleGradients, projectors: dict, grad_type: str, adam: AdamState | None = None, *,
+                 pad_id: int, batch_tokens: int, max_batch_examples: int | None = None,
+                 project_rows: int | None = None, timer=None, keep_raw: bool = False):
+        dev = peg.params[0][1].device
+        self.peg, self.projectors, self.grad_type, self.adam = peg, projectors, grad_type, adam
+        self.pad_id, self.batch_tokens = pad_id, batch_tokens
+        self.max_batch_examples = max_batch_examples if max_batch_examples is not None else auto_max_batch_examples(peg.grad_dim, dev)
+        self.project_rows = project_rows or auto_project_rows(projectors, peg.grad_dim, dev)
+        self.timer = timer or _NullTimer()
+        self.keep_raw = keep_raw
+
+    def __call__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Collected:
+        import numpy as np
+        import torch
+
+        n = len(seqs)
+        out = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors}
+        raw = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors} if self.keep_raw else None
+        pending: list[tuple[list[int], Any, Any]] = []
+        waiting = 0
+        zero = 0
+        log_batches = []
+
+        def flush() -> None:
+            nonlocal pending, waiting
+            if not pending:
+                return
+            rows = [i for pos, _, _ in pending for i in pos]
+            with self.timer.part("projection"):
+                x = torch.cat([f for _, f, _ in pending])
+                for d, proj in self.projectors.items():
+                    out[d][rows] = proj.project(x).float().cpu().numpy()
+                if raw is not None:
+                    xr = torch.cat([r for _, _, r in pending])
+                    for d, proj in self.projectors.items():
+                        raw[d][rows] = proj.project(xr).float().cpu().numpy()
+            pending, waiting = [], 0
+
+        for batch in split_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
+            with self.timer.part("fwd_bwd"):
+                g, _, count = self.peg([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id)
+            zero += int((count == 0).sum())
+            log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))
+            r16 = g.to(torch.float16) if raw is not None else None
+            with self.timer.part("transform"):
+                f16 = transform(g, self.grad_type, self.adam, inplace=True).to(torch.float16)
+            del g
+            pending.append((batch, f16, r16))
+            waiting += len(batch)
+            if waiting >= self.project_rows:
+                flush()
+        flush()
+        return Collected(out, zero, log_batches, raw)

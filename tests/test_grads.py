@@ -330,3 +330,31 @@ def test_grads_without_warmup_names_the_command(tmp_path, cli):
     res = cli("--config", tmp_path / "lessctl.toml", "grads")
     assert res.code == 2 and "lessctl warmup" in res.err
     assert load_config(tmp_path / "lessctl.toml").grads.dims == [128]
+
+
+def test_feature_collector_equals_per_batch_projection(tiny_template):
+    """Gathering rows across batches for larger projector calls changes nothing in the features."""
+    from lessctl.gradients import FeatureCollector
+    from lessctl.projection import TrakBasicProjector
+
+    model, tok = _model(tiny_template)
+    ckpt, _ = _checkpoint(tiny_template)
+    enc = _encoded(tiny_template, tok, 14)
+    seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    peg = PerExampleGradients(model)
+    adam = load_adam_state(ckpt, peg.params, "cpu")
+    proj = {64: TrakBasicProjector(peg.grad_dim, 64, "cpu")}
+    try:
+        small = FeatureCollector(peg, proj, "adam", adam, pad_id=tok.pad_token_id, batch_tokens=120, project_rows=1)(seqs, labels)
+        big = FeatureCollector(peg, proj, "adam", adam, pad_id=tok.pad_token_id, batch_tokens=120, project_rows=1000,
+                               max_batch_examples=3)(seqs, labels)
+        naive = naive_gradients(model, seqs, labels, tok.pad_token_id)
+    finally:
+        peg.remove()
+    assert len(small.batches) > 1 and all(b <= 3 for b, _ in big.batches)
+    np.testing.assert_allclose(small.features[64], big.features[64], rtol=1e-4, atol=1e-4)
+    expected = proj[64].project(transform(naive, "adam", adam)).numpy()
+    np.testing.assert_allclose(big.features[64], expected, rtol=1e-3, atol=1e-3)
+    # the in-place transform equals the out-of-place one
+    g = torch.randn(4, peg.grad_dim)
+    assert torch.allclose(transform(g.clone(), "adam", adam, inplace=True), transform(g, "adam", adam), atol=1e-6)
