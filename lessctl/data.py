@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,26 +44,33 @@ class Encoded:
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
+def iter_json_lines(path: str | Path, expected: str = "one JSON object a line") -> Iterator[tuple[int, str, dict]]:
+    """(1-based line number, raw line, object) for every non-blank line of a jsonl file.
+
+    A line that is not a JSON object is an InputError naming `file:line` and what was expected.
+    """
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); expected {expected}") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object per line ({expected})")
+            yield lineno, raw, obj
+
+
 def read_jsonl(path: str | Path) -> list[Record]:
-    """Reads a jsonl file, validating each record; a bad line is an InputError naming `file:line`."""
+    """Reads a jsonl data file, validating each record; a bad line is an InputError naming `file:line`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
     records: list[Record] = []
-    with open(path, encoding="utf-8") as fh:
-        for i, raw in enumerate(fh):
-            stripped = raw.strip()
-            if not stripped:
-                continue
-            where = f"{path}:{i + 1}"
-            try:
-                obj = json.loads(stripped)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object per line")
-            validate_example(obj, where)
-            records.append(Record(i, raw.rstrip("\n"), obj))
+    for lineno, raw, obj in iter_json_lines(path, 'one example a line, {"messages": [...]} or {"prompt", "completion"}'):
+        validate_example(obj, f"{path}:{lineno}")
+        records.append(Record(lineno - 1, raw.rstrip("\n"), obj))
     if not records:
         raise InputError(f"{path}: the file holds no examples")
     return records

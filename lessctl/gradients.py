@@ -42,7 +42,6 @@ def pad_batch(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pa
 
 def per_example_loss(logits, labels):
     """Mean next-token cross-entropy over each example's label tokens: [B] (0 where none)."""
-    import torch
     import torch.nn.functional as F
 
     shift_logits = logits[:, :-1].float()

@@ -70,17 +70,12 @@ class Collection:
 def _read_jsonl_objects(path: Path, what: str) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file; expected {LAYOUT}")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg}); expected one {what} a line") from None
-            if not isinstance(obj, dict) or "_id" not in obj:
-                raise InputError(f"{path}:{lineno}: expected a JSON object with an _id ({what})")
-            yield lineno, obj
+    from lessctl.data import iter_json_lines
+
+    for lineno, _, obj in iter_json_lines(path, f"one {what} a line"):
+        if "_id" not in obj:
+            raise InputError(f"{path}:{lineno}: expected a JSON object with an _id ({what})")
+        yield lineno, obj
 
 
 def _clean(text: str) -> str:

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from lessctl.errors import InputError, MissingArtifactError
+from lessctl.errors import MissingArtifactError
 
 RESULTS_FILE = "results.jsonl"
 
@@ -51,16 +51,6 @@ def read_results(output_dir: str | os.PathLike) -> list[dict]:
     path = results_path(output_dir)
     if not path.is_file():
         return []
-    out: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg}); expected one evaluation record a line") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: expected one JSON object (an evaluation record) a line")
-            out.append(rec)
-    return out
+    from lessctl.data import iter_json_lines
+
+    return [rec for _, _, rec in iter_json_lines(path, "one evaluation record a line")]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lessctl.data import join_prompt_completion
+from lessctl.data import iter_json_lines, join_prompt_completion
 from lessctl.errors import ConfigError, InputError
 
 BUILTIN_TARGETS = ("mmlu", "bbh", "tydiqa")
@@ -297,39 +297,30 @@ def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, t
     layout = 'one JSON object a line, {"messages": [...]} or {"prompt": ..., "completion": ...}, optional "' + key + '"'
     require_file(path, layout)
     out: list[TargetExample] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON ({exc.msg}); expected {layout}") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected {layout}")
-            subtask = rec.get(key)
-            subtask = name if subtask is None else str(subtask)
-            if "messages" in rec:
-                msgs = rec["messages"]
-                if (
-                    not isinstance(msgs, list)
-                    or not msgs
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
-                    or not all(m.get("role") in ("system", "user", "assistant") for m in msgs)
-                ):
-                    raise InputError(f"{where}: messages must be a list of {{role: system|user|assistant, content: str}}")
-                if msgs[-1]["role"] != "assistant":
-                    raise InputError(f"{where}: the last message must be the assistant's (the completion)")
-                prompt, completion = split_messages(msgs, chat_format, tokenizer)
-                out.append(TargetExample(prompt, completion, subtask))
-            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-                # The completion gets the space that training's join puts between the two sides.
-                prompt = rec["prompt"]
-                joined = join_prompt_completion(prompt, rec["completion"])
-                out.append(TargetExample(prompt, joined[len(prompt) :], subtask))
-            else:
-                raise InputError(f"{where}: expected {layout}")
+    for lineno, _, rec in iter_json_lines(path, layout):
+        where = f"{path}:{lineno}"
+        subtask = rec.get(key)
+        subtask = name if subtask is None else str(subtask)
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if (
+                not isinstance(msgs, list)
+                or not msgs
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
+                or not all(m.get("role") in ("system", "user", "assistant") for m in msgs)
+            ):
+                raise InputError(f"{where}: messages must be a list of {{role: system|user|assistant, content: str}}")
+            if msgs[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message must be the assistant's (the completion)")
+            prompt, completion = split_messages(msgs, chat_format, tokenizer)
+            out.append(TargetExample(prompt, completion, subtask))
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+            # The completion gets the space that training's join puts between the two sides.
+            prompt = rec["prompt"]
+            joined = join_prompt_completion(prompt, rec["completion"])
+            out.append(TargetExample(prompt, joined[len(prompt) :], subtask))
+        else:
+            raise InputError(f"{where}: expected {layout}")
     if not out:
         raise InputError(f"{path}: no examples; expected {layout}")
     return out

@@ -41,7 +41,7 @@ def tiny_model(tiny_template) -> Path:
 
 
 BAD_LINES = [
-    ('{"messages": [{"role": "user", "content": "hi"}, ', "malformed JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}, ', "invalid JSON"),
     ('{"id": "x1", "text": "no messages here"}', "expected 'messages' or 'prompt' and 'completion'"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}',
      "messages[1] has unknown role 'robot'"),
@@ -64,7 +64,7 @@ def test_bad_line_in_the_second_file(tmp_path, cli, tiny_model):
     (tmp_path / "a.jsonl").write_text(GOOD + "\n")
     (tmp_path / "b.jsonl").write_text(f"{GOOD}\n{{oops\n")
     cfg = workspace(tmp_path, tiny_model, {"a": "a.jsonl", "b": "b.jsonl"})
-    assert_user_error(cli("--config", cfg, "warmup", "--device", "cpu"), f"{tmp_path / 'b.jsonl'}:2:", "malformed JSON")
+    assert_user_error(cli("--config", cfg, "warmup", "--device", "cpu"), f"{tmp_path / 'b.jsonl'}:2:", "invalid JSON")
 
 
 def test_missing_training_file(tmp_path, cli, tiny_model):

@@ -246,7 +246,7 @@ def test_unknown_chat_format(tok):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ('{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}', "invalid JSON"),
         ('{"id": 7}', "expected 'messages' or 'prompt' and 'completion'"),
         ('{"messages": []}', "'messages' must be a non-empty list"),
         ('{"messages": [{"role": "bot", "content": "hi"}]}', "messages[0] has unknown role 'bot'"),

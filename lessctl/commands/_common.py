@@ -104,6 +104,19 @@ class ProgressBar:
         self._progress.console.print(message)
 
 
+class BarCallback:
+    """The core's progress callback protocol (call with an advance; set_total(n)) drawn on a ProgressBar."""
+
+    def __init__(self, bar: ProgressBar):
+        self._bar = bar
+
+    def __call__(self, n: int) -> None:
+        self._bar.update(advance=n)
+
+    def set_total(self, n: int) -> None:
+        self._bar.update(completed=0, total=n)
+
+
 # ----------------------------------------------------------------------------- shell completion
 # Each returns the candidates that start with what was typed, read from the current workspace; they
 # never raise (a shell completion must not print errors).

@@ -7,22 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
+from lessctl.commands._common import BarCallback, JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
 
 COLUMNS = ["model", "method", "target", "task", "metric", "score", "n", "seconds"]
-
-
-class _BarCallback:
-    """The core's progress callback (advance, set_total) drawn on a ProgressBar."""
-
-    def __init__(self, bar: ProgressBar):
-        self._bar = bar
-
-    def __call__(self, n: int) -> None:
-        self._bar.update(advance=n)
-
-    def set_total(self, n: int) -> None:
-        self._bar.update(completed=0, total=n)
 
 
 def eval_(
@@ -76,7 +63,7 @@ def eval_(
             extra = {"examples_per_task": cfg.eval.bbh_examples_per_task or None} if t == "bbh" else {}
             with ProgressBar(f"{t} {spec.name}", unit="examples", quiet=json_out) as bar:
                 outcome = run_evaluation(
-                    spec, t, data, cfg.output_dir, loaded=loaded, progress=_BarCallback(bar), **options, **extra
+                    spec, t, data, cfg.output_dir, loaded=loaded, progress=BarCallback(bar), **options, **extra
                 )
             records.append(outcome.record)
             if not json_out:

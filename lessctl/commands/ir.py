@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import STATE, JsonOpt, ProgressBar, emit_json, err_console, print_table
+from lessctl.commands._common import BarCallback, STATE, JsonOpt, ProgressBar, emit_json, err_console, print_table
 
 app = typer.Typer(
     help="Information retrieval: BEIR data as listwise reranking examples, and NDCG@5/MRR@5 of rerankers.",
@@ -103,7 +103,7 @@ def eval_(
     for spec in specs:
         label = spec.name if spec else "bm25"
         with ProgressBar(f"ir {label}", unit="queries", quiet=json_out) as bar:
-            progress = None if spec is None else _BarCallback(bar)
+            progress = None if spec is None else BarCallback(bar)
             outcome = run_ir_evaluation(spec, dataset, cfg.output_dir, dtype=cfg.model.dtype, device=device,
                                         **options, **({"progress": progress} if progress else {}))
         records.append(outcome.record)
@@ -118,19 +118,6 @@ def eval_(
                 [[r["model"], r.get("method"), r.get("target"), r["task"], f"{r['metrics']['ndcg@5']:.2f}",
                   f"{r['metrics']['mrr@5']:.2f}",
                   f"{r['metrics']['malformed']} ({r['metrics']['malformed_rate']:.1f}%)", r["n"]] for r in records])
-
-
-class _BarCallback:
-    """The harness's progress callback (advance, set_total) drawn on a ProgressBar."""
-
-    def __init__(self, bar: ProgressBar):
-        self._bar = bar
-
-    def __call__(self, n: int) -> None:
-        self._bar.update(advance=n)
-
-    def set_total(self, n: int) -> None:
-        self._bar.update(completed=0, total=n)
 
 
 app.command(

@@ -9,7 +9,6 @@ the averages. Scores are fractions here; results report percentages like the oth
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -122,30 +121,25 @@ def read_eval_file(path: str | Path) -> list[dict]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path}: no such file; expected {EVAL_LAYOUT} (make it with `lessctl ir prepare`)")
+    from lessctl.data import iter_json_lines
+
     out: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON ({exc.msg}); expected {EVAL_LAYOUT}") from None
-            try:
-                msgs, cands = rec["messages"], rec["candidates"]
-                ok = (
-                    isinstance(msgs, list) and msgs and msgs[-1]["role"] == "assistant"
-                    and all(isinstance(m["content"], str) for m in msgs)
-                    and isinstance(cands, list) and cands
-                    and all(isinstance(c["label"], str) and isinstance(c["grade"], (int, float))
-                            and isinstance(c["bm25_rank"], int) for c in cands)
-                )
-            except (KeyError, TypeError, IndexError):
-                ok = False
-            if not ok:
-                raise InputError(f"{where}: expected {EVAL_LAYOUT}")
-            out.append(rec)
+    for lineno, _, rec in iter_json_lines(path, EVAL_LAYOUT):
+        where = f"{path}:{lineno}"
+        try:
+            msgs, cands = rec["messages"], rec["candidates"]
+            ok = (
+                isinstance(msgs, list) and msgs and msgs[-1]["role"] == "assistant"
+                and all(isinstance(m["content"], str) for m in msgs)
+                and isinstance(cands, list) and cands
+                and all(isinstance(c["label"], str) and isinstance(c["grade"], (int, float))
+                        and isinstance(c["bm25_rank"], int) for c in cands)
+            )
+        except (KeyError, TypeError, IndexError):
+            ok = False
+        if not ok:
+            raise InputError(f"{where}: expected {EVAL_LAYOUT}")
+        out.append(rec)
     if not out:
         raise InputError(f"{path}: no examples; expected {EVAL_LAYOUT}")
     return out
