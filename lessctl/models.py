@@ -14,6 +14,16 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def quiet_hf() -> None:
+    """Keeps transformers' own progress bars and a peft deprecation warning off our stderr (we draw our own)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def default_device() -> str:
     import torch
 
@@ -50,6 +60,7 @@ def load_tokenizer(name_or_path: str | Path):
     """The tokenizer, with a pad token added when it has none (as LESS does)."""
     from transformers import AutoTokenizer
 
+    quiet_hf()
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as exc:
@@ -63,6 +74,7 @@ def load_base_model(name_or_path: str | Path, dtype: str = "auto", device: str |
     """A causal LM on `device`, embeddings resized when the tokenizer gained tokens."""
     from transformers import AutoModelForCausalLM
 
+    quiet_hf()
     device = device or default_device()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype, device))

@@ -144,6 +144,9 @@ def build_tiny_model(out_dir: Path, texts: list[str], seed: int = 0, hidden_size
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lessctl.models import quiet_hf
+
+    quiet_hf()
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(texts, out_dir)
     torch.manual_seed(seed)
