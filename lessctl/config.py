@@ -80,7 +80,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class GradsConfig:
     dims: list = _f([8192], "Projection dimensions.")
-    projector: str = _f("auto", "Projector: auto (cuda on a GPU with fast_jl, else basic), cuda or basic.")
+    projector: str = _f("auto", "Projector: auto (cuda on a GPU with fast_jl, else basic), cuda, basic, or sketch (a count sketch: much cheaper, not LESS's matrix).")
     batch_tokens: int = _f(8192, "Token budget of one batch of per-example gradients.")
     block_size: int = _f(128, "BasicProjector block size (LESS uses 128).")
     projection_seed: int = _f(0, "Seed of the random projection (LESS uses 0).")
@@ -218,8 +218,8 @@ def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
         problems.append(f"{where}select.percentage: must be in (0, 1], got {cfg.select.percentage}")
     if cfg.select.method not in ("less", "random", "bm25"):
         problems.append(f"{where}select.method: expected less, random or bm25, got {cfg.select.method!r}")
-    if cfg.grads.projector not in ("auto", "cuda", "basic"):
-        problems.append(f"{where}grads.projector: expected auto, cuda or basic, got {cfg.grads.projector!r}")
+    if cfg.grads.projector not in ("auto", "cuda", "basic", "sketch"):
+        problems.append(f"{where}grads.projector: expected auto, cuda, basic or sketch, got {cfg.grads.projector!r}")
     if not cfg.grads.dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in cfg.grads.dims):
         problems.append(f"{where}grads.dims: expected a list of positive integers, got {cfg.grads.dims!r}")
     for name, path in cfg.data.train.items():

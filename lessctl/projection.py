@@ -143,10 +143,46 @@ class TrakCudaProjector(Projector):
         return {**super().attrs, "dtype": "float16", "sm_count": int(self.sm_count)}
 
 
+class CountSketchProjector(Projector):
+    """A sparse JL projection (count sketch): parameter j adds s_j * x_j to output h_j.
+
+    h_j (uniform in [0, D)) and s_j (+-1) come from a seeded CPU generator in fixed chunks, so the sketch
+    is the same on every device and GPU model. One row costs O(P) additions instead of O(P x D)
+    multiply-adds; it is not LESS's projection, so its selection quality is measured separately
+    (bench/projection_quality.py) and stores made with it are never matched against Rademacher ones.
+    """
+
+    kind = "sketch"
+    CHUNK = 1 << 24  # parameters per hash chunk (and per index_add_ call)
+
+    def __init__(self, grad_dim, dim, device, seed=0, model_id=0):
+        import torch
+
+        super().__init__(grad_dim, dim, device, seed, model_id)
+        self.chunks = []  # [(start, bucket [n] int64, sign [n] float32)] on the device
+        for i, start in enumerate(range(0, grad_dim, self.CHUNK)):
+            n = min(self.CHUNK, grad_dim - start)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * i + 100_000 * model_id)
+            bucket = torch.randint(0, dim, (n,), generator=gen)
+            sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8)
+            self.chunks.append((start, bucket.to(device), (sign.to(device).float() * 2 - 1)))
+
+    def project(self, x):
+        import torch
+
+        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32, device=x.device)
+        for start, bucket, sign in self.chunks:
+            out.index_add_(1, bucket, x[:, start : start + len(bucket)].float() * sign)
+        return out
+
+
+PROJECTOR_KINDS = ("auto", "cuda", "basic", "sketch")
+
+
 def choose_projector_kind(kind: str, device: Any, dims: list[int] | None = None) -> tuple[str, str]:
     """Resolves `auto` to cuda or basic and says why."""
-    if kind not in ("auto", "cuda", "basic"):
-        raise ConfigError(f"--projector: expected auto, cuda or basic, got {kind!r}")
+    if kind not in PROJECTOR_KINDS:
+        raise ConfigError(f"--projector: expected one of {', '.join(PROJECTOR_KINDS)}, got {kind!r}")
     if kind != "auto":
         return kind, "requested"
     if not str(device).startswith("cuda"):
@@ -166,6 +202,8 @@ def make_projector(kind: str, grad_dim: int, dim: int, device: Any, *, seed: int
         return TrakCudaProjector(grad_dim, dim, device, seed=seed)
     if kind == "basic":
         return TrakBasicProjector(grad_dim, dim, device, seed=seed, block_size=block_size, dtype=dtype)
+    if kind == "sketch":
+        return CountSketchProjector(grad_dim, dim, device, seed=seed)
     raise ConfigError(f"--projector: unknown projector {kind!r}")
 
 

@@ -358,3 +358,33 @@ def test_feature_collector_equals_per_batch_projection(tiny_template):
     # the in-place transform equals the out-of-place one
     g = torch.randn(4, peg.grad_dim)
     assert torch.allclose(transform(g.clone(), "adam", adam, inplace=True), transform(g, "adam", adam), atol=1e-6)
+
+
+def test_count_sketch_equals_its_dense_matrix_and_is_deterministic(monkeypatch):
+    from lessctl.projection import CountSketchProjector, make_projector
+
+    monkeypatch.setattr(CountSketchProjector, "CHUNK", 700)  # several hash chunks
+    p = make_projector("sketch", 2000, 64, "cpu", seed=5)
+    assert len(p.chunks) == 3 and p.attrs["kind"] == "sketch" and p.attrs["seed"] == 5
+    dense = torch.zeros(2000, 64)
+    for start, bucket, sign in p.chunks:
+        dense[torch.arange(start, start + len(bucket)), bucket] = sign
+    assert (dense.abs().sum(1) == 1).all()  # one +-1 per parameter
+    x = torch.randn(6, 2000)
+    torch.testing.assert_close(p.project(x), x @ dense, rtol=1e-5, atol=1e-5)
+    again = make_projector("sketch", 2000, 64, "cpu", seed=5)
+    assert torch.equal(p.project(x), again.project(x))
+    other = make_projector("sketch", 2000, 64, "cpu", seed=6)
+    assert not torch.equal(p.project(x), other.project(x))
+
+
+def test_sketch_stores_are_recorded_and_not_matched_with_rademacher(tiny_grads_ws, cli):
+    ws = tiny_grads_ws
+    step = json.loads((ws / "out" / "warmup" / "checkpoints.json").read_text())[0]["step"]
+    res = cli("--config", ws / "lessctl.toml", "grads", "--ckpt", str(step), "--target", "sorting", "--dims", "64", "128",
+              "--projector", "sketch", "--force", "--json")
+    assert res.code == 0, res
+    with open_store(ws / "out" / "grads", "sorting", step, "sgd") as r:
+        assert r.projector["kind"] == "sketch"
+    res = cli("--config", ws / "lessctl.toml", "match", "--target", "sorting")
+    assert res.code == 2 and "projected differently" in res.err
