@@ -93,7 +93,7 @@ def make_examples(n: int, vocab: int, seed: int, mean_len: float, min_len: int, 
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int, r: int, alpha: int,
-                dropout: float, lora_b_std: float):
+                dropout: float, lora_b_std: float, adapter_dtype: torch.dtype | None = None):
     """A random-weight Llama created directly on `device` in `dtype`, with a LoRA adapter (peft) on q/k/v/o.
 
     peft keeps the adapter weights in float32 (autocast_adapter_dtype), as lessctl's loader does.
@@ -115,6 +115,10 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int,
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0.0, lora_b_std, generator=gen)
+        if adapter_dtype is not None:  # e.g. bf16 adapters, as peft made them before autocast_adapter_dtype
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.to(adapter_dtype)
     model.eval()  # LESS takes gradients without dropout
     return model.to(device)
 
@@ -421,6 +425,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="split lessctl's batches to at most this many examples (0: never; auto: what the [B, P] "
                          "gradient and transform buffers leave room for on a GPU, never on a CPU)")
     ap.add_argument("--oom-retries", type=int, default=3, help="on a GPU out-of-memory in lessctl's path, halve --batch-tokens and retry")
+    ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="LoRA weights' dtype: peft keeps them in float32 by default; bfloat16 as older peft (and LESS's runs) did")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (the float32 LoRA path)")
     ap.add_argument("--basic-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)")
     ap.add_argument("--warmup", type=int, default=4, help="untimed examples run through each path first")
@@ -483,7 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model, moments, examples
     t0 = time.perf_counter()
     log(f"building the {args.shape} model on {device} in {dtype}")
-    model = build_model(args.shape, device, dtype, args.seed, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_b_std)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    adapter_dtype = None if args.adapter_dtype == "float32" else getattr(torch, args.adapter_dtype)
+    model = build_model(args.shape, device, dtype, args.seed, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_b_std,
+                        adapter_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     counts = count_params(model)
