@@ -141,6 +141,13 @@ class Config:
         q = Path(os.path.expanduser(str(p)))
         return q if q.is_absolute() else (self.root / q)
 
+    def model_ref(self, name_or_path: str | None = None) -> str:
+        """A model as the loaders take it: the absolute path of a local folder (relative paths are
+        relative to the workspace), else the name as given (a hub name). Default: [model] name_or_path."""
+        name = name_or_path or self.model.name_or_path
+        local = self.resolve(name)
+        return str(local.resolve()) if local.exists() else name
+
     @property
     def output_dir(self) -> Path:
         return self.resolve(self.experiment.output_dir)

@@ -89,7 +89,7 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
                                         max_new_tokens=24, batch_size=12).result
         return {"exact_match": round(res["exact_match"], 2), "f1": round(res["f1"], 2)}
 
-    base = str(cfg.resolve(cfg.model.name_or_path))
+    base = cfg.model_ref()
     for target, entry in report["targets"].items():
         say(f"evaluate: base model on {target}")
         entry["base"] = evaluate(ModelSpec("base", base), target)

@@ -169,8 +169,7 @@ def train_lora(
 
     device = device or default_device()
     t0 = time.time()
-    base = base_model or cfg.model.name_or_path
-    base = str(cfg.resolve(base)) if cfg.resolve(base).exists() else base
+    base = cfg.model_ref(base_model)
     tok = load_tokenizer(base)
     examples, counts = build_training_set(
         train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, cfg.experiment.seed
@@ -290,18 +289,12 @@ def run_finetune(
         cfg, cfg.finetune, {Path(train_file).stem: Path(train_file)}, out,
         base_model=base_model, save_each_epoch=False, resume=False, device=device, on_log=on_log,
     )
-    base, selector = _model_ref(cfg, base_model or cfg.model.name_or_path), _model_ref(cfg, cfg.model.name_or_path)
+    base, selector = cfg.model_ref(base_model), cfg.model_ref()
     _write_run_file(out, cfg, {
         "kind": "finetune", "train_file": str(train_file), "base_model": base, "selection_model": selector,
         "transfer": base != selector, "counts": res.counts, "seconds": res.seconds, **(meta or {}),
     })
     return res
-
-
-def _model_ref(cfg: Config, name_or_path: str) -> str:
-    """A model as train_lora loads it: the absolute path of a local folder, else the hub name."""
-    local = cfg.resolve(name_or_path)
-    return str(local.resolve()) if local.exists() else name_or_path
 
 
 def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:

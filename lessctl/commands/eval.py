@@ -24,7 +24,7 @@ def eval_(
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
     from lessctl.errors import ConfigError
-    from lessctl.evaluation import TASKS, check_data, describe_model, finetuned_models, run_evaluation
+    from lessctl.evaluation import TASKS, check_data, models_to_evaluate, run_evaluation
     from lessctl.models import load_model_for_eval
 
     tasks = list(dict.fromkeys(task or []))
@@ -41,16 +41,7 @@ def eval_(
         "eval.bbh_examples_per_task": examples_per_task,
     })
     data = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
-    base_local = cfg.resolve(cfg.model.name_or_path)
-    base_path = str(base_local) if base_local.exists() else cfg.model.name_or_path  # else a hub name
-    if model is None:
-        specs = finetuned_models(cfg.output_dir)
-    elif model == "base":
-        specs = [describe_model("base", base_model=base_path)]
-    else:
-        local = Path(model).expanduser()
-        path = str(local.resolve()) if local.exists() else model
-        specs = [describe_model(path, output_dir=cfg.output_dir, base_model=base_path)]
+    specs = models_to_evaluate(model, cfg.output_dir, cfg.model_ref())
 
     for t in tasks:  # a missing data file stops us before any model is loaded
         check_data(t, data)

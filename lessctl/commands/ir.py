@@ -70,7 +70,7 @@ def eval_(
     """Rerank the eval queries' candidates with a model (or BM25): NDCG@5, MRR@5 and malformed answers."""
     from lessctl.config import load_config
     from lessctl.errors import ConfigError
-    from lessctl.evaluation import describe_model, finetuned_models
+    from lessctl.evaluation import models_to_evaluate
     from lessctl.evaluation.ir import read_eval_file, run_ir_evaluation
 
     if bm25 and model is not None:
@@ -87,16 +87,7 @@ def eval_(
     if bm25:
         specs = [None]
     else:
-        base_local = cfg.resolve(cfg.model.name_or_path)
-        base_path = str(base_local) if base_local.exists() else cfg.model.name_or_path
-        if model is None:
-            specs = finetuned_models(cfg.output_dir)
-        elif model == "base":
-            specs = [describe_model("base", base_model=base_path)]
-        else:
-            local = Path(model).expanduser()
-            path = str(local.resolve()) if local.exists() else model
-            specs = [describe_model(path, output_dir=cfg.output_dir, base_model=base_path)]
+        specs = models_to_evaluate(model, cfg.output_dir, cfg.model_ref())
         options.update(batch_size=cfg.eval.batch_size, max_new_tokens=max_new_tokens, chat_format=cfg.model.chat_format)
     records = []
     con = err_console()

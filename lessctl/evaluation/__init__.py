@@ -136,7 +136,25 @@ def finetuned_models(output_dir: str | Path) -> list[ModelSpec]:
     return [describe_model(p, output_dir=output_dir) for p in folders]
 
 
+def models_to_evaluate(model: str | None, output_dir: str | Path, base_model: str) -> list[ModelSpec]:
+    """What `--model` names: every finetuned model (None), the workspace's base model ('base'), or a folder."""
+    if model is None:
+        return finetuned_models(output_dir)
+    if model == BASE_NAME:
+        return [describe_model(BASE_NAME, base_model=base_model)]
+    local = Path(model).expanduser()
+    path = str(local.resolve()) if local.exists() else model
+    return [describe_model(path, output_dir=output_dir, base_model=base_model)]
+
+
 # ---------------------------------------------------------------------------------------------- runs
+
+
+def load_for_eval(spec: ModelSpec, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of `spec`, an adapter merged into its base."""
+    from lessctl.models import load_model_for_eval
+
+    return load_model_for_eval(spec.path, dtype=dtype, device=device)
 
 
 @dataclass
@@ -204,11 +222,7 @@ def run_evaluation(
     """
     check_data(task, data_dir)
     start = time.time()
-    if loaded is None:
-        from lessctl.models import load_model_for_eval
-
-        loaded = load_model_for_eval(spec.path, dtype=dtype, device=device)
-    model, tokenizer = loaded
+    model, tokenizer = loaded or load_for_eval(spec, dtype, device)
     result = evaluate_task(task, model, tokenizer, data_dir, **options)
     return record_result(output_dir, spec, task, result, time.time() - start)
 
@@ -231,11 +245,7 @@ def run_custom_evaluation(
     if not Path(eval_file).is_file():
         raise MissingArtifactError(f"{eval_file}: no such eval file for target '{target}'")
     start = time.time()
-    if loaded is None:
-        from lessctl.models import load_model_for_eval
-
-        loaded = load_model_for_eval(spec.path, dtype=dtype, device=device)
-    model, tokenizer = loaded
+    model, tokenizer = loaded or load_for_eval(spec, dtype, device)
     result = evaluate_jsonl(model, tokenizer, eval_file, chat_format=chat_format, **options)
     result = {"task": target, "metric": "exact_match", **result}
     return record_result(output_dir, spec, target, result, time.time() - start)

@@ -310,10 +310,8 @@ def run_ir_evaluation(
         spec = ModelSpec(BM25_MODEL, "", None, None)
         result = evaluate_bm25(dataset, limit=options.get("limit"))
     else:
-        if loaded is None:
-            from lessctl.models import load_model_for_eval
+        from lessctl.evaluation import load_for_eval
 
-            loaded = load_model_for_eval(spec.path, dtype=dtype, device=device)
-        model, tokenizer = loaded
+        model, tokenizer = loaded or load_for_eval(spec, dtype, device)
         result = evaluate_ir(model, tokenizer, dataset, **options)
     return record_ir_result(output_dir, spec, result, time.time() - start)
