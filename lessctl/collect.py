@@ -163,8 +163,8 @@ def collect_gradients(
         announce(f"projector: {kind} ({why})")
     grads_dir = cfg.output_dir / "grads"
     grads_dir.mkdir(parents=True, exist_ok=True)
-    base = str(cfg.resolve(cfg.model.name_or_path)) if cfg.resolve(cfg.model.name_or_path).exists() else cfg.model.name_or_path
-    hashes = {ds.name: source_sha256(ds.files) for ds in sets}
+    base = cfg.model_ref()
+    hashes: dict[str, str] = {}  # computed only for stores that get written, once per run
     projectors: dict[int, Any] = {}
     results: list[StoreResult] = []
 
@@ -193,6 +193,8 @@ def collect_gradients(
                                          pad_id=tok.pad_token_id, batch_tokens=batch_tokens)
             start, end = shard_rows(len(enc), shard)
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
+            if ds.name not in hashes:
+                hashes[ds.name] = source_sha256(ds.files)
             attrs = {
                 "base_model": str(base), "checkpoint": str(ckpt), "step": step, "grad_type": ds.grad_type,
                 "source": ";".join(str(f) for f in ds.files), "source_sha256": hashes[ds.name], "role": ds.role,
