@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -216,12 +216,6 @@ def encode_record(rec: Record, tokenizer: Any, max_len: int, chat_format: str = 
     else:
         ids, labels = encode_prompt_completion(obj["prompt"], obj["completion"], tokenizer, max_len)
     return Encoded(ids, labels, rec.line, source)
-
-
-def encode_records(
-    records: Iterable[Record], tokenizer: Any, max_len: int, chat_format: str = "tulu", source: str = ""
-) -> list[Encoded]:
-    return [encode_record(r, tokenizer, max_len, chat_format, source) for r in records]
 
 
 def example_text(obj: dict) -> str:

@@ -251,6 +251,7 @@ def run_match(
 ) -> SelectionResult:
     """Scores the pool for one target with one method and writes selected/<target>/<method>/."""
     from lessctl.data import example_text, read_jsonl
+    from lessctl.store import sha256_file
     from lessctl.training import read_checkpoints
 
     if method not in METHODS:
@@ -293,7 +294,7 @@ def run_match(
                 if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
                     raise InputError(f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
                                      f"the file changed: recompute with `lessctl grads --train {n} --force`")
-                sha = _sha(files[n])
+                sha = sha256_file(files[n])
                 if rs[0].attrs.get("source_sha256") != sha:
                     raise InputError(f"{files[n]} changed since its gradient store was written; recompute with `lessctl grads --train {n} --force`")
             if target_readers[0].n_rows != len(subtasks):
@@ -336,12 +337,6 @@ def run_match(
     }
     _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary, scored)
-
-
-def _sha(path: Path) -> str:
-    from lessctl.store import sha256_file
-
-    return sha256_file(path)
 
 
 def _sorted_csv(scored: Scored, order: np.ndarray) -> str:

@@ -121,9 +121,6 @@ class BarCallback:
 # Each returns the candidates that start with what was typed, read from the current workspace; they
 # never raise (a shell completion must not print errors).
 
-STAGES = ("warmup", "grads", "match", "finetune", "eval")
-
-
 def _quiet_config():
     try:
         return load_config()
@@ -155,6 +152,8 @@ def complete_targets(incomplete: str) -> list[str]:
 
 
 def complete_stages(incomplete: str) -> list[str]:
+    from lessctl.pipeline import STAGES
+
     return [s for s in STAGES if s.startswith(incomplete)]
 
 
