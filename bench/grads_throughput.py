@@ -52,7 +52,7 @@ FLOPS_NOTE = (
     "and a backward through the frozen base for input gradients only (2N); attention scores, the LoRA "
     "matmuls, per-example gradient assembly, padding, the Adam transform and the projection are not counted"
 )
-PARTS = ("fwd_bwd", "transform", "projection", "other")
+PARTS = ("fwd_bwd", "assemble", "transform", "projection", "other")
 
 
 def log(msg: str) -> None:
@@ -145,13 +145,18 @@ def count_params(model) -> dict[str, int]:
 
 
 class PartTimer:
-    """Wall time per part; each part ends with a CUDA synchronisation so the time lands where the work is."""
+    """Wall time per part; each part ends with a CUDA synchronisation so the time lands where the work is.
+
+    `gpu_part` times work queued inside another part (lessctl's per-example products and transform run in
+    the backward's hooks) with CUDA events, without synchronising; its time is moved out of the enclosing part.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
         self.start = 0.0
         self.total = 0.0
+        self.pending: list = []  # (name, start event, end event) or (name, seconds)
 
     def sync(self) -> None:
         if self.cuda:
@@ -164,7 +169,33 @@ class PartTimer:
             yield
         finally:
             self.sync()
-            self.seconds[name] += time.perf_counter() - t0
+            self.seconds[name] += time.perf_counter() - t0 - self._collect()
+
+    @contextlib.contextmanager
+    def gpu_part(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            try:
+                yield
+            finally:
+                e.record()
+                self.pending.append((name, s, e))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.pending.append((name, time.perf_counter() - t0))
+
+    def _collect(self) -> float:
+        total = 0.0
+        for item in self.pending:
+            secs = item[1].elapsed_time(item[2]) / 1000 if len(item) == 3 else item[1]
+            self.seconds[item[0]] += secs
+            total += secs
+        self.pending = []
+        return total
 
     def __enter__(self) -> "PartTimer":
         self.sync()
@@ -190,6 +221,7 @@ class PathRun:
     example_fwd_bwd_s: list = field(default_factory=list)  # baseline: forward/backward time per example
     pass_seconds: list = field(default_factory=list)  # with --repeats: every timed pass (the fastest is reported)
     project_rows: int = 0  # lessctl: rows gathered per projector call
+    max_batch_examples: int | None = None  # lessctl: the cap on examples per batch it used
 
 
 # ----------------------------------------------------------------------------- projectors
@@ -296,9 +328,9 @@ def fastest(run_pass: Callable[[], PathRun], repeats: int) -> PathRun:
 
 
 def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dict[int, Any], device: torch.device,
-                batch_tokens: int, max_examples: int | None, keep_raw: bool = False) -> PathRun:
+                batch_tokens: int, max_examples: int | None, keep_raw: bool = False, merge: bool = False) -> PathRun:
     """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs."""
-    peg = PerExampleGradients(model)
+    peg = PerExampleGradients(model, merge=merge)
     run = PathRun()
     try:
         with PartTimer(device) as t:
@@ -315,6 +347,7 @@ def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dic
     if keep_raw:
         run.raw = {d: torch.from_numpy(v) for d, v in got.raw.items()}
     run.project_rows = collector.project_rows
+    run.max_batch_examples = collector.max_batch_examples
     return run
 
 
@@ -373,19 +406,19 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def print_table(report: dict) -> None:
-    rows = [["path", "projector", "ex/s", "x base", "fwd/bwd", "adam", "proj", "other", "MFU", "peak GiB",
+    rows = [["path", "projector", "ex/s", "x base", "fwd/bwd", "assemble", "adam", "proj", "other", "MFU", "peak GiB",
              "cos adam med/min", "cos sgd med/min"]]
     dim = str(report["settings"]["dims"][0])
     for p in report["paths"]:
         if p.get("error"):
-            rows.append([p["path"], p["projector"], "FAILED", "", "", "", "", "", "", "", p["error"][:60], ""])
+            rows.append([p["path"], p["projector"], "FAILED", "", "", "", "", "", "", "", "", p["error"][:60], ""])
             continue
         sh = p["shares"]
         cos = p.get("cosine", {}).get(dim, {})
         ca, cs = cos.get("adam", {}), cos.get("sgd", {})
         rows.append([
             p["path"], p["projector"].split(" (")[0], fmt(p["examples_per_s"]), fmt(p.get("ratio_to_baseline"), ".1f"),
-            fmt(sh["fwd_bwd"], ".0%"), fmt(sh["transform"], ".0%"), fmt(sh["projection"], ".0%"), fmt(sh["other"], ".0%"),
+            fmt(sh["fwd_bwd"], ".0%"), fmt(sh["assemble"], ".0%"), fmt(sh["transform"], ".0%"), fmt(sh["projection"], ".0%"), fmt(sh["other"], ".0%"),
             fmt(p["mfu"], ".1%"), fmt(p["peak_memory_gib"], ".1f"),
             f"{fmt(ca.get('median'), '.5f')}/{fmt(ca.get('min'), '.5f')}" if ca else "-",
             f"{fmt(cs.get('median'), '.5f')}/{fmt(cs.get('min'), '.5f')}" if cs else "-",
@@ -427,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--oom-retries", type=int, default=3, help="on a GPU out-of-memory in lessctl's path, halve --batch-tokens and retry")
     ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="LoRA weights' dtype: peft keeps them in float32 by default; bfloat16 as older peft (and LESS's runs) did")
+    ap.add_argument("--merge", action="store_true",
+                    help="lessctl's path merges the adapter into the base weights for the pass (lessctl grads --merge)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (the float32 LoRA path)")
     ap.add_argument("--basic-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)")
@@ -580,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stage = "computing features"
                 max_b = _max_batch_examples(args.max_batch_examples, device, P)
                 log(f"{name}: warm-up and check run (batch tokens {bt}, at most {max_b or 'any'} examples per batch)")
-                chk = run_lessctl(model, warm, adam, projs, device, bt, max_b, keep_raw=True)
+                chk = run_lessctl(model, warm, adam, projs, device, bt, max_b, keep_raw=True, merge=args.merge)
                 check_feats[name] = {"adam": {d: v[:n_check] for d, v in chk.features.items()},
                                      "sgd": {d: v[:n_check] for d, v in chk.raw.items()}}
                 del chk
@@ -589,10 +624,12 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                     torch.cuda.reset_accumulated_memory_stats()
                 log(f"{name}: timing {len(examples)} examples x {args.repeats} pass(es)")
-                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b), args.repeats)
+                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge),
+                              args.repeats)
                 fig = path_figures(name, f"{kind} ({why})", run, len(examples), tokens, counts["flop_params"],
                                    args.peak_tflops, device)
-                fig.update(batch_tokens=bt, max_batch_examples=max_b, oom_retries=retries, projector_attrs=projs[dims[0]].attrs)
+                fig.update(batch_tokens=bt, max_batch_examples=run.max_batch_examples, project_rows=run.project_rows,
+                           merge=args.merge, oom_retries=retries, projector_attrs=projs[dims[0]].attrs)
                 if kind == "basic":
                     fig["projector_attrs"]["matrix_dtype"] = args.basic_dtype
                 truth_projectors[name] = (lambda p=projs: p) if keep_projectors else less_projectors
@@ -653,15 +690,11 @@ def _version(module: str) -> str | None:
 
 
 def _max_batch_examples(spec: str, device: torch.device, grad_dim: int) -> int | None:
-    """The cap on examples per lessctl batch: explicit, or on a GPU what half the free memory holds of the
-    [B, P] float32 gradients and the transform's temporaries (about 6 such buffers at once)."""
+    """The cap on examples per lessctl batch: explicit (0: none), or None for lessctl's own choice
+    (`lessctl.gradients.auto_max_batch_examples`)."""
     if str(spec) != "auto":
         return int(spec) or None
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return max(1, int(0.5 * free // (6 * 4 * grad_dim)))
+    return None
 
 
 def fp32_truth(model, examples: list[Example], adam: AdamState) -> dict[str, torch.Tensor]:

@@ -70,61 +70,229 @@ def naive_gradients(model, seqs, labels, pad_id: int = 0):
 
 
 class PerExampleGradients:
-    """Per-example gradients of every trainable Linear weight from one batched forward/backward."""
+    """Per-example gradients of the trainable weights from one batched forward/backward.
 
-    def __init__(self, model):
+    Two ways to hook the model, same result:
+    - a peft LoRA model (every trainable parameter is the lora_A or lora_B weight of a LoRA Linear
+      layer): each layer's input X [B, T, in] and output gradient G [B, T, out] give, per example,
+      grad B = s G^T (X A^T) and grad A = s (G B)^T X. With `merge=True` the adapter is merged into the
+      base weights for the pass (peft's `merge`), so the forward and backward run the plain bf16 model
+      without the LoRA branch; the weights are restored exactly by `remove()`;
+    - any other model whose trainable parameters are Linear weights: hooks on those Linear layers,
+      example b's gradient is G_b^T X_b.
+    Only activation gradients are computed (no weight gradients): the backward asks for the gradient of
+    the input embeddings' output, and the per-example products run inside the backward's tensor hooks,
+    as soon as each layer's G exists, writing each parameter's slice through a `sink`.
+    """
+
+    def __init__(self, model, merge: bool = False):
         import torch
 
         self.model = model
         self.params = trainable_parameters(model)
         if not self.params:
             raise InputError("the model has no trainable parameters (is a LoRA adapter loaded?)")
-        self.slices: list[tuple[Any, int, int]] = []  # (module, offset, numel) in parameter order
-        self._saved: dict[int, dict] = {}
-        self._handles = []
+        self.offsets: dict[int, tuple[int, int]] = {}
         offset = 0
-        for name, p in self.params:
-            mod_name, _, leaf = name.rpartition(".")
-            mod = model.get_submodule(mod_name)
-            if leaf != "weight" or not isinstance(mod, torch.nn.Linear) or (mod.bias is not None and mod.bias.requires_grad):
-                raise InputError(f"batched gradients support trainable Linear weights only; {name} is not one")
-            self.slices.append((mod, offset, p.numel()))
-            self._handles.append(mod.register_forward_hook(self._forward_hook))
+        for _, p in self.params:
+            self.offsets[id(p)] = (offset, p.numel())
             offset += p.numel()
         self.grad_dim = offset
+        self.device = self.params[0][1].device
+        self._handles: list = []
+        self._sink = None
+        self._restore: list = []
+        self.timer = _NullTimer()
+        self.lora = _lora_layers(model, self.params)
+        if merge and self.lora is None:
+            raise InputError("merge: the trainable parameters are not (only) peft LoRA weights")
+        self.merged = bool(merge)
+        if self.lora is not None:
+            for layer, name, a, b, s in self.lora:
+                self._handles.append(layer.register_forward_hook(self._lora_hook(a, b, s)))
+            if merge:
+                self._merge()
+        else:
+            for name, p in self.params:
+                mod_name, _, leaf = name.rpartition(".")
+                mod = model.get_submodule(mod_name)
+                if leaf != "weight" or not isinstance(mod, torch.nn.Linear) or (mod.bias is not None and mod.bias.requires_grad):
+                    raise InputError(f"batched gradients support trainable Linear weights only; {name} is not one")
+                self._handles.append(mod.register_forward_hook(self._linear_hook(p)))
+        self._emb_out = None
+        self._xf = (None, None)
+        self._handles.append(model.get_input_embeddings().register_forward_hook(self._embedding_hook))
 
-    def _forward_hook(self, mod, inputs, output):
-        store = self._saved.setdefault(id(mod), {})
-        store["x"] = inputs[0].detach()
+    # -- hooks
+    def _embedding_hook(self, mod, inputs, output):
+        if self._sink is None:
+            return None
+        if not output.requires_grad:  # merged (or frozen) weights: nothing else makes the graph
+            output = output.detach().requires_grad_(True)
+        self._emb_out = output
+        return output
 
-        def keep_grad(g, store=store):
-            store["g"] = g.detach()
+    def _linear_hook(self, p):
+        def hook(mod, inputs, output):
+            if self._sink is None or not output.requires_grad:
+                return
+            x = inputs[0].detach()
 
-        if output.requires_grad:
-            output.register_hook(keep_grad)
+            def on_grad(g):
+                with self.timer.gpu_part("assemble"), _tf32():
+                    rows = __import__("torch").einsum("bto,bti->boi", g.float(), x.float())
+                self._sink(p, rows.reshape(rows.shape[0], -1))
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+            output.register_hook(on_grad)
 
-    def __call__(self, seqs, labels, pad_id: int):
-        """Returns (features [B, P] float32, loss [B], label token counts [B])."""
+        return hook
+
+    def _lora_hook(self, a, b, s):
+        def hook(layer, inputs, output):
+            if self._sink is None or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(g):
+                import torch
+
+                with self.timer.gpu_part("assemble"), _tf32():
+                    xf, gf = self._float_input(x), g.float()
+                    u = xf @ a.detach().float().T  # [B, T, r]: lora_A's output
+                    v = gf @ b.detach().float()  # [B, T, r]: the gradient at lora_A's output, / s
+                    ga = torch.bmm(v.transpose(1, 2), xf).mul_(s)  # [B, r, in]
+                    gb = torch.bmm(gf.transpose(1, 2), u).mul_(s)  # [B, out, r]
+                    del xf, gf, u, v
+                n = ga.shape[0]
+                self._sink(a, ga.reshape(n, -1))
+                self._sink(b, gb.reshape(n, -1))
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _float_input(self, x):
+        """x as float32; q, k and v share their input, so the last conversion is kept for the next layer."""
+        if self._xf[0] is not x:
+            self._xf = (x, x.float())
+        return self._xf[1]
+
+    # -- merging
+    def _merge(self) -> None:
         import torch
 
-        dev = self.params[0][1].device
-        ids, lab, att = pad_batch(seqs, labels, pad_id, dev)
-        self._saved.clear()
-        loss, count = per_example_loss(self.model(input_ids=ids, attention_mask=att).logits, lab)
-        torch.autograd.grad(loss.sum(), [p for _, p in self.params], allow_unused=True)
-        out = torch.zeros(len(seqs), self.grad_dim, dtype=torch.float32, device=dev)
-        for mod, off, n in self.slices:
-            s = self._saved.get(id(mod), {})
-            if "g" not in s:
-                continue  # this layer got no gradient (all labels masked): stays zero
-            x, g = s["x"].float(), s["g"].float()  # [B, T, in], [B, T, out]
-            out[:, off : off + n] = torch.einsum("bto,bti->boi", g, x).reshape(len(seqs), n)
-        self._saved.clear()
-        return out, loss.detach(), count
+        with torch.no_grad():
+            for layer, name, a, b, s in self.lora:
+                w = layer.get_base_layer().weight
+                self._restore.append((layer, name, w, w.detach().to("cpu", copy=True)))
+                w.add_((b.float() @ a.float()).mul_(s))  # the delta in float32, rounded once into w's dtype
+                layer.merged_adapters.append(name)  # peft's forward now runs the base layer alone
+
+    def remove(self) -> None:
+        import torch
+
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        with torch.no_grad():
+            for layer, name, w, saved in self._restore:
+                w.copy_(saved.to(w.device))  # exact: unmerging by subtraction would leave rounding behind
+                if name in layer.merged_adapters:
+                    layer.merged_adapters.remove(name)
+        self._restore = []
+
+    # -- passes
+    def _backward(self, seqs, labels, pad_id: int, sink):
+        """One forward/backward; `sink(param, rows [B, numel] float32)` receives every parameter's rows."""
+        import torch
+
+        ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
+        self._sink = sink
+        try:
+            loss, count = per_example_loss(self.model(input_ids=ids, attention_mask=att).logits, lab)
+            torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
+        finally:
+            self._sink, self._emb_out, self._xf = None, None, (None, None)
+        return loss.detach(), count
+
+    def __call__(self, seqs, labels, pad_id: int):
+        """Returns (raw gradients [B, P] float32, loss [B], label token counts [B])."""
+        import torch
+
+        out = torch.zeros(len(seqs), self.grad_dim, dtype=torch.float32, device=self.device)
+
+        def sink(p, rows):
+            off, n = self.offsets[id(p)]
+            out[:, off : off + n] = rows
+
+        loss, count = self._backward(seqs, labels, pad_id, sink)
+        return out, loss, count
+
+    def features(self, seqs, labels, pad_id: int, grad_type: str, adam: "AdamState | None" = None, keep_raw: bool = False):
+        """Returns (features [B, P] float16: LESS's transform of each row, raw float16 rows or None, loss, counts).
+
+        The transform runs per parameter slice as its rows arrive, so no [B, P] float32 matrix is ever held.
+        """
+        import torch
+
+        B = len(seqs)
+        feats = torch.zeros(B, self.grad_dim, dtype=torch.float16, device=self.device)
+        raw = torch.zeros_like(feats) if keep_raw else None
+
+        def sink(p, rows):
+            off, n = self.offsets[id(p)]
+            with self.timer.gpu_part("transform"):
+                if raw is not None:
+                    raw[:, off : off + n] = rows
+                part = None if adam is None else AdamState(adam.exp_avg[off : off + n], adam.exp_avg_sq[off : off + n],
+                                                           adam.beta1, adam.beta2, adam.eps)
+                feats[:, off : off + n] = transform(rows, grad_type, part, inplace=True)
+
+        loss, count = self._backward(seqs, labels, pad_id, sink)
+        return feats, raw, loss, count
+
+
+def _lora_layers(model, params) -> list | None:
+    """[(layer, adapter, A weight, B weight, scaling)] when every trainable parameter is the lora_A or lora_B
+    weight of a plain peft LoRA Linear layer with one active adapter; None otherwise."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return None
+    found, covered = [], set()
+    for mod in model.modules():
+        if not isinstance(mod, LoraLinear):
+            continue
+        names = [n for n in mod.active_adapters if n in mod.lora_A]
+        if len(names) != 1:
+            return None
+        name = names[0]
+        a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+        if not (a.requires_grad and b.requires_grad) or getattr(mod, "fan_in_fan_out", False):
+            return None
+        if mod.use_dora.get(name) or mod.lora_bias.get(name) or name in getattr(mod, "lora_variant", {}):
+            return None
+        found.append((mod, name, a, b, float(mod.scaling[name])))
+        covered.update((id(a), id(b)))
+    if not found or covered != {id(p) for _, p in params}:
+        return None
+    return found
+
+
+class _tf32:
+    """TF32 for float32 matmuls on CUDA inside the block: the per-example products multiply bf16 activations,
+    which TF32 represents exactly, and accumulate in float32."""
+
+    def __enter__(self):
+        import torch
+
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -229,14 +397,14 @@ def split_batches(lengths: Sequence[int], batch_tokens: int, max_examples: int |
 
 
 def auto_max_batch_examples(grad_dim: int, device) -> int | None:
-    """On a GPU: how many [P] float32 gradient rows (with the transform's temporary and the hooks' own
-    buffers, about 4 copies) fit in a quarter of the GPU's memory; on a CPU no cap."""
+    """On a GPU: how many examples' [P] float16 feature rows (twice over: a batch's rows and as many waiting
+    for projection) fit in a quarter of the GPU's memory; on a CPU no cap."""
     import torch
 
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return None
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return max(1, int(0.25 * total // (4 * 4 * grad_dim)))
+    return max(1, int(0.25 * total // (2 * 2 * grad_dim)))
 
 
 def auto_project_rows(projectors: dict, grad_dim: int, device) -> int:
@@ -251,10 +419,15 @@ def auto_project_rows(projectors: dict, grad_dim: int, device) -> int:
 
 
 class _NullTimer:
+    """The timer interface FeatureCollector reports to: `part` for host-side spans, `gpu_part` for work
+    queued inside the backward (the benchmark times it with CUDA events)."""
+
     def part(self, name: str):
         import contextlib
 
         return contextlib.nullcontext()
+
+    gpu_part = part
 
 
 @dataclass
@@ -266,16 +439,16 @@ class Collected:
 
 
 class FeatureCollector:
-    """Features of many examples: batched gradients, the in-place transform, and projection in full calls.
+    """Features of many examples: batched gradients transformed slice by slice, projection in full calls.
 
-    Gradient rows are gathered (as float16, the projector's input) until `project_rows` are waiting, so
-    each projector call is as large as memory allows whatever the batch sizes.
+    Gradient rows (float16, the projector's input) are gathered across batches and projected in
+    multiples of `project_rows`, so each projector call is as large as it can be whatever the batch sizes.
     """
 
     def __init__(self, peg: PerExampleGradients, projectors: dict, grad_type: str, adam: AdamState | None = None, *,
                  pad_id: int, batch_tokens: int, max_batch_examples: int | None = None,
                  project_rows: int | None = None, timer=None, keep_raw: bool = False):
-        dev = peg.params[0][1].device
+        dev = peg.device
         self.peg, self.projectors, self.grad_type, self.adam = peg, projectors, grad_type, adam
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
         self.max_batch_examples = max_batch_examples if max_batch_examples is not None else auto_max_batch_examples(peg.grad_dim, dev)
@@ -290,38 +463,42 @@ class FeatureCollector:
         n = len(seqs)
         out = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors}
         raw = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors} if self.keep_raw else None
-        pending: list[tuple[list[int], Any, Any]] = []
-        waiting = 0
+        rows: list[int] = []  # example positions waiting for projection, in the order of f16/r16's rows
+        f16: list = []
+        r16: list = []
         zero = 0
         log_batches = []
 
-        def flush() -> None:
-            nonlocal pending, waiting
-            if not pending:
+        def flush(final: bool) -> None:
+            nonlocal rows, f16, r16
+            k = len(rows) if final else len(rows) // self.project_rows * self.project_rows
+            if not k:
                 return
-            rows = [i for pos, _, _ in pending for i in pos]
             with self.timer.part("projection"):
-                x = torch.cat([f for _, f, _ in pending])
+                x = torch.cat(f16) if len(f16) > 1 else f16[0]
+                xr = (torch.cat(r16) if len(r16) > 1 else r16[0]) if raw is not None else None
                 for d, proj in self.projectors.items():
-                    out[d][rows] = proj.project(x).float().cpu().numpy()
-                if raw is not None:
-                    xr = torch.cat([r for _, _, r in pending])
-                    for d, proj in self.projectors.items():
-                        raw[d][rows] = proj.project(xr).float().cpu().numpy()
-            pending, waiting = [], 0
+                    out[d][rows[:k]] = proj.project(x[:k]).float().cpu().numpy()
+                    if xr is not None:
+                        raw[d][rows[:k]] = proj.project(xr[:k]).float().cpu().numpy()
+                rows = rows[k:]
+                f16 = [x[k:]] if rows else []
+                r16 = [xr[k:]] if rows and xr is not None else []
 
-        for batch in split_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
-            with self.timer.part("fwd_bwd"):
-                g, _, count = self.peg([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id)
-            zero += int((count == 0).sum())
-            log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))
-            r16 = g.to(torch.float16) if raw is not None else None
-            with self.timer.part("transform"):
-                f16 = transform(g, self.grad_type, self.adam, inplace=True).to(torch.float16)
-            del g
-            pending.append((batch, f16, r16))
-            waiting += len(batch)
-            if waiting >= self.project_rows:
-                flush()
-        flush()
+        self.peg.timer = self.timer
+        try:
+            for batch in split_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
+                with self.timer.part("fwd_bwd"):
+                    f, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
+                                                       self.grad_type, self.adam, keep_raw=raw is not None)
+                zero += int((count == 0).sum())
+                log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))
+                rows.extend(batch)
+                f16.append(f)
+                if r is not None:
+                    r16.append(r)
+                flush(final=False)
+            flush(final=True)
+        finally:
+            self.peg.timer = _NullTimer()
         return Collected(out, zero, log_batches, raw)

@@ -107,8 +107,46 @@ class TrakBasicProjector(Projector):
         return {**super().attrs, "block_size": self.block_size, "dtype": str(self.dtype).replace("torch.", "")}
 
 
+FAST_JL_TILE_SEED = 359124577  # fast_jl seeds the random stream of feature tile t with seed + 359124577 * t
+FAST_JL_INDEX_LIMIT = 2**32  # fast_jl indexes its input with 32-bit integers: rows x features must stay below
+
+
+def fast_jl_chunks(grad_dim: int, n_tiles: int, rows: int) -> list[tuple[int, int, int, int]] | None:
+    """How to project `rows` rows with fast_jl in feature chunks that give exactly its full-width result.
+
+    fast_jl splits the features into `n_tiles` tiles of ceil(grad_dim / n_tiles) and seeds tile t's random
+    stream with seed + 359124577 * t. A call on the features of tiles t0 .. t0+m-1, with m tiles and the
+    seed advanced by 359124577 * t0, therefore multiplies by the very same columns of the matrix, and the
+    chunks' results add up to the full call's (up to the order of float32 additions). Chunks are sized so
+    that rows x chunk features < 2**32. Returns [(start, stop, first tile, tiles)], or None when the
+    tiling cannot be reproduced.
+    """
+    tile = -(-grad_dim // n_tiles)
+    limit = (FAST_JL_INDEX_LIMIT - 1) // rows
+    if grad_dim <= limit:
+        return [(0, grad_dim, 0, n_tiles)]
+    per = limit // tile
+    if per < 1:
+        return None
+    per = -(-n_tiles // -(-n_tiles // per))  # as many tiles in each chunk as the chunk count allows, balanced
+    chunks = []
+    for t0 in range(0, n_tiles, per):
+        m = min(per, n_tiles - t0)
+        start, stop = t0 * tile, min(grad_dim, (t0 + m) * tile)
+        if start >= grad_dim or -(-(stop - start) // m) != tile:
+            return None
+        chunks.append((start, stop, t0, m))
+    return chunks
+
+
 class TrakCudaProjector(Projector):
-    """TRAK's CudaProjector (fast_jl). Its matrix depends on the GPU's SM count, which is recorded."""
+    """TRAK's CudaProjector (fast_jl). Its matrix depends on the GPU's SM count, which is recorded.
+
+    fast_jl generates its random matrix once per call and shares it across up to 32 rows, so a call
+    with 32 rows costs little more than one with 16. Where 32 rows x grad_dim would overflow fast_jl's
+    32-bit indexing (LoRA r=128 at 7B: 2**27 parameters), the rows go through in feature chunks aligned
+    with fast_jl's tiles (`fast_jl_chunks`), which reproduce TRAK's projection exactly.
+    """
 
     kind = "cuda"
 
@@ -123,19 +161,34 @@ class TrakCudaProjector(Projector):
         ok, why = fast_jl_status(device)
         if not ok:
             raise ConfigError("--projector cuda: " + FAST_JL_FIX.format(why=why))
-        # fast_jl indexes with 32-bit integers: batch * grad_dim must stay below 2**32.
-        self.max_rows = max(1, min(32, (2**32 - 1) // grad_dim))
-        mbs = 32 if self.max_rows >= 32 else 16 if self.max_rows >= 16 else 8
         self.trak = CudaProjector(grad_dim=grad_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
-                                  device=torch.device(device), max_batch_size=mbs)
+                                  device=torch.device(device), max_batch_size=32)
         self.sm_count = self.trak.num_sms
+        self.chunks = fast_jl_chunks(grad_dim, min(grad_dim, self.sm_count), 32)
+        if self.chunks is None:  # unusual tilings: whole-width calls with as many rows as the indexing allows
+            self.max_rows = max(1, min(32, (FAST_JL_INDEX_LIMIT - 1) // grad_dim))
+        else:
+            self.max_rows = 32
 
     def project(self, x):
         import torch
 
         x = x.to(torch.float16)
-        outs = [self.trak.project(x[i : i + self.max_rows], model_id=self.model_id).float()
-                for i in range(0, x.shape[0], self.max_rows)]
+        if self.chunks is None or len(self.chunks) == 1:
+            return torch.cat([self.trak.project(x[i : i + self.max_rows].contiguous(), model_id=self.model_id).float()
+                              for i in range(0, x.shape[0], self.max_rows)])
+        import fast_jl
+
+        seed = self.trak.seed + int(1e4) * self.model_id  # what TRAK passes
+        outs = []
+        for i in range(0, x.shape[0], self.max_rows):
+            xb = x[i : i + self.max_rows]
+            fn = getattr(fast_jl, f"project_rademacher_{8 if len(xb) <= 8 else 16 if len(xb) <= 16 else 32}")
+            acc = None
+            for start, stop, t0, m in self.chunks:
+                part = fn(xb[:, start:stop].contiguous(), self.dim, (seed + FAST_JL_TILE_SEED * t0) % 2**32, m)
+                acc = part if acc is None else acc.add_(part)
+            outs.append(acc.float())
         return torch.cat(outs)
 
     @property

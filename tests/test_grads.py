@@ -388,3 +388,106 @@ def test_sketch_stores_are_recorded_and_not_matched_with_rademacher(tiny_grads_w
         assert r.projector["kind"] == "sketch"
     res = cli("--config", ws / "lessctl.toml", "match", "--target", "sorting")
     assert res.code == 2 and "projected differently" in res.err
+
+
+def test_lora_engine_generic_engine_and_merged_pass_agree_with_batch_of_one(tiny_template):
+    """The three ways of hooking a model give the naive per-example gradients; merging restores the weights bit for bit."""
+    model, tok = _model(tiny_template)
+    enc = _encoded(tiny_template, tok, 9)
+    seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    naive = naive_gradients(model, seqs, labels, tok.pad_token_id)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    peg = PerExampleGradients(model)
+    assert peg.lora is not None and len(peg.lora) == 4 * model.config.num_hidden_layers
+    try:
+        lora_rows, _, _ = peg(seqs, labels, tok.pad_token_id)
+    finally:
+        peg.remove()
+    merged = PerExampleGradients(model, merge=True)
+    try:
+        changed = [n for n, p in model.named_parameters() if "base_layer" in n and not torch.equal(p, before[n])]
+        assert len(changed) == 4 * model.config.num_hidden_layers  # the delta went into every LoRA'd base weight
+        merged_rows, _, _ = merged(seqs, labels, tok.pad_token_id)
+    finally:
+        merged.remove()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for rows in (lora_rows, merged_rows):
+        rel = (rows - naive).norm(dim=1) / naive.norm(dim=1)
+        assert rel.max().item() < 1e-4, rel
+    # after remove() the model computes what it computed before (the LoRA branch is back)
+    assert torch.allclose(naive_gradients(model, seqs[:2], labels[:2], tok.pad_token_id), naive[:2], atol=1e-7)
+
+    # a model that is not a peft LoRA model: hooks on its trainable Linear weights
+    base = model.get_base_model()
+    for n, p in base.named_parameters():
+        p.requires_grad_(n.endswith("mlp.down_proj.weight"))
+    generic = PerExampleGradients(base)
+    try:
+        assert generic.lora is None
+        rows, _, _ = generic(seqs, labels, tok.pad_token_id)
+    finally:
+        generic.remove()
+    ref = naive_gradients(base, seqs, labels, tok.pad_token_id)
+    assert rows.shape == ref.shape and ((rows - ref).norm(dim=1) / ref.norm(dim=1)).max().item() < 1e-4
+
+
+def test_features_are_the_transform_of_the_gradients_in_float16(tiny_template):
+    model, tok = _model(tiny_template)
+    ckpt, _ = _checkpoint(tiny_template)
+    enc = _encoded(tiny_template, tok, 6)
+    seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    peg = PerExampleGradients(model)
+    adam = load_adam_state(ckpt, peg.params, "cpu")
+    try:
+        raw, _, _ = peg(seqs, labels, tok.pad_token_id)
+        for kind in ("adam", "sgd", "sign"):
+            f16, r16, _, _ = peg.features(seqs, labels, tok.pad_token_id, kind, adam if kind == "adam" else None,
+                                          keep_raw=True)
+            assert f16.dtype == r16.dtype == torch.float16
+            expected = transform(raw.clone(), kind, adam).to(torch.float16)
+            assert torch.allclose(f16.float(), expected.float(), rtol=2e-3, atol=1e-5), kind
+            assert torch.allclose(r16.float(), raw.to(torch.float16).float(), rtol=2e-3, atol=1e-7)
+    finally:
+        peg.remove()
+    with pytest.raises(Exception, match="not \\(only\\) peft LoRA"):
+        base = model.get_base_model()
+        for n, p in base.named_parameters():
+            p.requires_grad_(n.endswith("down_proj.weight"))
+        PerExampleGradients(base, merge=True)
+
+
+def test_fast_jl_chunks_follow_its_tiles():
+    from lessctl.projection import fast_jl_chunks
+
+    assert fast_jl_chunks(2**27, 132, 16) == [(0, 2**27, 0, 132)]  # 16 x 2**27 fits the 32-bit indexing
+    for grad_dim, tiles in ((2**27, 132), (2**27, 108), (3 * 2**27, 132), (2**27 + 12345, 114)):
+        chunks = fast_jl_chunks(grad_dim, tiles, 32)
+        assert chunks is not None and len(chunks) > 1
+        tile = -(-grad_dim // tiles)
+        assert chunks[0][0] == 0 and chunks[-1][1] == grad_dim and sum(m for *_, m in chunks) == tiles
+        for (start, stop, t0, m), nxt in zip(chunks, chunks[1:] + [None]):
+            assert start == t0 * tile and 32 * (stop - start) < 2**32
+            assert -(-(stop - start) // m) == tile  # fast_jl will cut this chunk into m tiles of the same width
+            if nxt:
+                assert nxt[0] == stop and nxt[2] == t0 + m
+    assert fast_jl_chunks(2**33, 132, 32) is None  # one tile alone is too wide for 32 rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with fast_jl")
+def test_chunked_fast_jl_equals_trak_cuda_projector():
+    """32 rows of 2**27 features: lessctl's chunked calls give TRAK's CudaProjector result (batches of 16)."""
+    from trak.projectors import CudaProjector, ProjectionType
+
+    from lessctl.projection import TrakCudaProjector
+
+    P, D = 2**27, 1024
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(32, P, device="cuda", generator=gen) * 1e-3).half()
+    ours = TrakCudaProjector(P, D, "cuda")
+    assert ours.max_rows == 32 and len(ours.chunks) > 1
+    got = ours.project(x)
+    trak = CudaProjector(grad_dim=P, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda",
+                         max_batch_size=16)
+    ref = torch.cat([trak.project(x[i : i + 16], model_id=0) for i in (0, 16)])
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
