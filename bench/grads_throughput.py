@@ -460,8 +460,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--oom-retries", type=int, default=3, help="on a GPU out-of-memory in lessctl's path, halve --batch-tokens and retry")
     ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="LoRA weights' dtype: peft keeps them in float32 by default; bfloat16 as older peft (and LESS's runs) did")
-    ap.add_argument("--merge", action="store_true",
-                    help="lessctl's path merges the adapter into the base weights for the pass (lessctl grads --merge)")
+    ap.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                    help="lessctl's path merges the adapter into the base weights for the pass, as `lessctl grads` does "
+                         "by default ([grads] merge)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (the float32 LoRA path)")
     ap.add_argument("--basic-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)")

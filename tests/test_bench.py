@@ -43,7 +43,7 @@ def test_bench_json_has_every_figure(bench_report):
         assert "error" not in p, p
         assert PATH_KEYS <= set(p), PATH_KEYS - set(p)
         assert p["examples"] == 8 and p["examples_per_s"] > 0
-        assert set(p["shares"]) == {"fwd_bwd", "transform", "projection", "other"}
+        assert set(p["shares"]) == {"fwd_bwd", "assemble", "transform", "projection", "other"}
         assert sum(p["shares"].values()) == pytest.approx(1.0, abs=1e-6)
         assert p["peak_memory_gib"] is None  # CPU
     assert r["paths"][0]["ratio_to_baseline"] == 1.0

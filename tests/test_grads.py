@@ -491,3 +491,51 @@ def test_chunked_fast_jl_equals_trak_cuda_projector():
                          max_batch_size=16)
     ref = torch.cat([trak.project(x[i : i + 16], model_id=0) for i in (0, 16)])
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_transform_into_equals_transform():
+    from lessctl.gradients import transform_into
+
+    gen = torch.Generator().manual_seed(0)
+    P = 300
+    adam = AdamState(torch.randn(P, generator=gen) * 1e-4, torch.rand(P, generator=gen) * 1e-6, 0.9, 0.999, 1e-8)
+    g = torch.randn(5, 120, generator=gen) * 1e-3
+    for kind in ("adam", "sgd", "sign"):
+        out = torch.zeros(5, P, dtype=torch.float16)
+        transform_into(g.clone(), kind, adam if kind == "adam" else None, 100, out[:, 100:220])
+        full = torch.zeros(5, P)
+        full[:, 100:220] = g
+        expected = transform(full, kind, adam)[:, 100:220].to(torch.float16)
+        assert torch.equal(out[:, :100], torch.zeros(5, 100, dtype=torch.float16))
+        assert torch.allclose(out[:, 100:220].float(), expected.float(), rtol=1e-3, atol=1e-6), kind
+
+
+def test_batches_avoid_padding_a_short_example_to_a_long_one():
+    from lessctl.gradients import BATCH_OVERHEAD_TOKENS
+
+    lengths = [1000, 60, 58, 57, 55, 50]
+    batches = list(token_batches(lengths, 4096))
+    assert batches[0] == [0]  # the long example alone: the others are not padded to 1000 tokens
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths))) and len(batches) == 2
+    # with a cap, the batches respect it and still cover everything once
+    capped = list(token_batches(lengths, 4096, 2))
+    assert all(len(b) <= 2 for b in capped) and sorted(i for b in capped for i in b) == list(range(6))
+    assert BATCH_OVERHEAD_TOKENS > 0
+
+
+def test_merged_and_unmerged_passes_write_the_same_stores(tiny_grads_ws, cli):
+    """`lessctl grads` merges the adapter by default; --no-merge runs peft's LoRA branch: same features."""
+    ws = tiny_grads_ws
+    grads = ws / "out" / "grads"
+    _, step = _checkpoint(ws)
+    with open_store(grads, "synth_a", step, "adam") as r:
+        merged_train = r.read(64)
+    with open_store(grads, "sorting", step, "sgd") as r:
+        merged_target = r.read(64)
+    res = cli("--config", ws / "lessctl.toml", "grads", "--no-merge", "--force", "--ckpt", str(step), "--dims", "64",
+              "--train", "synth_a", "--target", "sorting", "--projector", "basic", "--device", "cpu")
+    assert res.code == 0, res.err
+    with open_store(grads, "synth_a", step, "adam") as r:
+        np.testing.assert_allclose(r.read(64), merged_train, rtol=1e-3, atol=1e-3)
+    with open_store(grads, "sorting", step, "sgd") as r:
+        np.testing.assert_allclose(r.read(64), merged_target, rtol=1e-3, atol=1e-3)

@@ -22,6 +22,7 @@ def grads(
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: compute only the K-th of N contiguous row ranges.")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget per batch (longest x examples).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,
+    merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="Merge the adapter into the base weights for the pass (default: [grads] merge, true): faster, same gradients up to rounding.")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -32,7 +33,8 @@ def grads(
 
     if grad_type is not None and grad_type not in GRAD_TYPES:
         raise ConfigError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
-    cfg = load_config({"grads.dims": dims, "grads.projector": projector, "grads.batch_tokens": batch_tokens})
+    cfg = load_config({"grads.dims": dims, "grads.projector": projector, "grads.batch_tokens": batch_tokens,
+                       "grads.merge": merge})
     steps = resolve_steps(cfg, ckpt, ckpt_index)
     con = err_console()
     with ProgressBar("grads", unit="ex", quiet=json_out) as bar:
