@@ -150,14 +150,11 @@ def collect_gradients(
     from lessctl.models import default_device, load_adapter_model
     from lessctl.projection import choose_projector_kind, make_projector
     from lessctl.store import StoreWriter, store_complete, store_path
-    from lessctl.training import checkpoint_dir, read_checkpoints
+    from lessctl.training import checkpoint_dir
 
     device = device or default_device()
     batch_tokens = batch_tokens or cfg.grads.batch_tokens
-    manifest = {c["step"]: c for c in read_checkpoints(cfg)}
-    for s in steps:
-        if s not in manifest:
-            raise ConfigError(f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})")
+    check_steps(cfg, steps)
     sets = data_sets(cfg, train, targets, grad_type)
     kind, why = choose_projector_kind(projector, device, dims)
     if announce:
@@ -231,6 +228,16 @@ def collect_gradients(
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
     return results
+
+
+def check_steps(cfg: Config, steps: list[int]) -> None:
+    """A ConfigError naming --ckpt unless every step is a checkpoint in warmup/checkpoints.json."""
+    from lessctl.training import read_checkpoints
+
+    manifest = [c["step"] for c in read_checkpoints(cfg)]
+    for s in steps:
+        if s not in manifest:
+            raise ConfigError(f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})")
 
 
 def _lora_only(model) -> bool:

@@ -27,3 +27,9 @@ class VerifyError(LessctlError):
     """A stored artifact failed verification (exit code 1)."""
 
     exit_code = 1
+
+
+class WorkerError(LessctlError):
+    """A worker process of a multi-device run died without a lessctl error (exit code 1); names its device."""
+
+    exit_code = 1

@@ -156,13 +156,25 @@ class PerExampleGradients:
             def on_grad(g):
                 import torch
 
-                with self.timer.gpu_part("assemble"), _tf32():
-                    xf, gf = self._float_input(x), g.float()
-                    u = (xf @ a.detach().float().T).mul_(s)  # [B, T, r]: lora_A's output, times s
-                    v = (gf @ b.detach().float()).mul_(s)  # [B, T, r]: the gradient at lora_A's output
-                    ga = torch.bmm(v.transpose(1, 2), xf)  # [B, r, in]
-                    gb = torch.bmm(gf.transpose(1, 2), u)  # [B, out, r]
-                    del xf, gf, u, v
+                from lessctl.kernels import bmm_f32
+
+                with self.timer.gpu_part("assemble"):
+                    ga = gb = None
+                    if x.is_cuda and x.dtype == torch.bfloat16 and g.dtype == torch.bfloat16:
+                        # bf16 operands (the activations are bf16 already), float32 accumulation and output
+                        u = (x @ a.detach().to(x.dtype).T).mul_(s)  # [B, T, r]: lora_A's output, times s
+                        v = (g @ b.detach().to(x.dtype)).mul_(s)  # [B, T, r]: the gradient at lora_A's output
+                        ga = bmm_f32(v.transpose(1, 2), x)
+                        gb = bmm_f32(g.transpose(1, 2), u) if ga is not None else None
+                    if gb is None:
+                        with _tf32():
+                            xf, gf = self._float_input(x), g.float()
+                            u = (xf @ a.detach().float().T).mul_(s)
+                            v = (gf @ b.detach().float()).mul_(s)
+                            ga = torch.bmm(v.transpose(1, 2), xf)  # [B, r, in]
+                            gb = torch.bmm(gf.transpose(1, 2), u)  # [B, out, r]
+                            del xf, gf
+                    del u, v
                 n = ga.shape[0]
                 self._sink(a, ga.reshape(n, -1))
                 self._sink(b, gb.reshape(n, -1))
@@ -379,9 +391,13 @@ def transform_into(g, grad_type: str, adam: AdamState | None, offset: int, out) 
     import torch
 
     if grad_type == "adam":
+        from lessctl.kernels import adam_into
+
         assert adam is not None
         n = g.shape[1]
         m, v = adam.exp_avg[offset : offset + n], adam.exp_avg_sq[offset : offset + n]
+        if adam_into(g, m, v, adam.beta1, adam.beta2, adam.eps, out):
+            return
         denom = torch.addcmul(v * adam.beta2 + adam.eps, g, g, value=1 - adam.beta2).sqrt_()
         torch.lerp(m.expand_as(g), g, 1 - adam.beta1, out=g)
         torch.div(g, denom, out=out)
@@ -462,7 +478,10 @@ class _NullTimer:
 
         return contextlib.nullcontext()
 
-    gpu_part = part
+    def gpu_part(self, name: str, nested: bool = True):
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -482,7 +501,7 @@ class FeatureCollector:
 
     def __init__(self, peg: PerExampleGradients, projectors: dict, grad_type: str, adam: AdamState | None = None, *,
                  pad_id: int, batch_tokens: int, max_batch_examples: int | None = None,
-                 project_rows: int | None = None, timer=None, keep_raw: bool = False):
+                 project_rows: int | None = None, timer=None, keep_raw: bool = False, overlap: bool | None = None):
         dev = peg.device
         self.peg, self.projectors, self.grad_type, self.adam = peg, projectors, grad_type, adam
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
@@ -490,8 +509,13 @@ class FeatureCollector:
         self.project_rows = project_rows or auto_project_rows(projectors, peg.grad_dim, dev)
         self.timer = timer or _NullTimer()
         self.keep_raw = keep_raw
+        # On a GPU the gradients of the next batch are computed on a side stream while the projection runs
+        # on the default stream (where fast_jl launches its kernel whatever the current stream).
+        self.overlap = (dev.type == "cuda") if overlap is None else (overlap and dev.type == "cuda")
 
     def __call__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Collected:
+        import contextlib
+
         import numpy as np
         import torch
 
@@ -501,32 +525,57 @@ class FeatureCollector:
         rows: list[int] = []  # example positions waiting for projection, in the order of f16/r16's rows
         f16: list = []
         r16: list = []
-        zero = 0
+        counts: list = []
         log_batches = []
+        inflight: list = []  # (positions, {dim: projected rows on the GPU}, {dim: raw projections} or None)
+        dev = self.peg.device
+        if self.overlap:
+            main = torch.cuda.default_stream(dev)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(main)  # whatever was queued before (loading, merging) comes first
+            compute = lambda: torch.cuda.stream(side)  # noqa: E731
+        else:
+            main = side = None
+            compute = contextlib.nullcontext
+
+        def drain() -> None:
+            for pos, res, rres in inflight:
+                for d in res:
+                    out[d][pos] = res[d].float().cpu().numpy()
+                    if rres is not None:
+                        raw[d][pos] = rres[d].float().cpu().numpy()
+            inflight.clear()
 
         def flush(final: bool) -> None:
             nonlocal rows, f16, r16
             k = len(rows) if final else len(rows) // self.project_rows * self.project_rows
             if not k:
                 return
-            with self.timer.part("projection"):
+            if self.overlap:
+                drain()  # the previous projection (long finished, usually) before queueing the next one
+                main.wait_stream(side)  # the rows are complete
+                for t in f16 + r16:
+                    t.record_stream(main)
+            part = self.timer.gpu_part("projection", nested=False) if self.overlap else self.timer.part("projection")
+            with (torch.cuda.stream(main) if self.overlap else contextlib.nullcontext()), part:
                 x = torch.cat(f16) if len(f16) > 1 else f16[0]
                 xr = (torch.cat(r16) if len(r16) > 1 else r16[0]) if raw is not None else None
-                for d, proj in self.projectors.items():
-                    out[d][rows[:k]] = proj.project(x[:k]).float().cpu().numpy()
-                    if xr is not None:
-                        raw[d][rows[:k]] = proj.project(xr[:k]).float().cpu().numpy()
-                rows = rows[k:]
-                f16 = [x[k:]] if rows else []
-                r16 = [xr[k:]] if rows and xr is not None else []
+                res = {d: proj.project(x[:k]) for d, proj in self.projectors.items()}
+                rres = {d: proj.project(xr[:k]) for d, proj in self.projectors.items()} if xr is not None else None
+            inflight.append((rows[:k], res, rres))
+            if not self.overlap:
+                drain()
+            rows = rows[k:]
+            f16 = [x[k:]] if rows else []
+            r16 = [xr[k:]] if rows and xr is not None else []
 
         self.peg.timer = self.timer
         try:
             for batch in split_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
-                with self.timer.part("fwd_bwd"):
+                with compute(), self.timer.part("fwd_bwd"):
                     f, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
                                                        self.grad_type, self.adam, keep_raw=raw is not None)
-                zero += int((count == 0).sum())
+                counts.append(count)
                 log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))
                 rows.extend(batch)
                 f16.append(f)
@@ -534,6 +583,8 @@ class FeatureCollector:
                     r16.append(r)
                 flush(final=False)
             flush(final=True)
+            drain()
         finally:
             self.peg.timer = _NullTimer()
+        zero = int(sum(int((c == 0).sum()) for c in counts))
         return Collected(out, zero, log_batches, raw)

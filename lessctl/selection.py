@@ -23,7 +23,8 @@ from lessctl.errors import ConfigError, InputError, MissingArtifactError
 log = logging.getLogger(__name__)
 
 METHODS = ("less", "random", "bm25")
-CHUNK_ROWS = 16384
+CHUNK_ROWS = 16384  # rows per block streamed from a training store (256 MiB of float16 at D = 8192)
+READ_AHEAD = 3  # host buffers of CHUNK_ROWS rows: one being read while two wait or are copied to the device
 SUMMARY_KEYS = ("family", "dataset", "source_task")
 
 
@@ -77,54 +78,116 @@ def less_scores(
     subtasks: Sequence[str],
     dim: int,
     progress: Callable[[int, int], None] | None = None,
+    device: str | None = None,
 ) -> Scored:
-    """LESS scores of every training row; readers are per checkpoint, in the order of `weights`."""
+    """LESS scores of every training row; readers are per checkpoint, in the order of `weights`.
+
+    The training stores are streamed in blocks of CHUNK_ROWS rows. A background thread reads the blocks
+    ahead (`_BlockReader`) while the current one is scored, so reading the disk and computing overlap. On
+    a GPU the float16 rows are read into page-locked buffers, copied to the device as stored (half the
+    bytes of float32) without blocking, and widened to float32 there; the scores stay on the device until
+    every block is done. The arithmetic (float32 products, summed over checkpoints in order) is the same
+    on every device and for any read-ahead.
+    """
     import torch
 
-    dev = _device()
+    dev = torch.device(device or _device())
+    cuda = dev.type == "cuda"
     _, A = subtask_matrix(subtasks)
     At = torch.from_numpy(A).to(dev)
     # target features are small: [C, M, D] float32
     Y = [torch.from_numpy(r.read(dim).astype(np.float32)).to(dev) for r in target_readers]
+    w = [float(x) for x in weights]
     names, index, scores = [], [], []
     total = sum(rs[0].n_rows for rs in train_readers.values())
     done = 0
     for name, readers in train_readers.items():
         n = readers[0].n_rows
-        out = np.empty(n, dtype=np.float64)
-        iters = [_fixed_chunks(r, dim, CHUNK_ROWS) for r in readers]
-        for chunks in zip(*iters):
-            start = chunks[0][0]
-            acc = None
-            for w, (_, x), y in zip(weights, chunks, Y):
-                part = float(w) * (torch.from_numpy(x.astype(np.float32)).to(dev) @ y.T)  # [b, M]
-                acc = part if acc is None else acc + part
-            agg = (acc @ At).max(dim=1).values
-            out[start : start + len(agg)] = agg.double().cpu().numpy()
-            done += len(agg)
-            if progress:
-                progress(done, total)
+        out = torch.empty(n, dtype=torch.float32, device=dev)
+        acc = None
+        with _BlockReader(readers, dim, CHUNK_ROWS, pin=cuda) as blocks:
+            for start, c, buf, x in blocks:  # x: [b, D] float16 on the host, rows start..start+b of checkpoint c
+                ready = None
+                if cuda:
+                    x = x.to(dev, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()  # buf may be read into again once the copy out of it is done
+                part = w[c] * (x.float() @ Y[c].T)  # [b, M]
+                blocks.release(buf, ready)
+                acc = part if c == 0 else acc + part
+                if c == len(readers) - 1:
+                    out[start : start + len(acc)] = (acc @ At).max(dim=1).values
+                    done += len(acc)
+                    if progress:
+                        progress(done, total)
         names += [name] * n
         index.append(readers[0].index)
-        scores.append(out)
+        scores.append(out.double().cpu().numpy())
     return Scored(names, np.concatenate(index), np.concatenate(scores))
 
 
-def _fixed_chunks(reader: Any, dim: int, size: int):
-    """(start, [b, D]) blocks of exactly `size` rows (the last may be shorter), whatever the sharding."""
-    buf: list[np.ndarray] = []
-    have = start = 0
-    for _, x in reader.iter_chunks(dim, size):
-        buf.append(x)
-        have += len(x)
-        while have >= size:
-            cat = np.concatenate(buf)
-            yield start, cat[:size]
-            start += size
-            rest = cat[size:]
-            buf, have = ([rest] if len(rest) else []), len(rest)
-    if have:
-        yield start, np.concatenate(buf)
+class _BlockReader:
+    """Reads rows of several stores of equal length in a background thread, ahead of their use.
+
+    Iterating yields (start, c, buf, x) for every block of `rows` rows and, within a block, every store c in
+    turn: x ([b, D] float16 tensor, a view of the host buffer buf) holds rows start..start+b of store c. Up
+    to `depth` pieces are read ahead, into a ring of `depth` buffers (page-locked when `pin`, so that copies
+    to a GPU are asynchronous). The caller hands each buffer back with release(buf, ready): it is read into
+    again once `ready` (a CUDA event, or None) has completed. h5py releases the GIL while it reads.
+    """
+
+    def __init__(self, readers: list[Any], dim: int, rows: int, *, pin: bool = False, depth: int = READ_AHEAD):
+        import queue
+        import threading
+
+        import torch
+
+        self._readers, self._dim, self._n = readers, dim, readers[0].n_rows
+        self._jobs = [(s, c) for s in range(0, self._n, rows) for c in range(len(readers))]
+        self._free: queue.Queue = queue.Queue()
+        self._full: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        for _ in range(min(depth, len(self._jobs))):
+            buf = torch.empty((min(rows, self._n), dim), dtype=torch.float16, pin_memory=pin)
+            self._free.put((buf, None))
+        self._thread = threading.Thread(target=self._work, name="lessctl-store-reader", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for start, c in self._jobs:
+                item = self._free.get()
+                if item is None or self._stop.is_set():
+                    return
+                buf, ready = item
+                if ready is not None:
+                    ready.synchronize()
+                x = buf[: min(len(buf), self._n - start)]
+                self._readers[c].read_into(self._dim, start, x.numpy())
+                self._full.put((start, c, buf, x))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._full.put(e)
+
+    def __iter__(self):
+        for _ in self._jobs:
+            item = self._full.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, buf: Any, ready: Any = None) -> None:
+        self._free.put((buf, ready))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._free.put(None)
+        self._thread.join()
+
+    def __enter__(self) -> _BlockReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def bm25_scores(train_texts: dict[str, list[tuple[int, str]]], queries: Sequence[str], subtasks: Sequence[str]) -> Scored:

@@ -345,6 +345,21 @@ class StoreReader:
             for a in range(0, ds.shape[0], rows):
                 yield offset + a, ds[a : a + rows]
 
+    def read_into(self, dim: int, start: int, out: np.ndarray) -> None:
+        """Fill `out` ([b, D] float16, C-contiguous, e.g. a pinned buffer) with rows start..start+b, across shards.
+
+        No allocation and no copy besides the file read itself: each shard's part is one HDF5 read into `out`.
+        """
+        stop = start + len(out)
+        shape_ok = out.dtype == np.float16 and out.shape[1:] == (dim,) and out.flags.c_contiguous
+        if not shape_ok or not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"read_into needs a C-contiguous float16 [b, {dim}] array for rows in [0, {self.n_rows}], "
+                             f"got {out.dtype} {out.shape} from row {start}")
+        for ds, offset in zip(self._datasets(dim, "features"), self._starts):
+            a, b = max(start, offset), min(stop, offset + ds.shape[0])
+            if a < b:
+                ds.read_direct(out, np.s_[a - offset : b - offset], np.s_[a - start : b - start])
+
     def close(self) -> None:
         """Close the underlying files."""
         for f in self._files:

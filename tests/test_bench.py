@@ -79,3 +79,74 @@ def test_split_batches_respect_budget_and_cap_and_examples_are_seeded():
     assert all(e.labels[: int(len(e.ids) * 0.4)] == [-100] * int(len(e.ids) * 0.4) for e in ex)
     again = gt.make_examples(200, 1000, 0, 355, 32, 2048, 0.4)
     assert [e.ids for e in again] == [e.ids for e in ex]  # seeded
+
+
+# ----------------------------------------------------------------------------- bench/match_throughput.py
+
+MATCH_PASSES = ["plain-cold", "plain-warm", "plain-parallel-cold", "h5py-cold", "lessctl-cold", "lessctl-warm",
+                "read-only-cold", "legacy-cold"]
+
+
+def _load_match_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("match_throughput", REPO / "bench" / "match_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_match_bench_figures_and_scores(tmp_path):
+    """Tiny sizes on the CPU, several blocks per store: every figure is there, and the scores it reports for a
+    sample of rows are the LESS scores computed here from the store files in float64."""
+    import h5py
+    import numpy as np
+
+    from lessctl import selection
+    from lessctl.store import verify_store
+
+    mt = _load_match_bench()
+    stores, out = tmp_path / "stores", tmp_path / "match.json"
+    argv = ["--rows", "2000", "--dim", "256", "--ckpts", "2", "--chunk-rows", "512", "--device", "cpu",
+            "--dir", str(stores), "--json", str(out)]
+    r = mt.main(argv)
+    assert selection.CHUNK_ROWS == 16384  # restored
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    for key in ("command", "date", "settings", "chunk_rows", "read_ahead", "weights", "device", "versions", "stores",
+                "data", "passes", "summary", "check", "sample"):
+        assert key in r, key
+    assert r["chunk_rows"] == 512 and r["device"]["type"] == "cpu"
+    assert r["stores"]["written"] == 4 and r["data"]["feature_bytes"] == 2 * 2000 * 256 * 2
+    assert [p["pass"] for p in r["passes"]] == MATCH_PASSES
+    for p in r["passes"]:
+        assert p["seconds"] > 0 and p["gb_per_s"] == pytest.approx(r["data"]["feature_bytes"] / 1e9 / p["seconds"])
+        assert p["x_plain_cold"] == pytest.approx(p["gb_per_s"] / r["passes"][0]["gb_per_s"])
+    s = r["summary"]
+    for key in ("lessctl_vs_plain_cold", "lessctl_vs_h5py_cold", "h5py_vs_plain_cold", "read_share",
+                "compute_bound_gb_per_s", "legacy_vs_plain_cold", "speedup_over_legacy"):
+        assert s[key] > 0, key
+    assert {"warm_over_cold_plain", "resident_after_evict", "resident_warm", "worked"} <= set(s["eviction"])
+    c = r["check"]
+    assert c["ok"] and c["identical_to_legacy"] and c["warm_equals_cold"] and c["max_abs_diff_numpy"] < 1e-6
+
+    # the sample's scores, recomputed here
+    rows = np.array(r["sample"]["rows"])
+    assert len(rows) >= 10 and rows[0] == 0 and rows[-1] == 1999
+    assert r["weights"] == pytest.approx([2 / 3, 1 / 3])
+    S = 0.0
+    for w, step in zip(r["weights"], (100, 200)):
+        assert verify_store(stores / f"pool-ckpt{step}-adam.h5") == []
+        with h5py.File(stores / f"pool-ckpt{step}-adam.h5") as fx, h5py.File(stores / f"target-ckpt{step}-sgd.h5") as fy:
+            X = fx["dim256/features"][:].astype(np.float64)[rows]
+            Y = fy["dim256/features"][:].astype(np.float64)
+        assert Y.shape == (15, 256)
+        S = S + w * X @ Y.T
+    expected = np.stack([S[:, 5 * k : 5 * k + 5].mean(axis=1) for k in range(3)], axis=1).max(axis=1)  # 3 subtasks x 5
+    np.testing.assert_allclose(r["sample"]["scores"], expected, atol=1e-6)
+    assert np.ptp(expected) > 0.01  # not a degenerate sample
+
+    # a second run over the same folder reuses the stores
+    r2 = mt.main([*argv[:-2], "--no-legacy"])
+    assert r2["stores"] == {**r2["stores"], "written": 0, "reused": 4}
+    assert "legacy-cold" not in [p["pass"] for p in r2["passes"]] and r2["summary"]["speedup_over_legacy"] is None
+    assert r2["sample"] == r["sample"]

@@ -41,6 +41,9 @@ class _Reader:
         for i in range(0, self.n_rows, rows):
             yield i, self.x[i : i + rows]
 
+    def read_into(self, dim, start, out):
+        out[:] = self.x[start : start + len(out)]
+
 
 def test_scores_and_selection_equal_lessctl_selection(pq):
     """The script's normalization, scores and top 5% are those of `lessctl match` on the same features."""

@@ -294,6 +294,14 @@ def test_shards_read_as_one(tmp_path):
             starts = [s for s, _ in r.iter_chunks(d, rows=8)]
             assert starts == [0, 8, 10, 18, 20, 28]
             np.testing.assert_array_equal(np.concatenate([c for _, c in r.iter_chunks(d, rows=8)]), rr.read(d))
+            for start, stop in ((0, 31), (5, 25), (9, 11), (10, 20), (30, 31), (7, 7)):  # across shard boundaries
+                out = np.full((stop - start, d), np.nan, dtype=np.float16)
+                r.read_into(d, start, out)
+                np.testing.assert_array_equal(out, rr.read(d)[start:stop])
+            with pytest.raises(ValueError):
+                r.read_into(d, 25, np.empty((7, d), dtype=np.float16))  # past the end
+            with pytest.raises(ValueError):
+                r.read_into(d, 0, np.empty((4, d), dtype=np.float32))
         assert store.verify_store(r) == []
 
 

@@ -22,6 +22,7 @@ def grads(
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: compute only the K-th of N contiguous row ranges.")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget per batch (longest x examples).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="N GPUs (cuda:0..N-1) or a list (cuda:0,cuda:2 or cpu,cpu): one worker per device, worker k computes --shard k/N.")] = None,
     merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="Merge the adapter into the base weights for the pass (default: [grads] merge, true): faster, same gradients up to rounding.")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -31,11 +32,19 @@ def grads(
     from lessctl.errors import ConfigError
     from lessctl.gradients import GRAD_TYPES
 
+    if devices is not None and shard is not None:
+        raise ConfigError("--devices and --shard cannot be combined: with --devices N, worker k computes shard k/N")
+    if devices is not None and device is not None:
+        raise ConfigError("--devices and --device cannot be combined: give one device as --devices DEVICE or --device DEVICE")
     if grad_type is not None and grad_type not in GRAD_TYPES:
         raise ConfigError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
     cfg = load_config({"grads.dims": dims, "grads.projector": projector, "grads.batch_tokens": batch_tokens,
                        "grads.merge": merge})
     steps = resolve_steps(cfg, ckpt, ckpt_index)
+    if devices is not None:
+        from lessctl.multidevice import parse_devices
+
+        device_list = parse_devices(devices)
     con = err_console()
     with ProgressBar("grads", unit="ex", quiet=json_out) as bar:
         state = {"key": None}
@@ -46,24 +55,50 @@ def grads(
                 state["key"] = key
                 bar.update(completed=done, total=total, description=f"{name} ckpt {step}")
             else:
-                bar.update(completed=done)
+                bar.update(completed=done, total=total)  # with --devices the total grows as workers start a store
 
-        results = collect_gradients(
-            cfg, steps=steps, dims=list(cfg.grads.dims), train=train, targets=target, grad_type=grad_type,
-            projector=cfg.grads.projector, shard=parse_shard(shard), force=force, device=device,
-            progress=progress, announce=None if json_out else con.print,
-        )
+        common = dict(steps=steps, dims=list(cfg.grads.dims), train=train, targets=target, grad_type=grad_type,
+                      projector=cfg.grads.projector, force=force, progress=progress,
+                      announce=None if json_out else con.print)
+        if devices is not None:
+            from lessctl.multidevice import collect_on_devices
+
+            results = collect_on_devices(cfg, device_list, **common)
+        else:
+            results = collect_gradients(cfg, shard=parse_shard(shard), device=device, **common)
     rows = [{"store": str(r.path), "name": r.name, "step": r.step, "type": r.grad_type, "rows": r.rows,
              "status": r.status, "seconds": round(r.seconds, 2), "examples_per_s": round(r.examples_per_s, 2),
-             "rows_without_labels": r.zero_label_rows} for r in results]
+             "rows_without_labels": r.zero_label_rows, **{k: v for k, v in r.extra.items() if k in ("shard", "device")}}
+            for r in results]
     if json_out:
         emit_json({"stores": rows})
         return
+    table = _per_store(rows) if devices is not None else rows
     print_table("gradient stores", ["name", "ckpt", "type", "rows", "status", "ex/s", "file"],
-                [[r["name"], r["step"], r["type"], r["rows"], r["status"], r["examples_per_s"], Path(r["store"]).name] for r in rows])
-    for r in rows:
+                [[r["name"], r["step"], r["type"], r["rows"], r["status"], r["examples_per_s"], Path(r["store"]).name]
+                 for r in table])
+    for r in table:
         if r["rows_without_labels"]:
             con.print(f"[yellow]{r['name']}: {r['rows_without_labels']} examples have no label tokens (zero features)")
+
+
+def _per_store(rows: list[dict]) -> list[dict]:
+    """--devices: one table line per store, its shards summed (ex/s: new rows over the slowest shard's time)."""
+    import re
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["step"], r["type"]), []).append(r)
+    out = []
+    for shards in groups.values():
+        secs = max(r["seconds"] for r in shards)
+        new = sum(r["examples_per_s"] * r["seconds"] for r in shards)
+        out.append({**shards[0], "rows": sum(r["rows"] for r in shards),
+                    "status": "+".join(dict.fromkeys(r["status"] for r in shards)),
+                    "examples_per_s": round(new / secs, 2) if secs > 0 else 0.0,
+                    "store": re.sub(r"-shard\d+of", "-shard*of", shards[0]["store"]),
+                    "rows_without_labels": sum(r["rows_without_labels"] for r in shards)})
+    return out
 
 
 store_app = typer.Typer(help="Inspect gradient stores.", no_args_is_help=True)
