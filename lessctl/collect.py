@@ -178,6 +178,8 @@ def collect_gradients(
         model, tok = load_adapter_model(ckpt, base=base, dtype=cfg.model.dtype, device=device, trainable=True)
         model.eval()  # no dropout: LESS takes gradients in eval mode
         peg = PerExampleGradients(model, merge=cfg.grads.merge and _lora_only(model))
+        if cfg.grads.compile:
+            peg.compile_blocks()
         if not projectors:
             for d in dims:
                 projectors[d] = make_projector(kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed,

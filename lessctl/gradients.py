@@ -189,6 +189,17 @@ class PerExampleGradients:
             self._xf = (x, x.float())
         return self._xf[1]
 
+    def compile_blocks(self) -> int:
+        """torch.compile (dynamic shapes) the model's norm and MLP modules, which carry none of the hooks:
+        their chains of elementwise kernels fuse. Returns how many modules were compiled."""
+        n = 0
+        for mod in self.model.modules():
+            name = type(mod).__name__
+            if name.endswith("RMSNorm") or name.endswith("MLP"):
+                mod.compile(dynamic=True)
+                n += 1
+        return n
+
     # -- merging
     def _merge(self) -> None:
         import torch
@@ -509,9 +520,10 @@ class FeatureCollector:
         self.project_rows = project_rows or auto_project_rows(projectors, peg.grad_dim, dev)
         self.timer = timer or _NullTimer()
         self.keep_raw = keep_raw
-        # On a GPU the gradients of the next batch are computed on a side stream while the projection runs
-        # on the default stream (where fast_jl launches its kernel whatever the current stream).
-        self.overlap = (dev.type == "cuda") if overlap is None else (overlap and dev.type == "cuda")
+        # overlap (GPU only): the next batch's gradients run on a side stream while the projection runs on
+        # the default stream (where fast_jl launches its kernel whatever the current stream). Measured on an
+        # H100 it gains about 1% (both saturate the GPU), so it is off unless asked for.
+        self.overlap = bool(overlap) and dev.type == "cuda"
 
     def __call__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Collected:
         import contextlib

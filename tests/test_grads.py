@@ -677,3 +677,20 @@ def test_overlapped_projection_gives_the_sequential_features():
     for d in projs:
         assert np.abs(got[False].features[d]).sum() > 0
         np.testing.assert_array_equal(got[True].features[d], got[False].features[d])
+
+
+def test_compiled_blocks_give_the_same_gradients(tiny_template):
+    """`grads --compile`: torch.compile on the norm and MLP modules changes nothing in the per-example gradients."""
+    model, tok = _model(tiny_template)
+    enc = _encoded(tiny_template, tok, 5)
+    seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    peg = PerExampleGradients(model, merge=True)
+    try:
+        ref, _, _ = peg(seqs, labels, tok.pad_token_id)
+        assert peg.compile_blocks() == 2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers
+        got, _, _ = peg(seqs, labels, tok.pad_token_id)
+        got2, _, _ = peg(seqs[:2], labels[:2], tok.pad_token_id)  # another shape: dynamic, no failure
+    finally:
+        peg.remove()
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    assert torch.allclose(got2, ref[:2], rtol=1e-4, atol=1e-6 * ref.abs().max().item())

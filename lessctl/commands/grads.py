@@ -24,6 +24,7 @@ def grads(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="N GPUs (cuda:0..N-1) or a list (cuda:0,cuda:2 or cpu,cpu): one worker per device, worker k computes --shard k/N.")] = None,
     merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="Merge the adapter into the base weights for the pass (default: [grads] merge, true): faster, same gradients up to rounding.")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the norm and MLP modules (default: [grads] compile, false): ~10% faster on a GPU after a minute of compiling.")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -39,7 +40,7 @@ def grads(
     if grad_type is not None and grad_type not in GRAD_TYPES:
         raise ConfigError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
     cfg = load_config({"grads.dims": dims, "grads.projector": projector, "grads.batch_tokens": batch_tokens,
-                       "grads.merge": merge})
+                       "grads.merge": merge, "grads.compile": compile_})
     steps = resolve_steps(cfg, ckpt, ckpt_index)
     if devices is not None:
         from lessctl.multidevice import parse_devices
