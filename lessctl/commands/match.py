@@ -11,14 +11,14 @@ from lessctl.commands._common import JsonOpt, ProgressBar, emit_json, err_consol
 
 
 def match(
-    target: Annotated[Optional[list[str]], typer.Option("--target", autocompletion=complete_targets, help="Target name(s) from [data] targets (default: all).")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", autocompletion=complete_targets, help="Target name(s) from data.targets in lessctl.toml (default: all).")] = None,
     method: Annotated[Optional[list[str]], typer.Option("--method", autocompletion=complete_methods, help="less, random or bm25 (repeat for several).")] = None,
     ckpts: Annotated[Optional[list[int]], typer.Option("--ckpts", autocompletion=complete_ckpts, help="Use only these checkpoint steps (weights renormalized).")] = None,
     weights: Annotated[Optional[list[float]], typer.Option("--weights", help="Checkpoint weights (default: lr_mean from checkpoints.json).")] = None,
     percentage: Annotated[Optional[float], typer.Option("--percentage", help="Share of the pool to select (default 0.05).")] = None,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Select this many examples instead of a share.")] = None,
     train: Annotated[Optional[list[str]], typer.Option("--train", autocompletion=complete_train, help="Training set name(s) to select from (default: all).")] = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Projection dimension to match on (default: the largest of [grads] dims).")] = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Projection dimension to match on (default: the largest of grads.dims in lessctl.toml).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score every pool example against a target and write the top 5% as jsonl."""
