@@ -164,19 +164,16 @@ class PartTimer:
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
-        """A host-side part; it ends by waiting for the current stream only, so work that lessctl overlaps on
-        another stream (the projection) keeps running."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
-                torch.cuda.current_stream().synchronize()
+            self.sync()
             self.seconds[name] += time.perf_counter() - t0 - self._collect()
 
     @contextlib.contextmanager
-    def gpu_part(self, name: str, nested: bool = True) -> Iterator[None]:
-        """Work queued on the current stream, timed with CUDA events; nested: inside a part, whose time it leaves."""
+    def gpu_part(self, name: str) -> Iterator[None]:
+        """Work queued inside a part (lessctl's hooks), timed with CUDA events; its time leaves the enclosing part."""
         if self.cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -184,27 +181,22 @@ class PartTimer:
                 yield
             finally:
                 e.record()
-                self.pending.append((name, nested, s, e))
+                self.pending.append((name, s, e))
         else:
             t0 = time.perf_counter()
             try:
                 yield
             finally:
-                self.pending.append((name, nested, time.perf_counter() - t0))
+                self.pending.append((name, time.perf_counter() - t0))
 
-    def _collect(self, everything: bool = False) -> float:
-        """Adds finished gpu parts to their names; returns the time of the nested ones (to leave the enclosing part)."""
+    def _collect(self) -> float:
+        """After a synchronisation: adds the gpu parts to their names and returns their total time."""
         total = 0.0
-        keep = []
         for item in self.pending:
-            if len(item) == 4 and not (everything or item[3].query()):
-                keep.append(item)
-                continue
-            secs = item[2].elapsed_time(item[3]) / 1000 if len(item) == 4 else item[2]
+            secs = item[1].elapsed_time(item[2]) / 1000 if len(item) == 3 else item[1]
             self.seconds[item[0]] += secs
-            if item[1]:
-                total += secs
-        self.pending = keep
+            total += secs
+        self.pending = []
         return total
 
     def __enter__(self) -> "PartTimer":
@@ -215,7 +207,6 @@ class PartTimer:
     def __exit__(self, *exc) -> None:
         self.sync()
         self.total = time.perf_counter() - self.start
-        self._collect(everything=True)
         self.seconds["other"] = max(0.0, self.total - sum(v for k, v in self.seconds.items() if k != "other"))
 
 
@@ -339,16 +330,14 @@ def fastest(run_pass: Callable[[], PathRun], repeats: int) -> PathRun:
 
 
 def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dict[int, Any], device: torch.device,
-                batch_tokens: int, max_examples: int | None, keep_raw: bool = False, merge: bool = False,
-                overlap: bool | None = None) -> PathRun:
+                batch_tokens: int, max_examples: int | None, keep_raw: bool = False, merge: bool = False) -> PathRun:
     """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs."""
     peg = PerExampleGradients(model, merge=merge)
     run = PathRun()
     try:
         with PartTimer(device) as t:
             collector = FeatureCollector(peg, projectors, "adam", adam, pad_id=0, batch_tokens=batch_tokens,
-                                         max_batch_examples=max_examples, timer=t, keep_raw=keep_raw,
-                                         overlap=overlap)
+                                         max_batch_examples=max_examples, timer=t, keep_raw=keep_raw)
             got = collector([e.ids for e in examples], [e.labels for e in examples])
     finally:
         peg.remove()
@@ -478,9 +467,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "by default ([grads] merge)")
     ap.add_argument("--compile", action="store_true",
                     help="lessctl's path compiles the model's norm and MLP modules (lessctl grads --compile)")
-    ap.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
-                    help="lessctl projects on the default stream while the next batch's gradients run on a side stream "
-                         "(measured: about 1%% faster on an H100, so off by default); the part shares then add up to more than 100%%")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (the float32 LoRA path)")
     ap.add_argument("--basic-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)")
@@ -649,13 +635,12 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                     torch.cuda.reset_accumulated_memory_stats()
                 log(f"{name}: timing {len(examples)} examples x {args.repeats} pass(es)")
-                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge,
-                                                  overlap=args.overlap),
+                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge),
                               args.repeats)
                 fig = path_figures(name, f"{kind} ({why})", run, len(examples), tokens, counts["flop_params"],
                                    args.peak_tflops, device)
                 fig.update(batch_tokens=bt, max_batch_examples=run.max_batch_examples, project_rows=run.project_rows,
-                           merge=args.merge, overlap=args.overlap and device.type == "cuda", compile=args.compile, oom_retries=retries, projector_attrs=projs[dims[0]].attrs)
+                           merge=args.merge, compile=args.compile, oom_retries=retries, projector_attrs=projs[dims[0]].attrs)
                 if kind == "basic":
                     fig["projector_attrs"]["matrix_dtype"] = args.basic_dtype
                 truth_projectors[name] = (lambda p=projs: p) if keep_projectors else less_projectors

@@ -77,8 +77,6 @@ def main() -> None:
         with torch.no_grad():
             res["forward"] = timed(lambda: model(input_ids=ids, attention_mask=att).logits, args.reps)
 
-        merged = PerExampleGradients(model, merge=True)
-        merged.remove()  # restores the weights; merge again by hand below, without hooks
         peg = PerExampleGradients(model, merge=True)
         for h in peg._handles[:-1]:  # keep only the embedding hook: no per-example work
             h.remove()

@@ -177,7 +177,9 @@ def collect_gradients(
         ckpt = checkpoint_dir(cfg, step)
         model, tok = load_adapter_model(ckpt, base=base, dtype=cfg.model.dtype, device=device, trainable=True)
         model.eval()  # no dropout: LESS takes gradients in eval mode
-        peg = PerExampleGradients(model, merge=cfg.grads.merge and _lora_only(model))
+        peg = PerExampleGradients(model)
+        if cfg.grads.merge and peg.lora is not None:  # a model that is not plain peft LoRA runs unmerged
+            peg.merge()
         if cfg.grads.compile:
             peg.compile_blocks()
         if not projectors:
@@ -240,12 +242,6 @@ def check_steps(cfg: Config, steps: list[int]) -> None:
     for s in steps:
         if s not in manifest:
             raise ConfigError(f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})")
-
-
-def _lora_only(model) -> bool:
-    from lessctl.gradients import _lora_layers, trainable_parameters
-
-    return _lora_layers(model, trainable_parameters(model)) is not None
 
 
 def resolve_steps(cfg: Config, ckpts: list[int] | None, ckpt_index: int | None) -> list[int]:

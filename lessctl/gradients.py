@@ -8,6 +8,7 @@ the one a batch of one gives (tested against `naive_gradients`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,14 +105,9 @@ class PerExampleGradients:
         self._restore: list = []
         self.timer = _NullTimer()
         self.lora = _lora_layers(model, self.params)
-        if merge and self.lora is None:
-            raise InputError("merge: the trainable parameters are not (only) peft LoRA weights")
-        self.merged = bool(merge)
         if self.lora is not None:
             for layer, name, a, b, s in self.lora:
                 self._handles.append(layer.register_forward_hook(self._lora_hook(a, b, s)))
-            if merge:
-                self._merge()
         else:
             for name, p in self.params:
                 mod_name, _, leaf = name.rpartition(".")
@@ -122,6 +118,8 @@ class PerExampleGradients:
         self._emb_out = None
         self._xf = (None, None)
         self._handles.append(model.get_input_embeddings().register_forward_hook(self._embedding_hook))
+        if merge:
+            self.merge()
 
     # -- hooks
     def _embedding_hook(self, mod, inputs, output):
@@ -139,8 +137,10 @@ class PerExampleGradients:
             x = inputs[0].detach()
 
             def on_grad(g):
+                import torch
+
                 with self.timer.gpu_part("assemble"), _tf32():
-                    rows = __import__("torch").einsum("bto,bti->boi", g.float(), x.float())
+                    rows = torch.einsum("bto,bti->boi", g.float(), x.float())
                 self._sink(p, rows.reshape(rows.shape[0], -1))
 
             output.register_hook(on_grad)
@@ -156,25 +156,20 @@ class PerExampleGradients:
             def on_grad(g):
                 import torch
 
-                from lessctl.kernels import bmm_f32
+                from lessctl.kernels import bmm_f32, has_bmm_f32
 
                 with self.timer.gpu_part("assemble"):
-                    ga = gb = None
-                    if x.is_cuda and x.dtype == torch.bfloat16 and g.dtype == torch.bfloat16:
+                    if x.dtype == g.dtype == torch.bfloat16 and has_bmm_f32(x.device):
                         # bf16 operands (the activations are bf16 already), float32 accumulation and output
-                        u = (x @ a.detach().to(x.dtype).T).mul_(s)  # [B, T, r]: lora_A's output, times s
-                        v = (g @ b.detach().to(x.dtype)).mul_(s)  # [B, T, r]: the gradient at lora_A's output
-                        ga = bmm_f32(v.transpose(1, 2), x)
-                        gb = bmm_f32(g.transpose(1, 2), u) if ga is not None else None
-                    if gb is None:
-                        with _tf32():
-                            xf, gf = self._float_input(x), g.float()
-                            u = (xf @ a.detach().float().T).mul_(s)
-                            v = (gf @ b.detach().float()).mul_(s)
-                            ga = torch.bmm(v.transpose(1, 2), xf)  # [B, r, in]
-                            gb = torch.bmm(gf.transpose(1, 2), u)  # [B, out, r]
-                            del xf, gf
-                    del u, v
+                        xs, gs, bmm, precision = x, g, bmm_f32, contextlib.nullcontext()
+                    else:
+                        xs, gs, bmm, precision = self._float_input(x), g.float(), torch.bmm, _tf32()
+                    with precision:
+                        u = (xs @ a.detach().to(xs.dtype).T).mul_(s)  # [B, T, r]: lora_A's output, times s
+                        v = (gs @ b.detach().to(xs.dtype)).mul_(s)  # [B, T, r]: the gradient at lora_A's output
+                        ga = bmm(v.transpose(1, 2), xs)  # [B, r, in]
+                        gb = bmm(gs.transpose(1, 2), u)  # [B, out, r]
+                    del xs, gs, u, v
                 n = ga.shape[0]
                 self._sink(a, ga.reshape(n, -1))
                 self._sink(b, gb.reshape(n, -1))
@@ -201,9 +196,12 @@ class PerExampleGradients:
         return n
 
     # -- merging
-    def _merge(self) -> None:
+    def merge(self) -> None:
+        """Merge the LoRA adapter into the base weights until `remove()`: the forward then skips the LoRA branch."""
         import torch
 
+        if self.lora is None:
+            raise InputError("merge: the trainable parameters are not (only) peft LoRA weights")
         with torch.no_grad():
             for layer, name, a, b, s in self.lora:
                 w = layer.get_base_layer().weight
@@ -367,28 +365,22 @@ def load_adam_state(ckpt_dir: Path, params: list[tuple[str, Any]], device) -> Ad
     return AdamState(torch.cat(m).to(device), torch.cat(v).to(device), float(b1), float(b2), float(g0.get("eps", 1e-8)))
 
 
-def transform(g, grad_type: str, adam: AdamState | None = None, inplace: bool = False):
+def transform(g, grad_type: str, adam: AdamState | None = None):
     """LESS's features from raw gradients g [B, P]: adam (no bias correction, eps inside the sqrt), sgd, sign.
 
-    With inplace=True the result overwrites g and the adam transform needs one extra [B, P] buffer
-    instead of five (at 7B shape a row is 0.5 GB).
+    The reference formula; the grads stage runs `transform_into`, the same arithmetic per parameter slice.
     """
     import torch
 
     if grad_type == "sgd":
         return g
     if grad_type == "sign":
-        return g.sign_() if inplace else torch.sign(g)
+        return torch.sign(g)
     if grad_type == "adam":
         assert adam is not None
-        if not inplace:
-            m = adam.beta1 * adam.exp_avg + (1 - adam.beta1) * g
-            v = adam.beta2 * adam.exp_avg_sq + (1 - adam.beta2) * g * g
-            return m / torch.sqrt(v + adam.eps)
-        denom = g * g  # [B, P]: the one temporary
-        denom.mul_(1 - adam.beta2).add_(adam.exp_avg_sq, alpha=adam.beta2).add_(adam.eps).sqrt_()
-        g.mul_(1 - adam.beta1).add_(adam.exp_avg, alpha=adam.beta1).div_(denom)
-        return g
+        m = adam.beta1 * adam.exp_avg + (1 - adam.beta1) * g
+        v = adam.beta2 * adam.exp_avg_sq + (1 - adam.beta2) * g * g
+        return m / torch.sqrt(v + adam.eps)
     raise InputError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
 
 
@@ -453,11 +445,6 @@ def token_batches(lengths: Sequence[int], batch_tokens: int, max_examples: int |
     yield from reversed(batches)
 
 
-def split_batches(lengths: Sequence[int], batch_tokens: int, max_examples: int | None = None) -> Iterator[list[int]]:
-    """token_batches with at most `max_examples` examples each (kept as a name for callers)."""
-    yield from token_batches(lengths, batch_tokens, max_examples)
-
-
 def auto_max_batch_examples(grad_dim: int, device) -> int | None:
     """On a GPU: how many examples' [P] float16 feature rows (twice over: a batch's rows and as many waiting
     for projection) fit in a quarter of the GPU's memory; on a CPU no cap."""
@@ -489,7 +476,7 @@ class _NullTimer:
 
         return contextlib.nullcontext()
 
-    def gpu_part(self, name: str, nested: bool = True):
+    def gpu_part(self, name: str):
         import contextlib
 
         return contextlib.nullcontext()
@@ -512,7 +499,7 @@ class FeatureCollector:
 
     def __init__(self, peg: PerExampleGradients, projectors: dict, grad_type: str, adam: AdamState | None = None, *,
                  pad_id: int, batch_tokens: int, max_batch_examples: int | None = None,
-                 project_rows: int | None = None, timer=None, keep_raw: bool = False, overlap: bool | None = None):
+                 project_rows: int | None = None, timer=None, keep_raw: bool = False):
         dev = peg.device
         self.peg, self.projectors, self.grad_type, self.adam = peg, projectors, grad_type, adam
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
@@ -520,14 +507,8 @@ class FeatureCollector:
         self.project_rows = project_rows or auto_project_rows(projectors, peg.grad_dim, dev)
         self.timer = timer or _NullTimer()
         self.keep_raw = keep_raw
-        # overlap (GPU only): the next batch's gradients run on a side stream while the projection runs on
-        # the default stream (where fast_jl launches its kernel whatever the current stream). Measured on an
-        # H100 it gains about 1% (both saturate the GPU), so it is off unless asked for.
-        self.overlap = bool(overlap) and dev.type == "cuda"
 
     def __call__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Collected:
-        import contextlib
-
         import numpy as np
         import torch
 
@@ -539,52 +520,27 @@ class FeatureCollector:
         r16: list = []
         counts: list = []
         log_batches = []
-        inflight: list = []  # (positions, {dim: projected rows on the GPU}, {dim: raw projections} or None)
-        dev = self.peg.device
-        if self.overlap:
-            main = torch.cuda.default_stream(dev)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(main)  # whatever was queued before (loading, merging) comes first
-            compute = lambda: torch.cuda.stream(side)  # noqa: E731
-        else:
-            main = side = None
-            compute = contextlib.nullcontext
-
-        def drain() -> None:
-            for pos, res, rres in inflight:
-                for d in res:
-                    out[d][pos] = res[d].float().cpu().numpy()
-                    if rres is not None:
-                        raw[d][pos] = rres[d].float().cpu().numpy()
-            inflight.clear()
 
         def flush(final: bool) -> None:
             nonlocal rows, f16, r16
             k = len(rows) if final else len(rows) // self.project_rows * self.project_rows
             if not k:
                 return
-            if self.overlap:
-                drain()  # the previous projection (long finished, usually) before queueing the next one
-                main.wait_stream(side)  # the rows are complete
-                for t in f16 + r16:
-                    t.record_stream(main)
-            part = self.timer.gpu_part("projection", nested=False) if self.overlap else self.timer.part("projection")
-            with (torch.cuda.stream(main) if self.overlap else contextlib.nullcontext()), part:
+            with self.timer.part("projection"):
                 x = torch.cat(f16) if len(f16) > 1 else f16[0]
                 xr = (torch.cat(r16) if len(r16) > 1 else r16[0]) if raw is not None else None
-                res = {d: proj.project(x[:k]) for d, proj in self.projectors.items()}
-                rres = {d: proj.project(xr[:k]) for d, proj in self.projectors.items()} if xr is not None else None
-            inflight.append((rows[:k], res, rres))
-            if not self.overlap:
-                drain()
+                for d, proj in self.projectors.items():
+                    out[d][rows[:k]] = proj.project(x[:k]).float().cpu().numpy()
+                    if xr is not None:
+                        raw[d][rows[:k]] = proj.project(xr[:k]).float().cpu().numpy()
             rows = rows[k:]
             f16 = [x[k:]] if rows else []
             r16 = [xr[k:]] if rows and xr is not None else []
 
         self.peg.timer = self.timer
         try:
-            for batch in split_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
-                with compute(), self.timer.part("fwd_bwd"):
+            for batch in token_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
+                with self.timer.part("fwd_bwd"):
                     f, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
                                                        self.grad_type, self.adam, keep_raw=raw is not None)
                 counts.append(count)
@@ -595,7 +551,6 @@ class FeatureCollector:
                     r16.append(r)
                 flush(final=False)
             flush(final=True)
-            drain()
         finally:
             self.peg.timer = _NullTimer()
         zero = int(sum(int((c == 0).sum()) for c in counts))

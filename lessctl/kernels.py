@@ -3,7 +3,7 @@
 - `adam_into`: LESS's Adam transform of gradient rows written straight into float16 (one Triton kernel:
   one read of g, m and v, one write; the torch ops need four passes);
 - `bmm_f32`: a batched matmul of bfloat16 operands with float32 accumulation and output, where this
-  torch supports `torch.bmm(..., out_dtype=torch.float32)`.
+  torch supports `torch.bmm(..., out_dtype=torch.float32)` (`has_bmm_f32`).
 Both are used only on CUDA tensors and only when they work here; `fast_paths()` says which are active.
 """
 
@@ -63,20 +63,27 @@ def adam_into(g, m, v, beta1: float, beta2: float, eps: float, out) -> bool:
         return False
 
 
-def bmm_f32(a, b):
-    """a @ b for bfloat16 [B, M, K] x [B, K, N] with float32 accumulation and output, or None where this torch
-    (or device) cannot (the caller then multiplies float32 copies)."""
+def has_bmm_f32(device) -> bool:
+    """Whether this torch multiplies bfloat16 batches into float32 on `device` (`torch.bmm(out_dtype=...)`):
+    probed once, on a CUDA device only."""
     import torch
 
-    if not a.is_cuda or a.dtype != torch.bfloat16 or _state["bmm_dtype"] is False:
-        return None
-    try:
-        out = torch.bmm(a, b, out_dtype=torch.float32)
-        _state["bmm_dtype"] = True
-        return out
-    except (TypeError, RuntimeError, NotImplementedError):
-        _state["bmm_dtype"] = False
-        return None
+    if torch.device(device).type != "cuda":
+        return False
+    if _state["bmm_dtype"] is None:
+        try:
+            x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=device)
+            _state["bmm_dtype"] = torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _state["bmm_dtype"] = False
+    return bool(_state["bmm_dtype"])
+
+
+def bmm_f32(a, b):
+    """a @ b for bfloat16 [B, M, K] x [B, K, N] with float32 accumulation and output (see `has_bmm_f32`)."""
+    import torch
+
+    return torch.bmm(a, b, out_dtype=torch.float32)
 
 
 def fast_paths() -> dict[str, bool | None]:

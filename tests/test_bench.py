@@ -61,16 +61,16 @@ def test_bench_features_match_fp32_truth_on_cpu(bench_report):
             assert c["min"] > 0.99 and c["median"] > 0.99, (p["path"], kind, c)
 
 
-def test_split_batches_respect_budget_and_cap_and_examples_are_seeded():
+def test_token_batches_respect_budget_and_cap_and_examples_are_seeded():
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import grads_throughput as gt
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from lessctl.gradients import split_batches
+    from lessctl.gradients import token_batches
 
     lengths = [300, 40, 900, 120, 120, 64, 500, 33]
-    batches = list(split_batches(lengths, 1024, 2))
+    batches = list(token_batches(lengths, 1024, 2))
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) <= 2 and len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
     ex = gt.make_examples(200, 1000, 0, 355, 32, 2048, 0.4)

@@ -355,9 +355,6 @@ def test_feature_collector_equals_per_batch_projection(tiny_template):
     np.testing.assert_allclose(small.features[64], big.features[64], rtol=1e-4, atol=1e-4)
     expected = proj[64].project(transform(naive, "adam", adam)).numpy()
     np.testing.assert_allclose(big.features[64], expected, rtol=1e-3, atol=1e-3)
-    # the in-place transform equals the out-of-place one
-    g = torch.randn(4, peg.grad_dim)
-    assert torch.allclose(transform(g.clone(), "adam", adam, inplace=True), transform(g, "adam", adam), atol=1e-6)
 
 
 def test_count_sketch_equals_its_dense_matrix_and_is_deterministic(monkeypatch):
@@ -637,46 +634,10 @@ def test_gpu_fast_paths_equal_the_torch_ops():
 
     a = torch.randn(3, 40, 70, device="cuda", generator=gen).bfloat16()
     b = torch.randn(3, 70, 50, device="cuda", generator=gen).bfloat16()
-    got = kernels.bmm_f32(a, b)
-    if got is not None:  # this torch supports out_dtype
+    if kernels.has_bmm_f32("cuda"):  # this torch supports out_dtype
+        got = kernels.bmm_f32(a, b)
         assert got.dtype == torch.float32
         assert torch.allclose(got, torch.bmm(a.float(), b.float()), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_overlapped_projection_gives_the_sequential_features():
-    """On a GPU the projection runs on the default stream while the next batch runs on a side stream: same rows."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from lessctl.gradients import FeatureCollector
-    from lessctl.projection import make_projector
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      intermediate_size=256, vocab_size=500)
-    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 1e-2)
-    model.eval()
-    gen = np.random.default_rng(0)
-    seqs = [gen.integers(3, 500, size=int(n)).tolist() for n in gen.integers(20, 200, size=40)]
-    labels = [[-100] * (len(s) // 3) + s[len(s) // 3 :] for s in seqs]
-    peg = PerExampleGradients(model, merge=True)
-    try:
-        projs = {256: make_projector("sketch", peg.grad_dim, 256, "cuda"), 128: make_projector("basic", peg.grad_dim, 128, "cuda")}
-        got = {}
-        for overlap in (False, True):
-            got[overlap] = FeatureCollector(peg, projs, "sgd", pad_id=0, batch_tokens=1024, project_rows=7,
-                                            overlap=overlap)(seqs, labels)
-    finally:
-        peg.remove()
-    for d in projs:
-        assert np.abs(got[False].features[d]).sum() > 0
-        np.testing.assert_array_equal(got[True].features[d], got[False].features[d])
 
 
 def test_compiled_blocks_give_the_same_gradients(tiny_template):
