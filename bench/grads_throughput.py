@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lessctl.gradients import AdamState, FeatureCollector, PerExampleGradients, naive_gradients, transform
+from lessctl.gradients import AdamState, FeatureCollector, PerExampleGradients, naive_gradients, token_batches, transform
 
 # Llama shapes. 7b and 13b are Llama-2's; 1b is TinyLlama-1.1B's (grouped-query attention).
 SHAPES: dict[str, dict[str, int]] = {
@@ -330,9 +330,13 @@ def fastest(run_pass: Callable[[], PathRun], repeats: int) -> PathRun:
 
 
 def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dict[int, Any], device: torch.device,
-                batch_tokens: int, max_examples: int | None, keep_raw: bool = False, merge: bool = False) -> PathRun:
-    """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs."""
-    peg = PerExampleGradients(model, merge=merge)
+                batch_tokens: int, max_examples: int | None, keep_raw: bool = False, merge: bool = False,
+                peg: PerExampleGradients | None = None) -> PathRun:
+    """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs.
+    With `peg` (the compiled pass, built once) that pass is used and kept; otherwise one is made for the run."""
+    own = peg is None
+    if own:
+        peg = PerExampleGradients(model, merge=merge)
     run = PathRun()
     try:
         with PartTimer(device) as t:
@@ -340,7 +344,8 @@ def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dic
                                          max_batch_examples=max_examples, timer=t, keep_raw=keep_raw)
             got = collector([e.ids for e in examples], [e.labels for e in examples])
     finally:
-        peg.remove()
+        if own:
+            peg.remove()
     run.timer = t
     run.batches = len(got.batches)
     run.padded_tokens = sum(b * T for b, T in got.batches)
@@ -466,7 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="lessctl's path merges the adapter into the base weights for the pass, as `lessctl grads` does "
                          "by default ([grads] merge)")
     ap.add_argument("--compile", action="store_true",
-                    help="lessctl's path compiles the model's norm and MLP modules (lessctl grads --compile)")
+                    help="lessctl's path runs the compiled pass (lessctl grads --compile); its compilation is timed apart")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (the float32 LoRA path)")
     ap.add_argument("--basic-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)")
@@ -592,12 +597,22 @@ def main(argv: list[str] | None = None) -> dict:
         free_cuda()
 
     # -- (b) lessctl's path, once per projector
-    if args.compile:
+    shared = None
+    if args.compile:  # one compiled pass for every projector, compiled here on the timed batches' shapes
         t0 = time.perf_counter()
-        probe = PerExampleGradients(model)
-        report["compiled_modules"] = probe.compile_blocks()  # compiled on their first call, in the untimed warm-up
-        probe.remove()
-        log(f"lessctl: torch.compile on {report['compiled_modules']} norm/MLP modules")
+        shared = PerExampleGradients(model, merge=args.merge, compile=True)
+        mb = _max_batch_examples(args.max_batch_examples, device, P)
+        for batch in token_batches([len(e.ids) for e in examples], args.batch_tokens, mb):
+            shared.features([examples[i].ids for i in batch], [examples[i].labels for i in batch], 0, "adam", adam)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        from torch._dynamo.utils import counters
+
+        report["compile"] = {"seconds": round(time.perf_counter() - t0, 1),
+                             "graphs": int(counters["stats"]["unique_graphs"]),
+                             "graph_breaks": int(sum(counters["graph_break"].values()))}
+        log(f"lessctl: compiled the pass in {report['compile']['seconds']} s ({report['compile']['graphs']} graph(s), "
+            f"{report['compile']['graph_breaks']} break(s))")
     for req in kinds:
         name = f"lessctl-{req}"
         fig: dict[str, Any] = {"path": name, "projector": req}
@@ -626,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stage = "computing features"
                 max_b = _max_batch_examples(args.max_batch_examples, device, P)
                 log(f"{name}: warm-up and check run (batch tokens {bt}, at most {max_b or 'any'} examples per batch)")
-                chk = run_lessctl(model, warm, adam, projs, device, bt, max_b, keep_raw=True, merge=args.merge)
+                chk = run_lessctl(model, warm, adam, projs, device, bt, max_b, keep_raw=True, merge=args.merge, peg=shared)
                 check_feats[name] = {"adam": {d: v[:n_check] for d, v in chk.features.items()},
                                      "sgd": {d: v[:n_check] for d, v in chk.raw.items()}}
                 del chk
@@ -635,8 +650,8 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                     torch.cuda.reset_accumulated_memory_stats()
                 log(f"{name}: timing {len(examples)} examples x {args.repeats} pass(es)")
-                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge),
-                              args.repeats)
+                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge,
+                                                  peg=shared), args.repeats)
                 fig = path_figures(name, f"{kind} ({why})", run, len(examples), tokens, counts["flop_params"],
                                    args.peak_tflops, device)
                 fig.update(batch_tokens=bt, max_batch_examples=run.max_batch_examples, project_rows=run.project_rows,
@@ -664,6 +679,10 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             bt //= 2
         report["paths"].append(fig)
+
+    if shared is not None:
+        shared.remove()
+        del shared
 
     # -- ratios
     for p in report["paths"]:

@@ -181,7 +181,7 @@ def collect_gradients(
         if cfg.grads.merge and peg.lora is not None:  # a model that is not plain peft LoRA runs unmerged
             peg.merge()
         if cfg.grads.compile:
-            peg.compile_blocks()
+            peg.compile()
         if not projectors:
             for d in dims:
                 projectors[d] = make_projector(kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed,

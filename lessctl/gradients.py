@@ -86,7 +86,7 @@ class PerExampleGradients:
     as soon as each layer's G exists, writing each parameter's slice through a `sink`.
     """
 
-    def __init__(self, model, merge: bool = False):
+    def __init__(self, model, merge: bool = False, compile: bool = False):
         import torch
 
         self.model = model
@@ -105,21 +105,31 @@ class PerExampleGradients:
         self._restore: list = []
         self.timer = _NullTimer()
         self.lora = _lora_layers(model, self.params)
+        # (module, per-example products of (X, G), output features, output dtype) for every hooked layer
+        self.targets: list[tuple[Any, Any, int, Any]] = []
         if self.lora is not None:
             for layer, name, a, b, s in self.lora:
-                self._handles.append(layer.register_forward_hook(self._lora_hook(a, b, s)))
+                base = layer.get_base_layer()
+                self.targets.append((layer, self._lora_products(a, b, s), base.out_features, base.weight.dtype))
         else:
             for name, p in self.params:
                 mod_name, _, leaf = name.rpartition(".")
                 mod = model.get_submodule(mod_name)
                 if leaf != "weight" or not isinstance(mod, torch.nn.Linear) or (mod.bias is not None and mod.bias.requires_grad):
                     raise InputError(f"batched gradients support trainable Linear weights only; {name} is not one")
-                self._handles.append(mod.register_forward_hook(self._linear_hook(p)))
+                self.targets.append((mod, self._linear_products(p), mod.out_features, mod.weight.dtype))
         self._emb_out = None
         self._xf = (None, None)
+        self._compiled = None  # the compiled forward (`compile`)
+        self._probes: list | None = None
+        self._inputs: dict[int, Any] = {}
+        for mod, products, _, _ in self.targets:
+            self._handles.append(mod.register_forward_hook(self._eager_hook(products)))
         self._handles.append(model.get_input_embeddings().register_forward_hook(self._embedding_hook))
         if merge:
             self.merge()
+        if compile:
+            self.compile()
 
     # -- hooks
     def _embedding_hook(self, mod, inputs, output):
@@ -130,70 +140,91 @@ class PerExampleGradients:
         self._emb_out = output
         return output
 
-    def _linear_hook(self, p):
+    def _eager_hook(self, products):
         def hook(mod, inputs, output):
             if self._sink is None or not output.requires_grad:
                 return
             x = inputs[0].detach()
-
-            def on_grad(g):
-                import torch
-
-                with self.timer.gpu_part("assemble"), _tf32():
-                    rows = torch.einsum("bto,bti->boi", g.float(), x.float())
-                self._sink(p, rows.reshape(rows.shape[0], -1))
-
-            output.register_hook(on_grad)
+            output.register_hook(lambda g: products(x, g))
 
         return hook
 
-    def _lora_hook(self, a, b, s):
-        def hook(layer, inputs, output):
-            if self._sink is None or not output.requires_grad:
-                return
-            x = inputs[0].detach()
-
-            def on_grad(g):
-                import torch
-
-                from lessctl.kernels import bmm_f32, has_bmm_f32
-
-                with self.timer.gpu_part("assemble"):
-                    if x.dtype == g.dtype == torch.bfloat16 and has_bmm_f32(x.device):
-                        # bf16 operands (the activations are bf16 already), float32 accumulation and output
-                        xs, gs, bmm, precision = x, g, bmm_f32, contextlib.nullcontext()
-                    else:
-                        xs, gs, bmm, precision = self._float_input(x), g.float(), torch.bmm, _tf32()
-                    with precision:
-                        u = (xs @ a.detach().to(xs.dtype).T).mul_(s)  # [B, T, r]: lora_A's output, times s
-                        v = (gs @ b.detach().to(xs.dtype)).mul_(s)  # [B, T, r]: the gradient at lora_A's output
-                        ga = bmm(v.transpose(1, 2), xs)  # [B, r, in]
-                        gb = bmm(gs.transpose(1, 2), u)  # [B, out, r]
-                    del xs, gs, u, v
-                n = ga.shape[0]
-                self._sink(a, ga.reshape(n, -1))
-                self._sink(b, gb.reshape(n, -1))
-
-            output.register_hook(on_grad)
+    def _probe_hook(self, i: int):
+        """The compiled pass's hook: keeps the layer's input and adds probe i (zeros) to its output, so that the
+        gradient of the probe is the layer's output gradient G. Traced into the compiled graph."""
+        def hook(mod, inputs, output):
+            if self._probes is None:
+                return None
+            self._inputs[i] = inputs[0].detach()
+            return output + self._probes[i]
 
         return hook
+
+    def _linear_products(self, p):
+        def products(x, g):
+            import torch
+
+            with self.timer.gpu_part("assemble"), _tf32():
+                rows = torch.einsum("bto,bti->boi", g.float(), x.float())
+            self._sink(p, rows.reshape(rows.shape[0], -1))
+
+        return products
+
+    def _lora_products(self, a, b, s):
+        def products(x, g):
+            import torch
+
+            from lessctl.kernels import bmm_f32, has_bmm_f32
+
+            with self.timer.gpu_part("assemble"):
+                if x.dtype == g.dtype == torch.bfloat16 and has_bmm_f32(x.device):
+                    # bf16 operands (the activations are bf16 already), float32 accumulation and output
+                    xs, gs, bmm, precision = x, g, bmm_f32, contextlib.nullcontext()
+                else:
+                    xs, gs, bmm, precision = self._float_input(x), g.float(), torch.bmm, _tf32()
+                with precision:
+                    u = (xs @ a.detach().to(xs.dtype).T).mul_(s)  # [B, T, r]: lora_A's output, times s
+                    v = (gs @ b.detach().to(xs.dtype)).mul_(s)  # [B, T, r]: the gradient at lora_A's output
+                    ga = bmm(v.transpose(1, 2), xs)  # [B, r, in]
+                    gb = bmm(gs.transpose(1, 2), u)  # [B, out, r]
+                del xs, gs, u, v
+            n = ga.shape[0]
+            self._sink(a, ga.reshape(n, -1))
+            self._sink(b, gb.reshape(n, -1))
+
+        return products
 
     def _float_input(self, x):
         """x as float32; q, k and v share their input, so the last conversion is kept for the next layer."""
-        if self._xf[0] is not x:
-            self._xf = (x, x.float())
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if self._xf[0] != key:
+            self._xf = (key, x.float())
         return self._xf[1]
 
-    def compile_blocks(self) -> int:
-        """torch.compile (dynamic shapes) the model's norm and MLP modules, which carry none of the hooks:
-        their chains of elementwise kernels fuse. Returns how many modules were compiled."""
-        n = 0
-        for mod in self.model.modules():
-            name = type(mod).__name__
-            if name.endswith("RMSNorm") or name.endswith("MLP"):
-                mod.compile(dynamic=True)
-                n += 1
-        return n
+    def compile(self) -> None:
+        """Run every later pass through one torch.compile'd forward (and the backward AOTAutograd derives from it).
+
+        Tensor hooks cannot live inside a compiled graph, so the compiled pass captures G differently: each
+        hooked layer's output gets a zero "probe" added, a leaf tensor whose gradient is exactly the layer's
+        output gradient; the layer inputs come out of the graph. The whole model then fuses (norms, rotary
+        embeddings, activations, residual adds) and the backward stops at the first hooked layers instead of
+        the embeddings. No attention mask is passed: the batches are right-padded, so under the causal mask no
+        real token attends to padding, and padding carries no label. The first batch of each new shape class
+        waits for the compilation (minutes at 7B).
+        """
+        import torch
+
+        if self._compiled is not None:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = [mod.register_forward_hook(self._probe_hook(i)) for i, (mod, *_) in enumerate(self.targets)]
+        model = self.model
+
+        def loss_fn(ids, lab):
+            return per_example_loss(model(input_ids=ids).logits, lab)
+
+        self._compiled = torch.compile(loss_fn, dynamic=True)
 
     # -- merging
     def merge(self) -> None:
@@ -230,11 +261,28 @@ class PerExampleGradients:
         ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
         self._sink = sink
         try:
-            loss, count = per_example_loss(self.model(input_ids=ids, attention_mask=att).logits, lab)
-            torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
+            if self._compiled is None:
+                loss, count = per_example_loss(self.model(input_ids=ids, attention_mask=att).logits, lab)
+                torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
+            else:
+                B, T = ids.shape
+                self._probes = [torch.zeros(B, T, n, dtype=dt, device=self.device, requires_grad=True)
+                                for _, _, n, dt in self.targets]
+                for i, p in enumerate(self._probes):
+                    p.register_post_accumulate_grad_hook(self._probe_done(i))
+                loss, count = self._compiled(ids, lab)
+                torch.autograd.backward(loss.sum(), inputs=self._probes)
         finally:
             self._sink, self._emb_out, self._xf = None, None, (None, None)
+            self._probes, self._inputs = None, {}
         return loss.detach(), count
+
+    def _probe_done(self, i: int):
+        def done(p):
+            g, p.grad = p.grad, None
+            self.targets[i][1](self._inputs.pop(i), g)
+
+        return done
 
     def __call__(self, seqs, labels, pad_id: int):
         """Returns (raw gradients [B, P] float32, loss [B], label token counts [B])."""

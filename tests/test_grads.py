@@ -640,18 +640,24 @@ def test_gpu_fast_paths_equal_the_torch_ops():
         assert torch.allclose(got, torch.bmm(a.float(), b.float()), rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_blocks_give_the_same_gradients(tiny_template):
-    """`grads --compile`: torch.compile on the norm and MLP modules changes nothing in the per-example gradients."""
+def test_compiled_pass_gives_the_same_gradients(tiny_template):
+    """`grads --compile`: the compiled pass (zero probes on the LoRA outputs, no attention mask) gives the eager
+    pass's per-example gradients, for batches of several shapes, merged and not; the eager hooks are gone."""
     model, tok = _model(tiny_template)
     enc = _encoded(tiny_template, tok, 5)
     seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
-    peg = PerExampleGradients(model, merge=True)
-    try:
-        ref, _, _ = peg(seqs, labels, tok.pad_token_id)
-        assert peg.compile_blocks() == 2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers
-        got, _, _ = peg(seqs, labels, tok.pad_token_id)
-        got2, _, _ = peg(seqs[:2], labels[:2], tok.pad_token_id)  # another shape: dynamic, no failure
-    finally:
-        peg.remove()
-    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
-    assert torch.allclose(got2, ref[:2], rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    for merge in (True, False):
+        peg = PerExampleGradients(model, merge=merge)
+        try:
+            ref, ref_loss, _ = peg(seqs, labels, tok.pad_token_id)
+            peg.compile()
+            assert len(peg._handles) == len(peg.targets)  # probe hooks only
+            got, loss, _ = peg(seqs, labels, tok.pad_token_id)
+            got2, _, _ = peg(seqs[:2], labels[:2], tok.pad_token_id)  # another shape: dynamic, no failure
+        finally:
+            peg.remove()
+        tol = dict(rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+        assert torch.allclose(got, ref, **tol)
+        assert torch.allclose(got2, ref[:2], **tol)
+        assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert not any(m._forward_hooks for m in model.modules())
