@@ -1,4 +1,5 @@
-"""The environment check behind `lessctl doctor`: versions, the GPU, TRAK, and a known-answer test of fast_jl."""
+"""The environment check behind `lessctl doctor`: versions, the GPU, TRAK, and known-answer tests of fast_jl and of
+lessctl's Triton kernel for the same projection."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ log = logging.getLogger(__name__)
 CHECK_GRAD_DIM = 2048
 CHECK_PROJ_DIM = 512
 CHECK_ROWS = 8
+TRITON_CHECK_DIM = 8192  # LESS's dimension: the Triton kernel's known-answer test covers 8192 columns' generators
 
 
 @dataclass
@@ -29,6 +31,17 @@ class FastJLCheck:
     linearity_rel_err: float | None = None  # max |fast_jl(x) - x @ M| / max |x @ M|
     deterministic: bool | None = None  # two calls on the same input are bitwise equal
     batch_kernels_agree: bool | None = None  # project_rademacher_8, _16 and _32 give the same rows
+
+
+@dataclass
+class TritonProjectionCheck:
+    """lessctl's Triton kernel for TRAK's CUDA projection (lessctl.rademacher) against fast_jl; `ok` is None when
+    it did not run (no GPU, or no working fast_jl to compare with). Without it, projection runs on fast_jl."""
+
+    imports: bool = False  # triton imports
+    triton_version: str | None = None
+    ok: bool | None = None
+    detail: str = ""
 
 
 @dataclass
@@ -52,6 +65,7 @@ class DoctorReport:
     traker_error: str | None = None
     fast_jl: FastJLCheck = field(default_factory=FastJLCheck)
     fast_jl_fix: str | None = None
+    triton_projection: TritonProjectionCheck = field(default_factory=TritonProjectionCheck)
     projector_auto: str = "basic"
     projector_auto_reason: str = ""
     problems: list[str] = field(default_factory=list)  # broken things: `--strict` exits 1 when any
@@ -132,6 +146,31 @@ def check_fast_jl(device: Any = "cuda", grad_dim: int = CHECK_GRAD_DIM, proj_dim
     return res
 
 
+def check_triton_projection(device: Any, sm_count: int | None, fast_jl_ok: bool | None) -> TritonProjectionCheck:
+    """Whether `--projector cuda` can use lessctl's Triton kernel here: triton imports, and the kernel gives
+    fast_jl's result for dim TRITON_CHECK_DIM with this GPU's tile count (`rademacher.check_against_fast_jl`,
+    the test every projector runs before using it)."""
+    res = TritonProjectionCheck()
+    try:
+        import triton
+
+        res.imports, res.triton_version = True, str(getattr(triton, "__version__", "unknown"))
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
+        res.detail = f"cannot import triton ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return res
+    if sm_count is None:
+        res.detail = "not run: no CUDA GPU is visible"
+        return res
+    if not fast_jl_ok:
+        res.detail = "not run: needs a working fast_jl to compare with"
+        return res
+    from lessctl.projection import TRITON_MAX_ROWS
+    from lessctl.rademacher import check_against_fast_jl
+
+    res.ok, res.detail = check_against_fast_jl(device, TRITON_CHECK_DIM, 0, sm_count, TRITON_MAX_ROWS)
+    return res
+
+
 def fast_jl_fix(capability: str | None, why: str) -> str:
     """FAST_JL_FIX with the GPU's arch filled in."""
     from lessctl.projection import FAST_JL_FIX
@@ -193,6 +232,10 @@ def run_doctor(device: str | None = None) -> DoctorReport:
     if rep.cuda_available and not rep.fast_jl.ok:
         rep.fast_jl_fix = fast_jl_fix(rep.gpu_capability, rep.fast_jl.detail)
         rep.problems.append(f"fast_jl: {rep.fast_jl.detail}")
+    rep.triton_projection = check_triton_projection(device or "cuda", rep.sm_count, rep.fast_jl.ok)
+    if rep.triton_projection.ok is False or (rep.fast_jl.ok and not rep.triton_projection.imports):
+        rep.notes.append("--projector cuda projects with fast_jl, 32 rows per call, instead of lessctl's Triton "
+                         f"kernel ({rep.triton_projection.detail})")
 
     if rep.traker:
         from lessctl.projection import choose_projector_kind

@@ -265,22 +265,27 @@ class PerExampleGradients:
                 loss, count = per_example_loss(self.model(input_ids=ids, attention_mask=att).logits, lab)
                 torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
             else:
-                B, T = ids.shape
-                self._probes = [torch.zeros(B, T, n, dtype=dt, device=self.device, requires_grad=True)
+                B = len(seqs)
+                if B == 1:  # torch.compile specialises a size of 1 (a second compilation): add a row without labels
+                    ids = torch.cat([ids, torch.full_like(ids, pad_id)])
+                    lab = torch.cat([lab, torch.full_like(lab, -100)])
+                T = ids.shape[1]
+                self._probes = [torch.zeros(len(ids), T, n, dtype=dt, device=self.device, requires_grad=True)
                                 for _, _, n, dt in self.targets]
                 for i, p in enumerate(self._probes):
-                    p.register_post_accumulate_grad_hook(self._probe_done(i))
+                    p.register_post_accumulate_grad_hook(self._probe_done(i, B))
                 loss, count = self._compiled(ids, lab)
                 torch.autograd.backward(loss.sum(), inputs=self._probes)
+                loss, count = loss[:B], count[:B]
         finally:
             self._sink, self._emb_out, self._xf = None, None, (None, None)
             self._probes, self._inputs = None, {}
         return loss.detach(), count
 
-    def _probe_done(self, i: int):
+    def _probe_done(self, i: int, rows: int):
         def done(p):
-            g, p.grad = p.grad, None
-            self.targets[i][1](self._inputs.pop(i), g)
+            g, p.grad = p.grad[:rows], None
+            self.targets[i][1](self._inputs.pop(i)[:rows], g)
 
         return done
 

@@ -139,18 +139,27 @@ def fast_jl_chunks(grad_dim: int, n_tiles: int, rows: int) -> list[tuple[int, in
     return chunks
 
 
+TRITON_MAX_ROWS = 256  # rows per call of lessctl's Triton kernel (lessctl.rademacher); fast_jl takes 32
+CUDA_ENGINES = ("auto", "triton", "fast_jl")
+
+
 class TrakCudaProjector(Projector):
     """TRAK's CudaProjector (fast_jl). Its matrix depends on the GPU's SM count, which is recorded.
 
     fast_jl generates its random matrix once per call and shares it across up to 32 rows, so a call
-    with 32 rows costs little more than one with 16. Where 32 rows x grad_dim would overflow fast_jl's
-    32-bit indexing (LoRA r=128 at 7B: 2**27 parameters), the rows go through in feature chunks aligned
-    with fast_jl's tiles (`fast_jl_chunks`), which reproduce TRAK's projection exactly.
+    with 32 rows costs little more than one with 16. lessctl's Triton kernel (`lessctl.rademacher`)
+    computes the same projection for up to TRITON_MAX_ROWS rows per call on the tensor cores; it is used
+    (`engine` "triton") when it passes a known-answer test against fast_jl on this GPU with this
+    projector's dim, seed and tile count, else fast_jl is (`engine` "fast_jl", with a warning). Both give
+    TRAK's result up to the order of float32 additions, so stores made with either are interchangeable and
+    `attrs` does not name the engine. With fast_jl, where 32 rows x grad_dim would overflow its 32-bit
+    indexing (LoRA r=128 at 7B: 2**27 parameters), the rows go through in feature chunks aligned with its
+    tiles (`fast_jl_chunks`), which reproduce TRAK's projection exactly.
     """
 
     kind = "cuda"
 
-    def __init__(self, grad_dim, dim, device, seed=0, model_id=0):
+    def __init__(self, grad_dim, dim, device, seed=0, model_id=0, engine: str = "auto"):
         import torch
         from trak.projectors import CudaProjector, ProjectionType
 
@@ -158,35 +167,57 @@ class TrakCudaProjector(Projector):
         if dim % 512:
             raise ConfigError(f"--dims {dim}: TRAK's CUDA projector (fast_jl) needs a multiple of 512; "
                               "use such dimensions or --projector basic")
+        if engine not in CUDA_ENGINES:
+            raise ConfigError(f"TrakCudaProjector: engine must be one of {', '.join(CUDA_ENGINES)}, got {engine!r}")
         ok, why = fast_jl_status(device)
         if not ok:
             raise ConfigError("--projector cuda: " + FAST_JL_FIX.format(why=why))
         self.trak = CudaProjector(grad_dim=grad_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
                                   device=torch.device(device), max_batch_size=32)
         self.sm_count = self.trak.num_sms
-        self.chunks = fast_jl_chunks(grad_dim, min(grad_dim, self.sm_count), 32)
+        self.n_tiles = min(grad_dim, self.sm_count)
+        self.fast_jl_seed = (self.trak.seed + int(1e4) * model_id) % 2**32  # what TRAK passes to fast_jl
+        self.chunks = fast_jl_chunks(grad_dim, self.n_tiles, 32)
+        self.engine = "fast_jl"
         if self.chunks is None:  # unusual tilings: whole-width calls with as many rows as the indexing allows
             self.max_rows = max(1, min(32, (FAST_JL_INDEX_LIMIT - 1) // grad_dim))
         else:
             self.max_rows = 32
+        if engine != "fast_jl":
+            from lessctl.rademacher import check_against_fast_jl
+
+            usable, detail = check_against_fast_jl(device, dim, self.fast_jl_seed, self.n_tiles, TRITON_MAX_ROWS)
+            if usable:
+                self.engine, self.max_rows = "triton", TRITON_MAX_ROWS
+                log.info("TRAK's CUDA projection (dim %d): lessctl's Triton kernel, %d rows per call (%s)",
+                         dim, self.max_rows, detail)
+            elif engine == "triton":
+                raise ConfigError(f"TrakCudaProjector: the Triton engine is not usable here: {detail}")
+            else:
+                log.warning("TRAK's CUDA projection (dim %d) runs on fast_jl, %d rows per call: lessctl's Triton "
+                            "kernel is not usable here (%s)", dim, self.max_rows, detail)
 
     def project(self, x):
         import torch
 
         x = x.to(torch.float16)
+        if self.engine == "triton":
+            from lessctl.rademacher import project
+
+            return torch.cat([project(x[i : i + self.max_rows].contiguous(), self.dim, self.fast_jl_seed, self.n_tiles)
+                              for i in range(0, x.shape[0], self.max_rows)])
         if self.chunks is None or len(self.chunks) == 1:
             return torch.cat([self.trak.project(x[i : i + self.max_rows].contiguous(), model_id=self.model_id).float()
                               for i in range(0, x.shape[0], self.max_rows)])
         import fast_jl
 
-        seed = self.trak.seed + int(1e4) * self.model_id  # what TRAK passes
         outs = []
         for i in range(0, x.shape[0], self.max_rows):
             xb = x[i : i + self.max_rows]
             fn = getattr(fast_jl, f"project_rademacher_{8 if len(xb) <= 8 else 16 if len(xb) <= 16 else 32}")
             acc = None
             for start, stop, t0, m in self.chunks:
-                part = fn(xb[:, start:stop].contiguous(), self.dim, (seed + FAST_JL_TILE_SEED * t0) % 2**32, m)
+                part = fn(xb[:, start:stop].contiguous(), self.dim, (self.fast_jl_seed + FAST_JL_TILE_SEED * t0) % 2**32, m)
                 acc = part if acc is None else acc.add_(part)
             outs.append(acc.float())
         return torch.cat(outs)

@@ -646,6 +646,9 @@ def test_compiled_pass_gives_the_same_gradients(tiny_template):
     model, tok = _model(tiny_template)
     enc = _encoded(tiny_template, tok, 5)
     seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     for merge in (True, False):
         peg = PerExampleGradients(model, merge=merge)
         try:
@@ -654,10 +657,15 @@ def test_compiled_pass_gives_the_same_gradients(tiny_template):
             assert len(peg._handles) == len(peg.targets)  # probe hooks only
             got, loss, _ = peg(seqs, labels, tok.pad_token_id)
             got2, _, _ = peg(seqs[:2], labels[:2], tok.pad_token_id)  # another shape: dynamic, no failure
+            got1, loss1, _ = peg(seqs[4:], labels[4:], tok.pad_token_id)  # one example: a row without labels is added
+            graphs = counters["stats"]["unique_graphs"]
         finally:
             peg.remove()
         tol = dict(rtol=1e-4, atol=1e-6 * ref.abs().max().item())
         assert torch.allclose(got, ref, **tol)
         assert torch.allclose(got2, ref[:2], **tol)
+        assert got1.shape == (1, peg.grad_dim) and loss1.shape == (1,)
+        assert torch.allclose(got1, ref[4:], **tol)
+        assert graphs == 1 + (not merge), "every batch shape must reuse one compiled graph"
         assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert not any(m._forward_hooks for m in model.modules())

@@ -14,7 +14,7 @@ def doctor(
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when something is broken.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check the environment: torch, CUDA, the GPU, traker, and a known-answer test of fast_jl."""
+    """Check the environment: torch, CUDA, the GPU, traker, known-answer tests of fast_jl and lessctl's Triton kernel."""
     from rich.markup import escape
 
     from lessctl.doctor import run_doctor
@@ -28,6 +28,11 @@ def doctor(
             fj_text = ("imports; " if fj.imports else "") + fj.detail
         else:
             fj_text = "ok (known-answer test passed)" if fj.ok else f"BROKEN: {fj.detail}"
+        tp = rep.triton_projection
+        if tp.ok is None:
+            tp_text = (f"triton {tp.triton_version}; " if tp.imports else "") + tp.detail
+        else:
+            tp_text = f"ok ({tp.detail})" if tp.ok else f"not used: {tp.detail}"
         gpu = (f"{rep.gpu_name}, {rep.sm_count} SMs, sm_{(rep.gpu_capability or '').replace('.', '')}, {rep.gpu_memory_gib} GiB"
                + (f" (x{rep.gpu_count})" if rep.gpu_count > 1 else "")) if rep.cuda_available else "none visible"
         rows = [
@@ -39,6 +44,7 @@ def doctor(
             ["bf16", "yes" if rep.bf16_supported else "no"],
             ["traker", rep.traker_version if rep.traker else f"BROKEN: {rep.traker_error}"],
             ["fast_jl", fj_text],
+            ["Triton projection", tp_text],
             ["--projector auto", f"{rep.projector_auto} ({rep.projector_auto_reason})"],
         ]
         print_table("lessctl doctor", ["check", "result"], [[escape(str(c)) for c in r] for r in rows])
