@@ -120,9 +120,8 @@ class PerExampleGradients:
                 self.targets.append((mod, self._linear_products(p), mod.out_features, mod.weight.dtype))
         self._emb_out = None
         self._xf = (None, None)
-        self._compiled = None  # the compiled forward (`compile`)
-        self._probes: list | None = None
-        self._inputs: dict[int, Any] = {}
+        self._compiled = False  # `compile`: the blocks run compiled, the hooks add probes
+        self._blocks: list = []
         for mod, products, _, _ in self.targets:
             self._handles.append(mod.register_forward_hook(self._eager_hook(products)))
         self._handles.append(model.get_input_embeddings().register_forward_hook(self._embedding_hook))
@@ -146,17 +145,6 @@ class PerExampleGradients:
                 return
             x = inputs[0].detach()
             output.register_hook(lambda g: products(x, g))
-
-        return hook
-
-    def _probe_hook(self, i: int):
-        """The compiled pass's hook: keeps the layer's input and adds probe i (zeros) to its output, so that the
-        gradient of the probe is the layer's output gradient G. Traced into the compiled graph."""
-        def hook(mod, inputs, output):
-            if self._probes is None:
-                return None
-            self._inputs[i] = inputs[0].detach()
-            return output + self._probes[i]
 
         return hook
 
@@ -202,29 +190,32 @@ class PerExampleGradients:
         return self._xf[1]
 
     def compile(self) -> None:
-        """Run every later pass through one torch.compile'd forward (and the backward AOTAutograd derives from it).
+        """Run every later pass with the model's repeated blocks (its decoder layers) under torch.compile.
 
         Tensor hooks cannot live inside a compiled graph, so the compiled pass captures G differently: each
         hooked layer's output gets a zero "probe" added, a leaf tensor whose gradient is exactly the layer's
-        output gradient; the layer inputs come out of the graph. The whole model then fuses (norms, rotary
-        embeddings, activations, residual adds) and the backward stops at the first hooked layers instead of
-        the embeddings. No attention mask is passed: the batches are right-padded, so under the causal mask no
-        real token attends to padding, and padding carries no label. The first batch of each new shape class
-        waits for the compilation (minutes at 7B).
+        output gradient, and the hook keeps the layer's input on the module; both are traced into the graph.
+        Compiling the blocks one by one (regional compilation) gives two graphs whatever the depth (the first
+        block's input needs no gradient, the others' do), which compile in about a minute at 7B where the whole
+        model takes several; inside each block the norms, rotary embedding, activations and residual adds
+        fuse. No attention mask is passed: the batches are right-padded, so under the causal mask no real
+        token attends to padding, and padding carries no label. Models without `_no_split_modules` (the
+        blocks transformers names) are compiled whole.
         """
-        import torch
-
-        if self._compiled is not None:
+        if self._compiled:
             return
         for h in self._handles:
             h.remove()
-        self._handles = [mod.register_forward_hook(self._probe_hook(i)) for i, (mod, *_) in enumerate(self.targets)]
-        model = self.model
-
-        def loss_fn(ids, lab):
-            return per_example_loss(model(input_ids=ids).logits, lab)
-
-        self._compiled = torch.compile(loss_fn, dynamic=True)
+        self._handles = []
+        for mod, *_ in self.targets:
+            mod._lessctl_probe = None
+            self._handles.append(mod.register_forward_hook(_probe_hook))
+        names = set(getattr(self.model, "_no_split_modules", None) or
+                    getattr(_unwrap(self.model), "_no_split_modules", None) or [])
+        self._blocks = [m for m in self.model.modules() if type(m).__name__ in names] or [self.model]
+        for m in self._blocks:
+            m.compile(dynamic=True)
+        self._compiled = True
 
     # -- merging
     def merge(self) -> None:
@@ -246,6 +237,14 @@ class PerExampleGradients:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m in self._blocks:
+            m._compiled_call_impl = None  # what nn.Module.compile set
+        self._blocks = []
+        if self._compiled:
+            for mod, *_ in self.targets:
+                del mod._lessctl_probe
+                mod.__dict__.pop("_lessctl_input", None)
+        self._compiled = False
         with torch.no_grad():
             for layer, name, w, saved in self._restore:
                 w.copy_(saved.to(w.device))  # exact: unmerging by subtraction would leave rounding behind
@@ -261,31 +260,36 @@ class PerExampleGradients:
         ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
         self._sink = sink
         try:
-            if self._compiled is None:
-                loss, count = per_example_loss(self.model(input_ids=ids, attention_mask=att).logits, lab)
+            if not self._compiled:
+                out = self.model(input_ids=ids, attention_mask=att, use_cache=False)
+                loss, count = per_example_loss(out.logits, lab)
                 torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
             else:
                 B = len(seqs)
-                if B == 1:  # torch.compile specialises a size of 1 (a second compilation): add a row without labels
+                if B == 1:  # torch.compile specialises a size of 1 (another compilation): add a row without labels
                     ids = torch.cat([ids, torch.full_like(ids, pad_id)])
                     lab = torch.cat([lab, torch.full_like(lab, -100)])
-                T = ids.shape[1]
-                self._probes = [torch.zeros(len(ids), T, n, dtype=dt, device=self.device, requires_grad=True)
-                                for _, _, n, dt in self.targets]
-                for i, p in enumerate(self._probes):
-                    p.register_post_accumulate_grad_hook(self._probe_done(i, B))
-                loss, count = self._compiled(ids, lab)
-                torch.autograd.backward(loss.sum(), inputs=self._probes)
+                probes = []
+                for mod, products, n, dt in self.targets:
+                    p = torch.zeros(ids.shape[0], ids.shape[1], n, dtype=dt, device=self.device, requires_grad=True)
+                    p.register_post_accumulate_grad_hook(self._probe_done(mod, products, B))
+                    mod._lessctl_probe = p
+                    probes.append(p)
+                loss, count = per_example_loss(self.model(input_ids=ids, use_cache=False).logits, lab)
+                torch.autograd.backward(loss.sum(), inputs=probes)
                 loss, count = loss[:B], count[:B]
         finally:
             self._sink, self._emb_out, self._xf = None, None, (None, None)
-            self._probes, self._inputs = None, {}
+            if self._compiled:
+                for mod, *_ in self.targets:
+                    mod._lessctl_probe, mod._lessctl_input = None, None
         return loss.detach(), count
 
-    def _probe_done(self, i: int, rows: int):
+    @staticmethod
+    def _probe_done(mod, products, rows: int):
         def done(p):
             g, p.grad = p.grad[:rows], None
-            self.targets[i][1](self._inputs.pop(i)[:rows], g)
+            products(mod._lessctl_input[:rows], g)
 
         return done
 
@@ -322,6 +326,22 @@ class PerExampleGradients:
 
         loss, count = self._backward(seqs, labels, pad_id, sink)
         return feats, raw, loss, count
+
+
+def _probe_hook(mod, inputs, output):
+    """The compiled pass's forward hook (one function for every layer, so the blocks share their graphs): keeps
+    the layer's input on the module and adds the layer's zero probe to its output; outside a pass it does nothing."""
+    probe = mod._lessctl_probe
+    if probe is None:
+        return None
+    mod._lessctl_input = inputs[0].detach()
+    return output + probe
+
+
+def _unwrap(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
 
 
 def _lora_layers(model, params) -> list | None:
@@ -510,9 +530,16 @@ def auto_max_batch_examples(grad_dim: int, device) -> int | None:
 
 
 def auto_project_rows(projectors: dict, grad_dim: int, device) -> int:
-    """Rows to gather before one projection call: fast_jl costs the same for 2 rows as for its maximum,
-    and BasicProjector may regenerate its matrix on every call, so calls should be as full as memory allows."""
-    budget = (8 << 30) if str(device).startswith("cuda") else (1 << 30)
+    """Rows to gather before one projection call: a fifth of the GPU's memory (1 GiB on a CPU), at most the
+    projector's `max_rows`. TRAK's CUDA projection generates its random matrix once per call, whatever the
+    rows (fast_jl: up to 32, lessctl's Triton kernel: up to 256), and BasicProjector may regenerate its matrix
+    on every call, so calls should be as full as memory allows."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        budget = torch.cuda.get_device_properties(torch.device(device)).total_memory // 5
+    else:
+        budget = 1 << 30
     rows = max(1, budget // (2 * grad_dim))  # float16 rows
     for p in projectors.values():
         if getattr(p, "kind", "") == "cuda":
@@ -533,6 +560,38 @@ class _NullTimer:
         import contextlib
 
         return contextlib.nullcontext()
+
+
+class _Staging:
+    """Rows waiting for projection in one float16 buffer that grows to what a projection call takes plus a
+    batch: each batch's rows are copied in once, and no concatenation doubles them."""
+
+    def __init__(self):
+        self.buf = None
+        self.n = 0
+
+    def add(self, rows, project_rows: int) -> None:
+        import torch
+
+        need = self.n + rows.shape[0]
+        if self.buf is None or need > self.buf.shape[0]:
+            grown = torch.empty(max(need, project_rows + rows.shape[0]), rows.shape[1], dtype=rows.dtype, device=rows.device)
+            if self.n:
+                grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : need] = rows
+        self.n = need
+
+    def first(self, k: int):
+        return self.buf[:k]
+
+    def drop(self, k: int) -> None:
+        """Forget the first k rows; the others move to the front."""
+        left = self.n - k
+        if left > 0:
+            src = self.buf[k : self.n]
+            self.buf[:left] = src.clone() if left > k else src  # overlapping ranges need a copy
+        self.n = max(left, 0)
 
 
 @dataclass
@@ -563,32 +622,28 @@ class FeatureCollector:
 
     def __call__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Collected:
         import numpy as np
-        import torch
 
         n = len(seqs)
         out = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors}
         raw = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors} if self.keep_raw else None
-        rows: list[int] = []  # example positions waiting for projection, in the order of f16/r16's rows
-        f16: list = []
-        r16: list = []
+        rows: list[int] = []  # example positions waiting for projection, in the order of the staged rows
+        feats, raws = _Staging(), _Staging()
         counts: list = []
         log_batches = []
 
         def flush(final: bool) -> None:
-            nonlocal rows, f16, r16
+            nonlocal rows
             k = len(rows) if final else len(rows) // self.project_rows * self.project_rows
             if not k:
                 return
             with self.timer.part("projection"):
-                x = torch.cat(f16) if len(f16) > 1 else f16[0]
-                xr = (torch.cat(r16) if len(r16) > 1 else r16[0]) if raw is not None else None
                 for d, proj in self.projectors.items():
-                    out[d][rows[:k]] = proj.project(x[:k]).float().cpu().numpy()
-                    if xr is not None:
-                        raw[d][rows[:k]] = proj.project(xr[:k]).float().cpu().numpy()
+                    out[d][rows[:k]] = proj.project(feats.first(k)).float().cpu().numpy()
+                    if raw is not None:
+                        raw[d][rows[:k]] = proj.project(raws.first(k)).float().cpu().numpy()
             rows = rows[k:]
-            f16 = [x[k:]] if rows else []
-            r16 = [xr[k:]] if rows and xr is not None else []
+            feats.drop(k)
+            raws.drop(k)
 
         self.peg.timer = self.timer
         try:
@@ -596,12 +651,13 @@ class FeatureCollector:
                 with self.timer.part("fwd_bwd"):
                     f, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
                                                        self.grad_type, self.adam, keep_raw=raw is not None)
+                    feats.add(f, self.project_rows)
+                    if r is not None:
+                        raws.add(r, self.project_rows)
+                    del f, r
                 counts.append(count)
                 log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))
                 rows.extend(batch)
-                f16.append(f)
-                if r is not None:
-                    r16.append(r)
                 flush(final=False)
             flush(final=True)
         finally:
