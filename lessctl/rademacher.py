@@ -42,7 +42,7 @@ XORWOW_WEYL = 362437
 # `project`'s defaults (see `default_config`), chosen from the code Triton 3.9 compiles for an H100 (sm_90),
 # not yet from timings: 256 x 128 fits in registers without spilling with 8 warps, and the loop unrolled 5
 # times has its loads pipelined.
-BLOCK_N = 128  # output columns per program
+BLOCK_N = 256  # output columns per program (H100, 7B shape: 8.4 ms per row at 64 rows, 12.3 with 128; bench/RESULTS.md)
 MAX_BLOCK_M = 256  # rows per program at most
 NUM_STAGES = 3
 UNROLL = 5
