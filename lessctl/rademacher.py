@@ -4,7 +4,7 @@ fast_jl (0.1.3) multiplies float16 rows by a +-1 matrix R [F, D] that it generat
 the generation across at most 32 rows per call; its cost is the generation, so at 2**27 features it spends
 as long on 32 rows as on 1. `project` here computes the very same product for up to a few hundred rows at
 once: each program of its Triton kernel (lessctl.rademacher_triton) runs fast_jl's generators for a block of
-columns over one feature tile, once for a block of up to 256 rows, and multiplies on the tensor cores
+columns over one feature tile, once for a block of up to 128 rows, and multiplies on the tensor cores
 (float16 inputs, float32 accumulation). `fast_jl_matrix` and `reference_project` are plain numpy/torch
 versions of fast_jl's definition, for tests on a CPU; `check_against_fast_jl` is the known-answer test that
 decides whether lessctl uses the kernel on a GPU.
@@ -39,11 +39,11 @@ XORWOW_V3 = 88675123 ^ _T1
 XORWOW_D = (6615241 + _T1) & U32
 XORWOW_WEYL = 362437
 
-# `project`'s defaults (see `default_config`), chosen from the code Triton 3.9 compiles for an H100 (sm_90),
-# not yet from timings: 256 x 128 fits in registers without spilling with 8 warps, and the loop unrolled 5
-# times has its loads pipelined.
-BLOCK_N = 256  # output columns per program (see default_config)
-MAX_BLOCK_M = 256  # rows per program at most
+# `project`'s defaults (see `default_config`), from timings on an H100 (bench/RESULTS.md): 256 columns per
+# program; at most 128 rows per program (128 x 256 float32 accumulators fill 8 warps' registers), more rows
+# take several row blocks; the loop unrolled 5 times has its loads pipelined.
+BLOCK_N = 256  # output columns per program
+MAX_BLOCK_M = 128  # rows per program at most
 NUM_STAGES = 3
 UNROLL = 5
 
@@ -155,7 +155,7 @@ def project(x, dim: int, seed: int, n_tiles: int, *, block_m: int | None = None,
     x: [B, F] float16, contiguous, on a CUDA device (or the CPU under TRITON_INTERPRET=1). Returns [B, dim]
     float32, fast_jl's result up to the order of float32 additions. A program covers block_m rows x block_n
     columns (a multiple of 32 dividing dim) of one feature tile and writes that tile's product; the [tiles, B,
-    dim] float32 partial products (1.1 GB for 256 rows x 8192 dims x 132 tiles) are summed afterwards.
+    dim] float32 partial products (0.55 GB for 128 rows x 8192 dims x 132 tiles) are summed afterwards.
     `unroll` windows of 16 features per loop iteration: a multiple of 5 (the XORWOW state's length) lets
     Triton pipeline the loads. Defaults: `default_config(B)`.
     """

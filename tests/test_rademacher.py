@@ -149,7 +149,7 @@ def test_project_rejects_bad_inputs():
         rm.project(torch.zeros(100, 4, dtype=torch.float16).t(), 512, 0, 4)
     with pytest.raises(ValueError, match="multiple of block_n"):
         rm.project(x, 500, 0, 4)
-    assert rm.default_config(5)["block_m"] == 16 and rm.default_config(200)["block_m"] == 256
+    assert rm.default_config(5)["block_m"] == 16 and rm.default_config(100)["block_m"] == 128
     assert rm.default_config(1000)["block_m"] == rm.MAX_BLOCK_M
 
 
