@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # Rows computed between two flushes of the store (what a kill -9 can lose at most). They are also the unit
 # that gets sorted by length into batches: more rows, less padding (at 7B on an H100 256 rows take ~10 s).
 FLUSH_ROWS = int(os.environ.get("LESSCTL_FLUSH_ROWS", "256"))
+ENGINE_NAMES = {"triton": "lessctl's Triton kernel (checked equal to fast_jl on this GPU)", "fast_jl": "fast_jl"}
 
 
 @dataclass
@@ -186,6 +187,9 @@ def collect_gradients(
             for d in dims:
                 projectors[d] = make_projector(kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed,
                                                block_size=cfg.grads.block_size)
+            engine = getattr(projectors[dims[0]], "engine", None)
+            if announce and engine:
+                announce(f"TRAK's CUDA projection computed by {ENGINE_NAMES.get(engine, engine)}")
         adam = None
         for ds in todo:
             if ds.grad_type == "adam" and adam is None:
@@ -214,8 +218,9 @@ def collect_gradients(
                 pos = start + done0
                 if progress:
                     progress(ds.name, step, done0, end - start)
+                step_rows = window_rows(FLUSH_ROWS, collector.project_rows)
                 while pos < end:
-                    window = enc[pos : min(end, pos + FLUSH_ROWS)]
+                    window = enc[pos : min(end, pos + step_rows)]
                     got = collector([e.input_ids for e in window], [e.labels for e in window])
                     zero += got.zero_label_rows
                     w.write(got.features)
@@ -232,6 +237,15 @@ def collect_gradients(
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
     return results
+
+
+def window_rows(flush_rows: int, project_rows: int) -> int:
+    """Rows per written window: `flush_rows`, rounded up to whole projection calls when a call takes fewer.
+    A short last call costs nearly a full one (TRAK's CUDA projection generates its matrix once per call),
+    so at 63 rows per call a window of 256 rows becomes 315: five full calls instead of four and a short one."""
+    if project_rows >= flush_rows:
+        return flush_rows
+    return -(-flush_rows // project_rows) * project_rows
 
 
 def check_steps(cfg: Config, steps: list[int]) -> None:

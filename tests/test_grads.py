@@ -671,3 +671,10 @@ def test_compiled_pass_gives_the_same_gradients(tiny_template):
         assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert not any(m._forward_hooks or m._compiled_call_impl for m in model.modules())
     assert not any(hasattr(m, "_lessctl_probe") for m in model.modules())
+
+
+def test_windows_hold_whole_projection_calls():
+    from lessctl.collect import window_rows
+
+    assert window_rows(256, 63) == 315 and window_rows(256, 64) == 256 and window_rows(256, 100) == 300
+    assert window_rows(256, 4096) == 256 and window_rows(4, 4) == 4
