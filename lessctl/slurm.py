@@ -36,7 +36,8 @@ PIPELINE = ("warmup", "grads", "match", "finetune", "eval")
 # Commands that may have their own `[slurm.stages.<name>]` overrides.
 STAGE_NAMES = PIPELINE + ("ir", "ablate", "run", "demo")
 # How many GPUs a command uses: "multi" takes [slurm] gpus (launched through torchrun when > 1),
-# "one" at most one, "none" none. Commands not listed use one GPU when [slurm] gpus > 0.
+# "one" at most one, "none" none. Commands not listed use one GPU when [slurm] gpus > 0. A stage's own
+# `[slurm.stages.<name>] gpus` overrides this; for grads, more than one runs `lessctl grads --devices N`.
 GPU_USE = {
     "warmup": "multi", "finetune": "multi", "ablate": "multi",
     "grads": "one", "eval": "one", "run": "one", "demo": "one",
@@ -338,6 +339,13 @@ def render_script(
     lessctl_args.append(stage)
     lessctl_args += [shlex.quote(a) for a in stage_args]
     lessctl_args += [_task_word(a) for a in task_args]
+    if stage == "grads" and s["gpus"].value > 1:  # several GPUs in one grads job: one worker per GPU
+        taken = [a for a in (*stage_args, *task_args) if a.split("=")[0] in ("--devices", "--device", "--shard")]
+        if taken:
+            raise ConfigError(f"{s['gpus'].source} = {s['gpus'].value}: a grads job on several GPUs runs "
+                              f"`lessctl grads --devices {s['gpus'].value}`, which replaces {taken[0].split('=')[0]}; "
+                              "drop that option or use one GPU per job")
+        lessctl_args += ["--devices", str(s["gpus"].value)]
 
     from lessctl import __version__
 

@@ -120,7 +120,8 @@ def test_gpus_per_stage_and_torchrun(tmp_path):
     warm = slurm.render_script(cfg, "warmup", [])
     assert "#SBATCH --gres=gpu:4" in warm
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=4" in warm
-    assert "#SBATCH --gres=gpu:1" in slurm.render_script(cfg, "grads", [])
+    grads = slurm.render_script(cfg, "grads", [])
+    assert "#SBATCH --gres=gpu:1" in grads and "--devices" not in grads
     assert "#SBATCH --gres=gpu:1" in slurm.render_script(cfg, "eval", [])
     assert "--gres" not in slurm.render_script(cfg, "match", [])
     one = slurm.render_script(cfg, "finetune", [], gpus=1)
@@ -499,3 +500,15 @@ def test_pipeline_on_slurm(local_slurm, cli, tmp_path):
     for name, kind in (("synth_a", "adam"), ("arithmetic", "sgd")):
         for k in (1, 2):
             assert (grads / f"{name}-ckpt{step}-{kind}-shard{k}of2.h5").is_file(), sorted(grads.iterdir())
+
+
+def test_grads_on_several_gpus_runs_one_worker_per_gpu(tmp_path):
+    """[slurm.stages.grads] gpus = 4: the job asks for 4 GPUs and runs `lessctl grads --devices 4`; an option
+    that --devices replaces is refused with the setting named."""
+    cfg = cfg_of(write_ws(tmp_path / "ws", "gpus = 1\n[slurm.stages.grads]\ngpus = 4\n"))
+    script = slurm.render_script(cfg, "grads", ["--ckpt", "3"])
+    assert "#SBATCH --gres=gpu:4" in script
+    line = next(ln for ln in script.splitlines() if " grads " in ln and "--ckpt 3" in ln)
+    assert line.rstrip().endswith("--devices 4")
+    with pytest.raises(ConfigError, match=r"slurm.stages.grads.gpus = 4: .*--devices 4.*replaces --shard"):
+        slurm.render_script(cfg, "grads", ["--shard", "1/2"])
