@@ -436,9 +436,12 @@ def table(report: dict) -> str:
     lines.append("")
     lines.append("| target | rademacher1 (yardstick) | sketch0 | sketch1 | exact | chance | sketch >= yardstick |")
     lines.append("|---|---|---|---|---|---|---|")
+    def cells(o: dict):
+        """One table cell per overlap key: 'Jaccard (share kept)'."""
+        return lambda k: f"{o[k]['jaccard']:.3f} ({o[k]['kept']:.3f})"
+
     for t, v in T.items():
-        o = v["overlap"]
-        cell = lambda k: f"{o[k]['jaccard']:.3f} ({o[k]['kept']:.3f})"  # noqa: E731
+        cell = cells(v["overlap"])
         ver = v["sketch_at_least_yardstick"]
         if not ver["informative"]:
             yes = "n/a: no target example kept a label token"
@@ -453,8 +456,7 @@ def table(report: dict) -> str:
     lines.append("| target | rademacher0 | rademacher1 | sketch0 | sketch1 | sketch1 vs sketch0 |")
     lines.append("|---|---|---|---|---|---|")
     for t, v in T.items():
-        o = v["overlap"]
-        cell = lambda k: f"{o[k]['jaccard']:.3f} ({o[k]['kept']:.3f})"  # noqa: E731
+        cell = cells(v["overlap"])
         lines.append(f"| {t} | {cell('rademacher0_vs_exact')} | {cell('rademacher1_vs_exact')} | "
                      f"{cell('sketch0_vs_exact')} | {cell('sketch1_vs_exact')} | {cell('sketch1_vs_sketch0')} |")
     lines.append("")
