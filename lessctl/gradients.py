@@ -120,6 +120,9 @@ class PerExampleGradients:
                 self.targets.append((mod, self._linear_products(p), mod.out_features, mod.weight.dtype))
         self._emb_out = None
         self._xf = (None, None)
+        self._fused = None  # (grad type, Adam state, feature rows, raw rows) while `features` may write rows itself
+        self._segments = None  # (batch row, first token, tokens) int32 [B] per example, during a pass
+        self._written: set[int] = set()  # ids of the parameters whose feature slices this `features` call wrote
         self._compiled = False  # `compile`: the blocks run compiled, the hooks add probes
         self._blocks: list = []
         for mod, products, _, _ in self.targets:
@@ -162,8 +165,21 @@ class PerExampleGradients:
         def products(x, g):
             import torch
 
-            from lessctl.kernels import bmm_f32, has_bmm_f32
+            from lessctl.kernels import bmm_f32, has_bmm_f32, segment_products_into
 
+            if self._fused is not None and x.dtype == g.dtype and x.dtype in (torch.bfloat16, torch.float16):
+                # one kernel per weight: the example's own tokens only, transformed, float16 into its feature row
+                grad_type, adam, rows, raw = self._fused
+                with self.timer.gpu_part("assemble"):
+                    x, g = x.contiguous(), g.contiguous()
+                    ut = _transposed_rows(a.detach().to(x.dtype), x).mul_(s)  # lora_A's output, times s: [B, r, T]
+                    vt = _transposed_rows(b.detach().to(x.dtype).T, g).mul_(s)  # the gradient at lora_A's output
+                    seg = self._segments
+                    if (segment_products_into(vt, x, seg, grad_type, adam, self.offsets[id(a)][0], rows, raw)
+                            and segment_products_into(ut, g, seg, grad_type, adam, self.offsets[id(b)][0], rows, raw,
+                                                      trans_out=True)):  # grad B = (u^T g)^T
+                        self._written.update((id(a), id(b)))
+                        return
             with self.timer.gpu_part("assemble"):
                 if x.dtype == g.dtype == torch.bfloat16 and has_bmm_f32(x.device):
                     # bf16 operands (the activations are bf16 already), float32 accumulation and output
@@ -258,6 +274,9 @@ class PerExampleGradients:
 
         ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
         self._sink = sink
+        n = len(seqs)
+        lens = torch.tensor([len(q) for q in seqs], dtype=torch.int32)
+        self._segments = tuple(t.to(self.device) for t in (torch.arange(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32), lens))
         try:
             if not self._compiled:
                 out = self.model(input_ids=ids, attention_mask=att, use_cache=False)
@@ -278,7 +297,7 @@ class PerExampleGradients:
                 torch.autograd.backward(loss.sum(), inputs=probes)
                 loss, count = loss[:B], count[:B]
         finally:
-            self._sink, self._emb_out, self._xf = None, None, (None, None)
+            self._sink, self._emb_out, self._xf, self._segments = None, None, (None, None), None
             if self._compiled:
                 for mod, *_ in self.targets:
                     mod._lessctl_probe, mod._lessctl_input = None, None
@@ -305,16 +324,22 @@ class PerExampleGradients:
         loss, count = self._backward(seqs, labels, pad_id, sink)
         return out, loss, count
 
-    def features(self, seqs, labels, pad_id: int, grad_type: str, adam: "AdamState | None" = None, keep_raw: bool = False):
+    def features(self, seqs, labels, pad_id: int, grad_type: str, adam: "AdamState | None" = None, keep_raw: bool = False,
+                 out=None):
         """Returns (features [B, P] float16: LESS's transform of each row, raw float16 rows or None, loss, counts).
 
-        The transform runs per parameter slice as its rows arrive, so no [B, P] float32 matrix is ever held.
+        The rows are written into `out` ([B, P] float16 with contiguous rows, e.g. a staging buffer's next rows)
+        when given. On a GPU with Triton, each LoRA weight's per-example gradients are summed, transformed and
+        written in one kernel (`lessctl.kernels.segment_products_into`); elsewhere the transform runs per
+        parameter slice as its float32 rows arrive. Either way no [B, P] float32 matrix is ever held.
         """
         import torch
 
+        if grad_type not in GRAD_TYPES:
+            raise InputError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
         B = len(seqs)
-        feats = torch.zeros(B, self.grad_dim, dtype=torch.float16, device=self.device)
-        raw = torch.zeros_like(feats) if keep_raw else None
+        feats = out if out is not None else torch.empty(B, self.grad_dim, dtype=torch.float16, device=self.device)
+        raw = torch.empty_like(feats) if keep_raw else None
 
         def sink(p, rows):
             off, n = self.offsets[id(p)]
@@ -322,9 +347,27 @@ class PerExampleGradients:
                 if raw is not None:
                     raw[:, off : off + n] = rows
                 transform_into(rows, grad_type, adam, off, feats[:, off : off + n])
+            self._written.add(id(p))
 
-        loss, count = self._backward(seqs, labels, pad_id, sink)
+        self._written = set()
+        self._fused = (grad_type, adam if grad_type == "adam" else None, feats, raw)
+        try:
+            loss, count = self._backward(seqs, labels, pad_id, sink)
+        finally:
+            self._fused = None
+        for _, p in self.params:  # a parameter no hook reached keeps zero features, as it always had
+            if id(p) not in self._written:
+                off, n = self.offsets[id(p)]
+                for rows in (feats, raw) if raw is not None else (feats,):
+                    rows[:, off : off + n] = 0
         return feats, raw, loss, count
+
+
+def _transposed_rows(w, x):
+    """(x @ w^T) transposed to [B, r, T], computed as one [r, B*T] matmul (cuBLAS reads x transposed in place):
+    the layout in which the products kernel reads it along the tokens it sums over."""
+    B, T, d = x.shape
+    return (w @ x.reshape(B * T, d).T).view(w.shape[0], B, T).transpose(0, 1)
 
 
 def _probe_hook(mod, inputs, output):
@@ -557,23 +600,24 @@ class _NullTimer:
 
 class _Staging:
     """Rows waiting for projection in one float16 buffer that grows to what a projection call takes plus a
-    batch: each batch's rows are copied in once, and no concatenation doubles them."""
+    batch: each batch writes its rows straight into the buffer (`reserve`), and no concatenation doubles them."""
 
     def __init__(self):
         self.buf = None
         self.n = 0
 
-    def add(self, rows, project_rows: int) -> None:
+    def reserve(self, k: int, width: int, dtype, device, project_rows: int):
+        """The next k rows, [k, width], for a batch to write into; they count as staged from now on."""
         import torch
 
-        need = self.n + rows.shape[0]
+        need = self.n + k
         if self.buf is None or need > self.buf.shape[0]:
-            grown = torch.empty(max(need, project_rows + rows.shape[0]), rows.shape[1], dtype=rows.dtype, device=rows.device)
+            grown = torch.empty(max(need, project_rows + k), width, dtype=dtype, device=device)
             if self.n:
                 grown[: self.n] = self.buf[: self.n]
             self.buf = grown
-        self.buf[self.n : need] = rows
         self.n = need
+        return self.buf[need - k : need]
 
     def first(self, k: int):
         return self.buf[:k]
@@ -615,6 +659,7 @@ class FeatureCollector:
 
     def __call__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> Collected:
         import numpy as np
+        import torch
 
         n = len(seqs)
         out = {d: np.zeros((n, d), dtype=np.float32) for d in self.projectors}
@@ -642,12 +687,12 @@ class FeatureCollector:
         try:
             for batch in token_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
                 with self.timer.part("fwd_bwd"):
-                    f, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
-                                                       self.grad_type, self.adam, keep_raw=raw is not None)
-                    feats.add(f, self.project_rows)
+                    dst = feats.reserve(len(batch), self.peg.grad_dim, torch.float16, self.peg.device, self.project_rows)
+                    _, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
+                                                       self.grad_type, self.adam, keep_raw=raw is not None, out=dst)
                     if r is not None:
-                        raws.add(r, self.project_rows)
-                    del f, r
+                        raws.reserve(len(batch), self.peg.grad_dim, torch.float16, self.peg.device, self.project_rows)[:] = r
+                    del dst, r
                 counts.append(count)
                 log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))
                 rows.extend(batch)

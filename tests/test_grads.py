@@ -358,15 +358,16 @@ def test_feature_collector_equals_per_batch_projection(tiny_template):
 
 
 def test_count_sketch_equals_its_dense_matrix_and_is_deterministic(monkeypatch):
-    from lessctl.projection import CountSketchProjector, make_projector
+    from lessctl import sketch
+    from lessctl.projection import make_projector
 
-    monkeypatch.setattr(CountSketchProjector, "CHUNK", 700)  # several hash chunks
+    monkeypatch.setattr(sketch, "GROUP_COORDINATES", 700)  # several generator groups (of 10 chunks)
     p = make_projector("sketch", 2000, 64, "cpu", seed=5)
-    assert len(p.chunks) == 3 and p.attrs["kind"] == "sketch" and p.attrs["seed"] == 5
-    dense = torch.zeros(2000, 64)
-    for start, bucket, sign in p.chunks:
-        dense[torch.arange(start, start + len(bucket)), bucket] = sign
+    assert p.seg.shape == (32, 1) and p.code.shape == (32, 1, 64)  # chunks of 64, one segment of 64 each
+    assert p.attrs["kind"] == "sketch" and p.attrs["seed"] == 5 and p.attrs["hash"] == "segment-permutation"
+    dense = sketch.dense_matrix(p.seg, p.code, 2000, 64)
     assert (dense.abs().sum(1) == 1).all()  # one +-1 per parameter
+    assert (dense[:1984].view(31, 64, 64).abs().sum(1) == 1).all()  # a full chunk fills every output once
     x = torch.randn(6, 2000)
     torch.testing.assert_close(p.project(x), x @ dense, rtol=1e-5, atol=1e-5)
     again = make_projector("sketch", 2000, 64, "cpu", seed=5)
