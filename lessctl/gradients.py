@@ -120,8 +120,6 @@ class PerExampleGradients:
                 self.targets.append((mod, self._linear_products(p), mod.out_features, mod.weight.dtype))
         self._emb_out = None
         self._xf = (None, None)
-        self._fused = None  # (grad type, Adam state, feature rows, raw rows) while `features` may write rows itself
-        self._segments = None  # (batch row, first token, tokens) int32 [B] per example, during a pass
         self._written: set[int] = set()  # ids of the parameters whose feature slices this `features` call wrote
         self._compiled = False  # `compile`: the blocks run compiled, the hooks add probes
         self._blocks: list = []
@@ -165,21 +163,8 @@ class PerExampleGradients:
         def products(x, g):
             import torch
 
-            from lessctl.kernels import bmm_f32, has_bmm_f32, segment_products_into
+            from lessctl.kernels import bmm_f32, has_bmm_f32
 
-            if self._fused is not None and x.dtype == g.dtype and x.dtype in (torch.bfloat16, torch.float16):
-                # one kernel per weight: the example's own tokens only, transformed, float16 into its feature row
-                grad_type, adam, rows, raw = self._fused
-                with self.timer.gpu_part("assemble"):
-                    x, g = x.contiguous(), g.contiguous()
-                    ut = _transposed_rows(a.detach().to(x.dtype), x).mul_(s)  # lora_A's output, times s: [B, r, T]
-                    vt = _transposed_rows(b.detach().to(x.dtype).T, g).mul_(s)  # the gradient at lora_A's output
-                    seg = self._segments
-                    if (segment_products_into(vt, x, seg, grad_type, adam, self.offsets[id(a)][0], rows, raw)
-                            and segment_products_into(ut, g, seg, grad_type, adam, self.offsets[id(b)][0], rows, raw,
-                                                      trans_out=True)):  # grad B = (u^T g)^T
-                        self._written.update((id(a), id(b)))
-                        return
             with self.timer.gpu_part("assemble"):
                 if x.dtype == g.dtype == torch.bfloat16 and has_bmm_f32(x.device):
                     # bf16 operands (the activations are bf16 already), float32 accumulation and output
@@ -274,9 +259,6 @@ class PerExampleGradients:
 
         ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
         self._sink = sink
-        n = len(seqs)
-        lens = torch.tensor([len(q) for q in seqs], dtype=torch.int32)
-        self._segments = tuple(t.to(self.device) for t in (torch.arange(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32), lens))
         try:
             if not self._compiled:
                 out = self.model(input_ids=ids, attention_mask=att, use_cache=False)
@@ -297,7 +279,7 @@ class PerExampleGradients:
                 torch.autograd.backward(loss.sum(), inputs=probes)
                 loss, count = loss[:B], count[:B]
         finally:
-            self._sink, self._emb_out, self._xf, self._segments = None, None, (None, None), None
+            self._sink, self._emb_out, self._xf = None, None, (None, None)
             if self._compiled:
                 for mod, *_ in self.targets:
                     mod._lessctl_probe, mod._lessctl_input = None, None
@@ -328,10 +310,9 @@ class PerExampleGradients:
                  out=None):
         """Returns (features [B, P] float16: LESS's transform of each row, raw float16 rows or None, loss, counts).
 
-        The rows are written into `out` ([B, P] float16 with contiguous rows, e.g. a staging buffer's next rows)
-        when given. On a GPU with Triton, each LoRA weight's per-example gradients are summed, transformed and
-        written in one kernel (`lessctl.kernels.segment_products_into`); elsewhere the transform runs per
-        parameter slice as its float32 rows arrive. Either way no [B, P] float32 matrix is ever held.
+        The transform runs per parameter slice as its rows arrive, so no [B, P] float32 matrix is ever held, and
+        writes into `out` when given ([B, P] float16, e.g. the next rows of the collector's staging buffer, so the
+        rows are not copied again).
         """
         import torch
 
@@ -350,24 +331,13 @@ class PerExampleGradients:
             self._written.add(id(p))
 
         self._written = set()
-        self._fused = (grad_type, adam if grad_type == "adam" else None, feats, raw)
-        try:
-            loss, count = self._backward(seqs, labels, pad_id, sink)
-        finally:
-            self._fused = None
+        loss, count = self._backward(seqs, labels, pad_id, sink)
         for _, p in self.params:  # a parameter no hook reached keeps zero features, as it always had
             if id(p) not in self._written:
                 off, n = self.offsets[id(p)]
                 for rows in (feats, raw) if raw is not None else (feats,):
                     rows[:, off : off + n] = 0
         return feats, raw, loss, count
-
-
-def _transposed_rows(w, x):
-    """(x @ w^T) transposed to [B, r, T], computed as one [r, B*T] matmul (cuBLAS reads x transposed in place):
-    the layout in which the products kernel reads it along the tokens it sums over."""
-    B, T, d = x.shape
-    return (w @ x.reshape(B * T, d).T).view(w.shape[0], B, T).transpose(0, 1)
 
 
 def _probe_hook(mod, inputs, output):

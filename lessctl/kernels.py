@@ -2,9 +2,6 @@
 
 - `adam_into`: LESS's Adam transform of gradient rows written straight into float16 (one Triton kernel:
   one read of g, m and v, one write; the torch ops need four passes);
-- `segment_products_into`: a LoRA layer's per-example weight gradients, each summed over its example's
-  tokens only, transformed and written as float16 into the feature rows in the same kernel (Triton,
-  lessctl.products_triton), so no float32 gradient row is ever stored;
 - `bmm_f32`: a batched matmul of bfloat16 operands with float32 accumulation and output, where this
   torch supports `torch.bmm(..., out_dtype=torch.float32)` (`has_bmm_f32`).
 Both are used only on CUDA tensors and only when they work here; `fast_paths()` says which are active.
@@ -13,12 +10,10 @@ Both are used only on CUDA tensors and only when they work here; `fast_paths()` 
 from __future__ import annotations
 
 import logging
-import os
 
 log = logging.getLogger(__name__)
 
-_state: dict[str, bool | None] = {"triton": None, "bmm_dtype": None, "segment_products": None}
-GRAD_TYPE_CODES = {"adam": 0, "sgd": 1, "sign": 2}
+_state: dict[str, bool | None] = {"triton": None, "bmm_dtype": None}
 _kernel = None
 
 
@@ -65,62 +60,6 @@ def adam_into(g, m, v, beta1: float, beta2: float, eps: float, out) -> bool:
             log.warning("the fused Adam transform (Triton) is not available here (%s); using torch ops",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         _state["triton"] = False
-        return False
-
-
-SEGMENT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": False}
-
-
-def launch_segment_products(lt, rhs, segments, grad_type: str, adam, offset: int, out, raw=None, *,
-                            trans_out: bool = False, config: dict | None = None) -> None:
-    """C_i = sum over example i's tokens t of lt[row, :, t]^T rhs[row, t, :] ([M, N]), transformed and written at
-    out[i, offset + m N + n] (or offset + n M + m with `trans_out`).
-
-    lt [B, M, T] (any strides; [B, M, T] contiguous loads best), rhs [B, T, N] (last dimension contiguous);
-    segments = (row, first token, length) int32 [n] per example; adam: an AdamState (its moments are read at the
-    same positions as out) or None for sgd and sign; out and raw [n, P] float16 with contiguous rows. Runs the
-    kernel unconditionally (also under TRITON_INTERPRET=1)."""
-    import triton
-
-    from lessctl import products_triton
-
-    M, N = lt.shape[1], rhs.shape[-1]
-    rows, toks, lens = segments
-    if adam is not None:
-        m = adam.exp_avg[offset : offset + M * N]
-        v = adam.exp_avg_sq[offset : offset + M * N]
-        b1, b2, eps = float(adam.beta1), float(adam.beta2), float(adam.eps)
-    else:
-        m = v = out  # not read
-        b1 = b2 = eps = 0.0
-    cfg = {**SEGMENT_CONFIG, **(config or {})}
-    bm = min(128, max(16, triton.next_power_of_2(M)))
-    bn = min(cfg.pop("BLOCK_N"), max(16, triton.next_power_of_2(N)))
-    grid = (len(lens), triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    products_triton.segment_products[grid](
-        lt, rhs, rows, toks, lens, m, v, out, raw if raw is not None else out,
-        M, N, lt.stride(0), lt.stride(1), lt.stride(2), rhs.stride(0), rhs.stride(1), out.stride(0), offset, b1, b2, eps,
-        TRANS_OUT=trans_out, GRAD_TYPE=GRAD_TYPE_CODES[grad_type], WRITE_RAW=raw is not None,
-        IEEE=str(lt.dtype) == "torch.float32", BLOCK_M=bm, BLOCK_N=bn, **cfg)
-
-
-def segment_products_into(lt, rhs, segments, grad_type: str, adam, offset: int, out, raw=None, *,
-                          trans_out: bool = False) -> bool:
-    """`launch_segment_products` on CUDA tensors when Triton works here; False otherwise (the caller then takes
-    the batched-matmul path: the same sums over all, padded, positions, and the transform on float32 rows)."""
-    if not (lt.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or _state["segment_products"] is False:
-        return False  # (Triton's interpreter runs it on CPU tensors: how the tests check it without a GPU)
-    if rhs.stride(-1) != 1 or out.stride(-1) != 1 or (raw is not None and raw.stride(-1) != 1):
-        return False
-    try:
-        launch_segment_products(lt, rhs, segments, grad_type, adam, offset, out, raw, trans_out=trans_out)
-        _state["segment_products"] = True
-        return True
-    except Exception as exc:  # noqa: BLE001 - no Triton, or it cannot compile here: the torch path is equivalent
-        if _state["segment_products"] is None:
-            log.warning("the fused per-example products (Triton) are not available here (%s); using batched matmuls",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        _state["segment_products"] = False
         return False
 
 
