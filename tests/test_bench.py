@@ -150,3 +150,21 @@ def test_match_bench_figures_and_scores(tmp_path):
     assert r2["stores"] == {**r2["stores"], "written": 0, "reused": 4}
     assert "legacy-cold" not in [p["pass"] for p in r2["passes"]] and r2["summary"]["speedup_over_legacy"] is None
     assert r2["sample"] == r["sample"]
+
+
+@pytest.mark.slow
+def test_profile_compiled_runs_every_step_on_cpu(tmp_path):
+    """bench/profile_compiled.py end to end on the tiny shape (its --device cpu smoke run): every step timed, the
+    kernel table summed by kind, the JSON written."""
+    out = tmp_path / "pc.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "profile_compiled.py"), "--shape", "tiny", "--examples", "6",
+                           "--device", "cpu", "--reps", "1", "--rows", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["ms_per_example"]) == {"floor", "probes", "products", "features"}
+    assert all(v > 0 for v in res["ms_per_example"].values())
+    assert res["examples"] == 6 and res["padded_tokens"] >= res["tokens"] > 0
+    prof = res["profile"]
+    assert len(prof["top"]) == 3 and prof["kernel_ms_per_example"] > 0
+    assert sum(prof["by_kind_ms_per_example"].values()) == pytest.approx(prof["kernel_ms_per_example"], rel=1e-2)
