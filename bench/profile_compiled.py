@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grads_throughput as gt  # noqa: E402
 
-from lessctl.gradients import PerExampleGradients, auto_max_batch_examples, per_example_loss, token_batches  # noqa: E402
+from lessctl.gradients import PerExampleGradients, auto_max_batch_examples, token_batches  # noqa: E402
 
 KINDS = [  # (kind, pattern of the kernel name), first match wins
     ("attention", r"flash|fmha|cudnn|attention|sdpa"),
@@ -105,10 +105,10 @@ def main() -> None:
     def floor(b):
         from lessctl.gradients import pad_batch
 
-        ids, lab, _ = pad_batch(b[0], b[1], 0, dev)
+        ids, _, _ = pad_batch(b[0], b[1], 0, dev)
         if ids.shape[0] == 1:
-            ids, lab = torch.cat([ids, torch.zeros_like(ids)]), torch.cat([lab, torch.full_like(lab, -100)])
-        loss, _ = per_example_loss(model(input_ids=ids, use_cache=False).logits, lab)
+            ids = torch.cat([ids, torch.zeros_like(ids)])
+        loss, _ = peg._loss(ids, None, b[1])  # the pass's own loss (the head on label positions)
         torch.autograd.grad(loss.sum(), emb_out)
 
     def record(name, fn, passes=None):

@@ -120,6 +120,7 @@ class PerExampleGradients:
                 self.targets.append((mod, self._linear_products(p), mod.out_features, mod.weight.dtype))
         self._emb_out = None
         self._xf = (None, None)
+        self._head = _plain_head(model)  # (decoder body, lm_head) when the loss may skip unlabelled positions
         self._written: set[int] = set()  # ids of the parameters whose feature slices this `features` call wrote
         self._compiled = False  # `compile`: the blocks run compiled, the hooks add probes
         self._blocks: list = []
@@ -253,29 +254,60 @@ class PerExampleGradients:
         self._restore = []
 
     # -- passes
+    def _loss(self, ids, att, labels):
+        """Each example's mean loss over its label tokens [B] and their counts [B]: `per_example_loss` of the logits.
+
+        For a causal LM whose head is just `lm_head(last hidden state)` (PLAIN_HEADS), the head runs on the label
+        positions only, found on the host from `labels` (no synchronisation): the logits of prompt and padding
+        tokens, float32 [tokens, vocab] in the loss, would get no gradient anyway."""
+        import torch
+        import torch.nn.functional as F
+
+        B, T = ids.shape
+        if self._head is None:
+            out = self.model(input_ids=ids, attention_mask=att, use_cache=False)
+            lab = torch.full((B, T), -100, dtype=torch.long)
+            for i, l in enumerate(labels):
+                lab[i, : len(l)] = torch.tensor(l)
+            return per_example_loss(out.logits, lab.to(ids.device))
+        body, head = self._head
+        pos, row, tgt = [], [], []
+        for i, l in enumerate(labels):
+            for t in range(len(l) - 1):
+                if l[t + 1] != -100:
+                    pos.append(i * T + t)
+                    row.append(i)
+                    tgt.append(l[t + 1])
+        count = torch.bincount(torch.tensor(row, dtype=torch.long), minlength=B)
+        pos_d, row_d, tgt_d = (torch.tensor(v, dtype=torch.long).to(ids.device, non_blocking=True) for v in (pos, row, tgt))
+        hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+        logits = head(hidden.reshape(B * T, -1).index_select(0, pos_d)).float()
+        tok = F.cross_entropy(logits, tgt_d, reduction="none")
+        sums = torch.zeros(B, dtype=tok.dtype, device=ids.device).index_add_(0, row_d, tok)
+        count = count.to(ids.device, non_blocking=True)
+        return sums / count.clamp(min=1), count
+
     def _backward(self, seqs, labels, pad_id: int, sink):
         """One forward/backward; `sink(param, rows [B, numel] float32)` receives every parameter's rows."""
         import torch
 
-        ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
+        ids, _, att = pad_batch(seqs, labels, pad_id, self.device)
         self._sink = sink
         try:
             if not self._compiled:
-                out = self.model(input_ids=ids, attention_mask=att, use_cache=False)
-                loss, count = per_example_loss(out.logits, lab)
+                loss, count = self._loss(ids, att, labels)
                 torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
             else:
                 B = len(seqs)
                 if B == 1:  # torch.compile specialises a size of 1 (another compilation): add a row without labels
                     ids = torch.cat([ids, torch.full_like(ids, pad_id)])
-                    lab = torch.cat([lab, torch.full_like(lab, -100)])
                 probes = []
                 for mod, products, n, dt in self.targets:
-                    p = torch.zeros(ids.shape[0], ids.shape[1], n, dtype=dt, device=self.device, requires_grad=True)
+                    p = torch.zeros((), dtype=dt, device=self.device).expand(ids.shape[0], ids.shape[1], n).requires_grad_()
                     p.register_post_accumulate_grad_hook(self._probe_done(mod, products, B))
                     mod._lessctl_probe = p
                     probes.append(p)
-                loss, count = per_example_loss(self.model(input_ids=ids, use_cache=False).logits, lab)
+                loss, count = self._loss(ids, None, labels)
                 torch.autograd.backward(loss.sum(), inputs=probes)
                 loss, count = loss[:B], count[:B]
         finally:
@@ -338,6 +370,22 @@ class PerExampleGradients:
                 for rows in (feats, raw) if raw is not None else (feats,):
                     rows[:, off : off + n] = 0
         return feats, raw, loss, count
+
+
+PLAIN_HEADS = ("llama", "mistral", "qwen2", "qwen3")  # model types whose logits are lm_head(last hidden state)
+
+
+def _plain_head(model):
+    """(decoder body, lm_head) of a causal LM in PLAIN_HEADS (through a peft wrapper), else None: other models may
+    scale or cap their logits, and get the full forward."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(lm, "config", None), "model_type", None) not in PLAIN_HEADS:
+        return None
+    body = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if body is None or head is None or body is lm:
+        return None
+    return body, head
 
 
 def _probe_hook(mod, inputs, output):

@@ -430,6 +430,27 @@ def test_lora_engine_generic_engine_and_merged_pass_agree_with_batch_of_one(tiny
     assert rows.shape == ref.shape and ((rows - ref).norm(dim=1) / ref.norm(dim=1)).max().item() < 1e-4
 
 
+def test_loss_on_label_positions_only_equals_the_full_logits_loss(tiny_template):
+    """A Llama's head runs on the label positions only; the losses, counts and gradients are those of the full
+    logits (the path every model outside PLAIN_HEADS takes), a fully masked example included."""
+    model, tok = _model(tiny_template)
+    enc = _encoded(tiny_template, tok, 6)
+    seqs, labels = [e.input_ids for e in enc], [list(e.labels) for e in enc]
+    labels[2] = [-100] * len(labels[2])
+    peg = PerExampleGradients(model)
+    try:
+        assert peg._head is not None and peg._head[1] is model.get_output_embeddings()
+        rows, loss, count = peg(seqs, labels, tok.pad_token_id)
+        peg._head = None
+        ref_rows, ref_loss, ref_count = peg(seqs, labels, tok.pad_token_id)
+    finally:
+        peg.remove()
+    assert torch.equal(count, ref_count) and count[2] == 0 and loss[2] == 0
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert torch.allclose(rows, ref_rows, rtol=1e-4, atol=1e-6 * ref_rows.abs().max().item())
+    assert not rows[2].any()
+
+
 def test_features_are_the_transform_of_the_gradients_in_float16(tiny_template):
     model, tok = _model(tiny_template)
     ckpt, _ = _checkpoint(tiny_template)
