@@ -66,6 +66,9 @@ class TrakBasicProjector(Projector):
 
     The blocks are produced by TRAK's own generator states, so the result is exactly
     `BasicProjector.project(x.half(), model_id)`; TRAK itself regenerates every block on every call.
+    TRAK draws the matrix with a generator on the projector's device, and a CUDA generator gives another
+    matrix than the CPU's: stores made on a GPU record `generator` (absent means the CPU, as in every earlier
+    store), so that matching refuses to compare them with CPU-made ones.
     """
 
     kind = "basic"
@@ -104,7 +107,9 @@ class TrakBasicProjector(Projector):
 
     @property
     def attrs(self) -> dict:
-        return {**super().attrs, "block_size": self.block_size, "dtype": str(self.dtype).replace("torch.", "")}
+        attrs = {**super().attrs, "block_size": self.block_size, "dtype": str(self.dtype).replace("torch.", "")}
+        rng = self.trak.generator.device.type
+        return attrs if rng == "cpu" else {**attrs, "generator": rng}
 
 
 FAST_JL_TILE_SEED = 359124577  # fast_jl seeds the random stream of feature tile t with seed + 359124577 * t

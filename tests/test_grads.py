@@ -148,6 +148,19 @@ def test_stored_row_equals_trak_basic_projector_on_fp16_feature(tiny_grads_templ
         assert r.attrs["grad_type"] == "adam" and r.attrs["step"] == step
 
 
+def test_basic_projector_records_a_gpu_generator():
+    """TRAK's BasicProjector draws its matrix on its device: a CUDA-made matrix differs, and its stores say so."""
+    from lessctl.projection import make_projector, same_projection
+
+    cpu = make_projector("basic", 1000, 64, "cpu")
+    assert "generator" not in cpu.attrs  # as every store made before the key existed
+    if torch.cuda.is_available():
+        gpu = make_projector("basic", 1000, 64, "cuda")
+        assert gpu.attrs["generator"] == "cuda" and same_projection(cpu.attrs, gpu.attrs) == ["generator: None vs 'cuda'"]
+        x = torch.randn(3, 1000)
+        assert not torch.allclose(cpu.project(x), gpu.project(x.cuda()).cpu(), atol=1e-2)
+
+
 def test_cached_blocks_equal_trak_regeneration():
     """Our block cache (several blocks) gives exactly what TRAK's BasicProjector computes itself."""
     from trak.projectors import BasicProjector, ProjectionType
@@ -255,7 +268,7 @@ def test_three_shards_read_as_one(tiny_grads_ws, cli):
     _, step = _checkpoint(tiny_grads_ws)
     for k in (1, 2, 3):
         res = cli("--config", cfgp, "grads", "--ckpt", str(step), "--train", "synth_b", "--dims", "64", "128",
-                  "--shard", f"{k}/3", "--json")
+                  "--shard", f"{k}/3", "--device", "cpu", "--json")  # as the template's stores were made
         assert res.code == 0, res
     grads = tiny_grads_ws / "out" / "grads"
     whole = store_path(grads, "synth_b", step, "adam")
