@@ -260,6 +260,7 @@ class PerExampleGradients:
         For a causal LM whose head is just `lm_head(last hidden state)` (PLAIN_HEADS), the head runs on the label
         positions only, found on the host from `labels` (no synchronisation): the logits of prompt and padding
         tokens, float32 [tokens, vocab] in the loss, would get no gradient anyway."""
+        import numpy as np
         import torch
         import torch.nn.functional as F
 
@@ -271,15 +272,13 @@ class PerExampleGradients:
                 lab[i, : len(l)] = torch.tensor(l)
             return per_example_loss(out.logits, lab.to(ids.device))
         body, head = self._head
-        pos, row, tgt = [], [], []
-        for i, l in enumerate(labels):
-            for t in range(len(l) - 1):
-                if l[t + 1] != -100:
-                    pos.append(i * T + t)
-                    row.append(i)
-                    tgt.append(l[t + 1])
-        count = torch.bincount(torch.tensor(row, dtype=torch.long), minlength=B)
-        pos_d, row_d, tgt_d = (torch.tensor(v, dtype=torch.long).to(ids.device, non_blocking=True) for v in (pos, row, tgt))
+        nxt = [np.asarray(l[1:], dtype=np.int64) for l in labels]  # the token each position predicts
+        at = [np.flatnonzero(n != -100) for n in nxt]
+        pos = np.concatenate([i * T + a for i, a in enumerate(at)] + [np.zeros(0, np.int64)])
+        row = np.repeat(np.arange(len(at)), [len(a) for a in at])
+        tgt = np.concatenate([n[a] for n, a in zip(nxt, at)] + [np.zeros(0, np.int64)])
+        count = torch.bincount(torch.from_numpy(row), minlength=B)
+        pos_d, row_d, tgt_d = (torch.from_numpy(v).to(ids.device, non_blocking=True) for v in (pos, row, tgt))
         hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
         logits = head(hidden.reshape(B * T, -1).index_select(0, pos_d)).float()
         tok = F.cross_entropy(logits, tgt_d, reduction="none")
