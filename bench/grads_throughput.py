@@ -456,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--examples", type=int, default=48, help="timed examples per path")
     ap.add_argument("--dims", default="8192", help="projection dimension(s), comma-separated")
-    ap.add_argument("--projectors", default="cuda,basic", help="lessctl projectors to time, comma-separated: cuda, basic, auto")
+    ap.add_argument("--projectors", default="cuda,basic", help="lessctl projectors to time, comma-separated: cuda, basic, sketch, auto")
     ap.add_argument("--fp32-check", type=int, default=8, help="compare against fp32 ground truth on this many examples (0: skip)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the authors' batch-of-one loop")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
