@@ -45,6 +45,15 @@ class TritonProjectionCheck:
 
 
 @dataclass
+class SketchKernelCheck:
+    """lessctl's gather kernel for `--projector sketch` (lessctl.sketch) against the torch gather, at D = 8192;
+    `ok` is None when it did not run (no GPU). Without it, the sketch projects with torch gathers (slower)."""
+
+    ok: bool | None = None
+    detail: str = ""
+
+
+@dataclass
 class DoctorReport:
     python: str
     platform: str
@@ -66,6 +75,7 @@ class DoctorReport:
     fast_jl: FastJLCheck = field(default_factory=FastJLCheck)
     fast_jl_fix: str | None = None
     triton_projection: TritonProjectionCheck = field(default_factory=TritonProjectionCheck)
+    sketch_kernel: SketchKernelCheck = field(default_factory=SketchKernelCheck)
     projector_auto: str = "basic"
     projector_auto_reason: str = ""
     problems: list[str] = field(default_factory=list)  # broken things: `--strict` exits 1 when any
@@ -171,6 +181,16 @@ def check_triton_projection(device: Any, sm_count: int | None, fast_jl_ok: bool 
     return res
 
 
+def check_sketch_kernel(device: Any, cuda_available: bool) -> SketchKernelCheck:
+    """Whether `--projector sketch` can use its Triton kernel here: the known-answer test against the torch gather
+    that every sketch projector runs before using it (`sketch.check_triton`), at LESS's dimension."""
+    if not cuda_available:
+        return SketchKernelCheck(None, "not run: no CUDA GPU is visible (the CPU uses torch gathers)")
+    from lessctl.sketch import check_triton
+
+    return SketchKernelCheck(*check_triton(device, TRITON_CHECK_DIM))
+
+
 def fast_jl_fix(capability: str | None, why: str) -> str:
     """FAST_JL_FIX with the GPU's arch filled in."""
     from lessctl.projection import FAST_JL_FIX
@@ -236,6 +256,10 @@ def run_doctor(device: str | None = None) -> DoctorReport:
     if rep.triton_projection.ok is False or (rep.fast_jl.ok and not rep.triton_projection.imports):
         rep.notes.append("--projector cuda projects with fast_jl, 32 rows per call, instead of lessctl's Triton "
                          f"kernel ({rep.triton_projection.detail})")
+    rep.sketch_kernel = check_sketch_kernel(device or "cuda", rep.cuda_available)
+    if rep.sketch_kernel.ok is False:
+        rep.notes.append(f"--projector sketch projects with torch gathers, slower, instead of lessctl's Triton kernel "
+                         f"({rep.sketch_kernel.detail})")
 
     if rep.traker:
         from lessctl.projection import choose_projector_kind

@@ -346,7 +346,9 @@ def test_doctor_reports_the_triton_kernel_without_a_gpu(cli, monkeypatch):
     assert tp["ok"] is None and tp["imports"] is HAS_TRITON
     assert ("not run: no CUDA GPU" in tp["detail"]) if HAS_TRITON else ("cannot import triton" in tp["detail"])
     assert rep["problems"] == [] and not any("Triton" in n for n in rep["notes"])
-    assert "Triton projection" in cli("doctor").out
+    assert rep["sketch_kernel"] == {"ok": None, "detail": "not run: no CUDA GPU is visible (the CPU uses torch gathers)"}
+    out = cli("doctor").out
+    assert "Triton projection" in out and "count sketch kernel" in out
 
 
 def _fake_gpu_with_fast_jl(monkeypatch):
@@ -375,11 +377,20 @@ def test_doctor_runs_the_triton_check_against_fast_jl(cli, monkeypatch, ok):
     seen = []
     detail = "matches fast_jl (2e-07 relative)" if ok else "the Triton kernel differs from fast_jl by 3.1e-02"
     monkeypatch.setattr(rm, "check_against_fast_jl", lambda *a: seen.append(a) or (ok, detail))
+    from lessctl import sketch
+
+    sk_detail = "matches the torch gather (0e+00 relative)" if ok else "the Triton kernel failed (out of resources)"
+    monkeypatch.setattr(sketch, "check_triton", lambda dev, dim: seen.append(("sketch", dev, dim)) or (ok, sk_detail))
     rep = json.loads(cli("doctor", "--json", "--device", "cpu").out)
     assert rep["fast_jl"]["ok"] is True, rep["fast_jl"]["detail"]
     assert rep["triton_projection"]["ok"] is ok and rep["triton_projection"]["detail"] == detail
     assert seen[0] == ("cpu", 8192, 0, 132, TRITON_MAX_ROWS)
+    # the count sketch's kernel is checked against the torch gather at D = 8192; a failure is a note, not a problem
+    assert ("sketch", "cpu", 8192) in seen
+    assert rep["sketch_kernel"] == {"ok": ok, "detail": sk_detail}
+    assert any("torch gathers" in n for n in rep["notes"]) is (not ok)
     assert rep["problems"] == []  # without the kernel, projection still works (on fast_jl)
     assert any("32 rows per call" in n for n in rep["notes"]) is (not ok)
     out = " ".join(cli("doctor", "--device", "cpu").out.split())
     assert ("ok (matches fast_jl" in out) if ok else ("not used: the Triton kernel differs" in out)
+    assert ("ok (matches the torch gather" in out) if ok else ("not used: the Triton kernel failed" in out)

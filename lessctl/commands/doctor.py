@@ -33,6 +33,8 @@ def doctor(
             tp_text = (f"triton {tp.triton_version}; " if tp.imports else "") + tp.detail
         else:
             tp_text = f"ok ({tp.detail})" if tp.ok else f"not used: {tp.detail}"
+        sk = rep.sketch_kernel
+        sk_text = rep.sketch_kernel.detail if sk.ok is None else (f"ok ({sk.detail})" if sk.ok else f"not used: {sk.detail}")
         gpu = (f"{rep.gpu_name}, {rep.sm_count} SMs, sm_{(rep.gpu_capability or '').replace('.', '')}, {rep.gpu_memory_gib} GiB"
                + (f" (x{rep.gpu_count})" if rep.gpu_count > 1 else "")) if rep.cuda_available else "none visible"
         rows = [
@@ -45,6 +47,7 @@ def doctor(
             ["traker", rep.traker_version if rep.traker else f"BROKEN: {rep.traker_error}"],
             ["fast_jl", fj_text],
             ["Triton projection", tp_text],
+            ["count sketch kernel", sk_text],
             ["--projector auto", f"{rep.projector_auto} ({rep.projector_auto_reason})"],
         ]
         print_table("lessctl doctor", ["check", "result"], [[escape(str(c)) for c in r] for r in rows])

@@ -18,7 +18,7 @@ def grads(
     train: Annotated[Optional[list[str]], typer.Option("--train", autocompletion=complete_train, help="Training set name(s) (default: all; adam features).")] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", autocompletion=complete_targets, help="Target name(s) (default: all; sgd features).")] = None,
     grad_type: Annotated[Optional[str], typer.Option("--type", help="Override the feature type: adam, sgd or sign.")] = None,
-    projector: Annotated[Optional[str], typer.Option("--projector", help="auto, cuda (TRAK's fast_jl), basic (TRAK's BasicProjector) or sketch (a count sketch: far cheaper, not LESS's matrix).")] = None,
+    projector: Annotated[Optional[str], typer.Option("--projector", help="auto, cuda (TRAK's CUDA projection: fast_jl's matrix, on lessctl's Triton kernel or fast_jl), basic (TRAK's BasicProjector; a GPU draws another matrix than the CPU) or sketch (a count sketch: far cheaper, not LESS's matrix).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: compute only the K-th of N contiguous row ranges.")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget per batch (longest x examples).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,
