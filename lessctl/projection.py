@@ -265,7 +265,7 @@ class CountSketchProjector(Projector):
         self.engines: dict[str, str] = {}  # x's device -> "triton" or "torch", decided on first use
         log.debug("count sketch tables (%d parameters, dim %d) in %.1f s", grad_dim, dim, time.perf_counter() - t0)
 
-    def engine(self, device) -> str:
+    def engine_for(self, device) -> str:
         """The engine that projects rows on `device`: decided (and logged) on the first rows seen there."""
         from lessctl import sketch
 
@@ -289,7 +289,7 @@ class CountSketchProjector(Projector):
 
         if x.device != self.seg.device:
             raise ValueError(f"count sketch: rows on {x.device}, tables on {self.seg.device}")
-        fn = sketch.project_triton if self.engine(x.device) == "triton" else sketch.project_torch
+        fn = sketch.project_triton if self.engine_for(x.device) == "triton" else sketch.project_torch
         return fn(x, self.seg, self.code, self.grad_dim, self.dim)
 
     @property

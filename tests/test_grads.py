@@ -393,8 +393,10 @@ def test_sketch_stores_are_recorded_and_not_matched_with_rademacher(tiny_grads_w
     ws = tiny_grads_ws
     step = json.loads((ws / "out" / "warmup" / "checkpoints.json").read_text())[0]["step"]
     res = cli("--config", ws / "lessctl.toml", "grads", "--ckpt", str(step), "--target", "sorting", "--dims", "64", "128",
-              "--projector", "sketch", "--force", "--json")
+              "--projector", "sketch", "--force")
     assert res.code == 0, res
+    assert "projector: sketch" in res.out + res.err
+    assert "TRAK's CUDA projection" not in res.out + res.err  # the engine line is the CUDA projector's only
     with open_store(ws / "out" / "grads", "sorting", step, "sgd") as r:
         assert r.projector["kind"] == "sketch"
     res = cli("--config", ws / "lessctl.toml", "match", "--target", "sorting")

@@ -161,13 +161,13 @@ def test_engine_choice_is_logged_once(monkeypatch, caplog):
     seen = []
     monkeypatch.setattr(sk, "check_triton", lambda dev, dim: seen.append((str(dev), dim)) or (True, "matches"))
     with caplog.at_level(logging.INFO, logger="lessctl.projection"):
-        assert proj.engine(torch.device("cpu")) == "torch"
-        assert proj.engine(torch.device("cuda", 0)) == "triton" and proj.engine(torch.device("cuda", 0)) == "triton"
+        assert proj.engine_for(torch.device("cpu")) == "torch"
+        assert proj.engine_for(torch.device("cuda", 0)) == "triton" and proj.engine_for(torch.device("cuda", 0)) == "triton"
     assert seen == [("cuda:0", 64)]
     assert caplog.text.count("Triton kernel") == 1 and caplog.text.count("torch gathers") == 1
     monkeypatch.setattr(sk, "check_triton", lambda dev, dim: (False, "cannot import triton (no module)"))
     with caplog.at_level(logging.WARNING, logger="lessctl.projection"):
-        assert proj.engine(torch.device("cuda", 1)) == "torch"
+        assert proj.engine_for(torch.device("cuda", 1)) == "torch"
     assert "cannot import triton" in caplog.text
 
 
@@ -232,7 +232,7 @@ def test_triton_kernel_on_the_gpu_equals_the_torch_gather():
 
     P, D = 3 * 8192 * 7 + 1000, 8192
     proj = CountSketchProjector(P, D, "cuda")
-    assert proj.engine(torch.device("cuda")) == "triton"
+    assert proj.engine_for(torch.device("cuda")) == "triton"
     x = torch.randn(37, P, device="cuda").half()
     ref = sk.project_torch(x, proj.seg, proj.code, P, D)
     for cfg in ({}, {"block_m": 32, "ksplit": 3}, {"block_m": 8, "ksplit": 1, "num_warps": 4}):
