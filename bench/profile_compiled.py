@@ -105,10 +105,10 @@ def main() -> None:
     def floor(b):
         from lessctl.gradients import pad_batch
 
-        ids, _, _ = pad_batch(b[0], b[1], 0, dev)
+        ids, lab, _ = pad_batch(b[0], b[1], 0, dev)
         if ids.shape[0] == 1:
-            ids = torch.cat([ids, torch.zeros_like(ids)])
-        loss, _ = peg._loss(ids, None, b[1])  # the pass's own loss (the head on label positions)
+            ids, lab = torch.cat([ids, torch.zeros_like(ids)]), torch.cat([lab, torch.full_like(lab, -100)])
+        loss, _ = peg._loss(ids, None, lab, b[1])  # the pass's own loss (the head on label positions)
         torch.autograd.grad(loss.sum(), emb_out)
 
     def record(name, fn, passes=None):

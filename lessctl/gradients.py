@@ -121,7 +121,6 @@ class PerExampleGradients:
         self._emb_out = None
         self._xf = (None, None)
         self._head = _plain_head(model)  # (decoder body, lm_head) when the loss may skip unlabelled positions
-        self._written: set[int] = set()  # ids of the parameters whose feature slices this `features` call wrote
         self._compiled = False  # `compile`: the blocks run compiled, the hooks add probes
         self._blocks: list = []
         for mod, products, _, _ in self.targets:
@@ -254,23 +253,20 @@ class PerExampleGradients:
         self._restore = []
 
     # -- passes
-    def _loss(self, ids, att, labels):
-        """Each example's mean loss over its label tokens [B] and their counts [B]: `per_example_loss` of the logits.
+    def _loss(self, ids, att, lab, labels):
+        """Each example's mean loss over its label tokens [B] and their counts [B]: `per_example_loss` of the logits
+        against the padded labels `lab`.
 
         For a causal LM whose head is just `lm_head(last hidden state)` (PLAIN_HEADS), the head runs on the label
-        positions only, found on the host from `labels` (no synchronisation): the logits of prompt and padding
-        tokens, float32 [tokens, vocab] in the loss, would get no gradient anyway."""
+        positions only, found on the host from the label lists `labels` (no synchronisation): the logits of prompt
+        and padding tokens, float32 [tokens, vocab] in the loss, would get no gradient anyway."""
         import numpy as np
         import torch
         import torch.nn.functional as F
 
         B, T = ids.shape
         if self._head is None:
-            out = self.model(input_ids=ids, attention_mask=att, use_cache=False)
-            lab = torch.full((B, T), -100, dtype=torch.long)
-            for i, l in enumerate(labels):
-                lab[i, : len(l)] = torch.tensor(l)
-            return per_example_loss(out.logits, lab.to(ids.device))
+            return per_example_loss(self.model(input_ids=ids, attention_mask=att, use_cache=False).logits, lab)
         body, head = self._head
         nxt = [np.asarray(l[1:], dtype=np.int64) for l in labels]  # the token each position predicts
         at = [np.flatnonzero(n != -100) for n in nxt]
@@ -290,23 +286,24 @@ class PerExampleGradients:
         """One forward/backward; `sink(param, rows [B, numel] float32)` receives every parameter's rows."""
         import torch
 
-        ids, _, att = pad_batch(seqs, labels, pad_id, self.device)
+        ids, lab, att = pad_batch(seqs, labels, pad_id, self.device)
         self._sink = sink
         try:
             if not self._compiled:
-                loss, count = self._loss(ids, att, labels)
+                loss, count = self._loss(ids, att, lab, labels)
                 torch.autograd.grad(loss.sum(), [self._emb_out], allow_unused=True)
             else:
                 B = len(seqs)
                 if B == 1:  # torch.compile specialises a size of 1 (another compilation): add a row without labels
                     ids = torch.cat([ids, torch.full_like(ids, pad_id)])
+                    lab = torch.cat([lab, torch.full_like(lab, -100)])
                 probes = []
                 for mod, products, n, dt in self.targets:
                     p = torch.zeros((), dtype=dt, device=self.device).expand(ids.shape[0], ids.shape[1], n).requires_grad_()
                     p.register_post_accumulate_grad_hook(self._probe_done(mod, products, B))
                     mod._lessctl_probe = p
                     probes.append(p)
-                loss, count = self._loss(ids, None, labels)
+                loss, count = self._loss(ids, None, lab, labels)
                 torch.autograd.backward(loss.sum(), inputs=probes)
                 loss, count = loss[:B], count[:B]
         finally:
@@ -359,12 +356,12 @@ class PerExampleGradients:
                 if raw is not None:
                     raw[:, off : off + n] = rows
                 transform_into(rows, grad_type, adam, off, feats[:, off : off + n])
-            self._written.add(id(p))
+            written.add(id(p))
 
-        self._written = set()
+        written: set[int] = set()  # the parameters whose slices the hooks wrote
         loss, count = self._backward(seqs, labels, pad_id, sink)
         for _, p in self.params:  # a parameter no hook reached keeps zero features, as it always had
-            if id(p) not in self._written:
+            if id(p) not in written:
                 off, n = self.offsets[id(p)]
                 for rows in (feats, raw) if raw is not None else (feats,):
                     rows[:, off : off + n] = 0

@@ -34,7 +34,7 @@ def doctor(
         else:
             tp_text = f"ok ({tp.detail})" if tp.ok else f"not used: {tp.detail}"
         sk = rep.sketch_kernel
-        sk_text = rep.sketch_kernel.detail if sk.ok is None else (f"ok ({sk.detail})" if sk.ok else f"not used: {sk.detail}")
+        sk_text = sk.detail if sk.ok is None else (f"ok ({sk.detail})" if sk.ok else f"not used: {sk.detail}")
         gpu = (f"{rep.gpu_name}, {rep.sm_count} SMs, sm_{(rep.gpu_capability or '').replace('.', '')}, {rep.gpu_memory_gib} GiB"
                + (f" (x{rep.gpu_count})" if rep.gpu_count > 1 else "")) if rep.cuda_available else "none visible"
         rows = [
