@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,6 +15,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lessctl demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lessctl tests bench
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

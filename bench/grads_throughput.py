@@ -30,7 +30,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lessctl.gradients import AdamState, FeatureCollector, PerExampleGradients, naive_gradients, token_batches, transform
+from lessctl._reference import naive_gradients
+from lessctl.grads.adam import AdamState, transform
+from lessctl.grads.batching import token_batches
+from lessctl.grads.collector import FeatureCollector
+from lessctl.grads.engine import PerExampleGradients
 
 # Llama shapes. 7b and 13b are Llama-2's; 1b is TinyLlama-1.1B's (grouped-query attention).
 SHAPES: dict[str, dict[str, int]] = {
@@ -507,7 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
     import peft
     import transformers
 
-    from lessctl.projection import choose_projector_kind, fast_jl_status, make_projector
+    from lessctl.grads.projection.choose import choose_projector_kind, make_projector
+    from lessctl.grads.projection.trak import fast_jl_status
 
     dev_info: dict[str, Any] = {"type": device.type, "name": platform.processor() or platform.machine()}
     if device.type == "cuda":

@@ -38,8 +38,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lessctl import selection
-from lessctl.store import StoreReader, StoreWriter, store_complete, store_path
+from lessctl.grads.store.reader import StoreReader
+from lessctl.grads.store.schema import store_complete, store_path
+from lessctl.grads.store.writer import StoreWriter
+from lessctl.select import scores as selection
 
 TRAIN, TARGET = "pool", "target"
 GB = 1e9

@@ -16,6 +16,7 @@ attention, Triton, elementwise, fill, copy), and with --cudnn the floor again wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -27,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grads_throughput as gt  # noqa: E402
 
-from lessctl.gradients import PerExampleGradients, auto_max_batch_examples, token_batches  # noqa: E402
+from lessctl.grads.batching import auto_max_batch_examples, token_batches
+from lessctl.grads.engine import PerExampleGradients
 
 KINDS = [  # (kind, pattern of the kernel name), first match wins
     ("attention", r"flash|fmha|cudnn|attention|sdpa"),
@@ -103,7 +105,7 @@ def main() -> None:
         return out
 
     def floor(b):
-        from lessctl.gradients import pad_batch
+        from lessctl.grads.engine import pad_batch
 
         ids, lab, _ = pad_batch(b[0], b[1], 0, dev)
         if ids.shape[0] == 1:
@@ -124,10 +126,10 @@ def main() -> None:
     record("floor", floor)
     h.remove()
 
-    targets = peg.targets
-    peg.targets = [(mod, lambda x, g: None, k, dt) for mod, _, k, dt in targets]
+    layers = peg.layers
+    peg.layers = [dataclasses.replace(hl, products=lambda x, g: None) for hl in layers]
     record("probes", lambda b: peg._backward(b[0], b[1], 0, lambda p, rows: None))
-    peg.targets = targets
+    peg.layers = layers
     record("products", lambda b: peg._backward(b[0], b[1], 0, lambda p, rows: None))
     record("features", lambda b: peg.features(b[0], b[1], 0, "adam", adam))
 

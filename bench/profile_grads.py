@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grads_throughput as gt  # noqa: E402
 
-from lessctl.gradients import PerExampleGradients, pad_batch, per_example_loss  # noqa: E402
+from lessctl.grads.engine import PerExampleGradients, pad_batch, per_example_loss
 
 
 def timed(fn, reps: int) -> float:

@@ -165,8 +165,10 @@ def unprojected_features(cfg, device: str) -> dict:
     """Adam features of the pool and sgd features of each target at the last checkpoint, unprojected."""
     import torch
 
-    from lessctl.collect import data_sets
-    from lessctl.gradients import FeatureCollector, PerExampleGradients, load_adam_state
+    from lessctl.grads.adam import load_adam_state
+    from lessctl.grads.collector import FeatureCollector
+    from lessctl.grads.engine import PerExampleGradients
+    from lessctl.grads.stage import data_sets
     from lessctl.models import load_adapter_model
     from lessctl.training import checkpoint_dir, read_checkpoints
 
@@ -259,7 +261,7 @@ def method_spec(method: str) -> tuple[str, int | None]:
 
 
 def make(method: str, P: int, dim: int, device: str):
-    from lessctl.projection import make_projector
+    from lessctl.grads.projection.choose import make_projector
 
     kind, seed = method_spec(method)
     if kind == "identity":
@@ -290,7 +292,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 def less_scores(Xn: np.ndarray, Yn: np.ndarray, subtasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(cosines [N, M], LESS scores [N]) as lessctl.selection computes them for one checkpoint (weight 1)."""
-    from lessctl.selection import aggregate, normalize_weights, subtask_matrix
+    from lessctl.select.scores import aggregate, normalize_weights, subtask_matrix
 
     w = normalize_weights([1.0])
     _, A = subtask_matrix(subtasks)
@@ -299,7 +301,7 @@ def less_scores(Xn: np.ndarray, Yn: np.ndarray, subtasks: list[str]) -> tuple[np
 
 
 def selected(scores: np.ndarray) -> np.ndarray:
-    from lessctl.selection import n_selected, top_order
+    from lessctl.select.match import n_selected, top_order
 
     k = n_selected(len(scores), PERCENTAGE, None)
     return top_order(scores)[:k]

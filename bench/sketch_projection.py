@@ -30,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     import triton.testing
 
-    from lessctl import sketch
-    from lessctl.projection import CountSketchProjector
+    from lessctl.grads.projection import sketch
+    from lessctl.grads.projection.sketch import CountSketchProjector
 
     dev = torch.device("cuda")
     B, P, D = args.rows, args.grad_dim, args.dim

@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--configs", default="[{}]", help="JSON list of kernel settings to try (block_m, block_n, ...)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    from lessctl import rademacher as rm
-    from lessctl.projection import TrakCudaProjector
+    from lessctl.grads.projection import rademacher as rm
+    from lessctl.grads.projection.trak import TrakCudaProjector
 
     P, D = args.grad_dim, args.dim
     rows_list = [int(r) for r in args.rows.split(",")]

@@ -11,14 +11,15 @@ import difflib
 import os
 import tomllib
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError
+from lessctl.vocab import BUILTIN_TARGETS
 
 CONFIG_NAME = "lessctl.toml"
-BUILTIN_TARGETS = ("mmlu", "bbh", "tydiqa")
 # Keys of a custom target: its LESS examples, an optional subtask key, an optional held-out eval file.
 TARGET_KEYS = ("file", "subtask_key", "eval_file")
 
@@ -166,44 +167,43 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "path"}
 
 
-def _section_cls(name: str) -> type:
-    hints = typing.get_type_hints(Config)
-    return hints[name]
+_TYPE_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false", list: "a list",
+               dict: "a table"}
+
+
+def type_problem(key: str, value: Any, typ: Any) -> str | None:
+    """The problem with a value of key `key` that should be of type `typ` (a type or its name), or None.
+
+    Numbers accept integers, integers refuse booleans; types other than those of TOML pass unchecked.
+    """
+    typ = {t.__name__: t for t in _TYPE_WORDS}.get(typ, typ)
+    if typ not in _TYPE_WORDS:
+        return None
+    if typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, typ)
+    return None if ok else f"{key}: expected {_TYPE_WORDS[typ]}, got {value!r}"
 
 
 def _check_type(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
     """Checks (and lightly coerces: int -> float) one value; appends a problem naming the key."""
-    if typ in ("float", float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return value
-        return float(value)
-    if typ in ("int", int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
+    problem = type_problem(key, value, typ)
+    if problem:
+        problems.append(problem)
         return value
-    if typ in ("str", str):
-        if not isinstance(value, str):
-            problems.append(f"{key}: expected a string, got {value!r}")
-        return value
-    if typ in ("bool", bool):
-        if not isinstance(value, bool):
-            problems.append(f"{key}: expected true or false, got {value!r}")
-        return value
-    if typ in ("list", list):
-        if not isinstance(value, list):
-            problems.append(f"{key}: expected a list, got {value!r}")
-        return value
-    if typ in ("dict", dict):
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a table, got {value!r}")
-        return value
-    return value
+    return float(value) if typ in ("float", float) else value
 
 
-def _closest(name: str, options: list[str]) -> str:
+def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
+    """A suffix for an error about an unknown `name`: the closest option, else all of them (or nothing)."""
+    options = list(options)
     m = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{m[0]}'?)" if m else f" (valid: {', '.join(options)})"
+    if m:
+        return f" (did you mean '{m[0]}'?)"
+    return f" (valid: {', '.join(options)})" if list_all else ""
 
 
 def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
@@ -239,14 +239,14 @@ def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
             if spec not in BUILTIN_TARGETS:
                 problems.append(
                     f"{where}data.targets.{name}: unknown built-in target {spec!r}"
-                    f"{_closest(spec, list(BUILTIN_TARGETS))}; a custom target is {{file = \"path.jsonl\"}}"
+                    f"{closest(spec, list(BUILTIN_TARGETS))}; a custom target is {{file = \"path.jsonl\"}}"
                 )
         elif isinstance(spec, dict):
             unknown = set(spec) - set(TARGET_KEYS)
             if "file" not in spec:
                 problems.append(f"{where}data.targets.{name}: a custom target needs file = \"path.jsonl\"")
             for k in sorted(unknown):
-                problems.append(f"{where}data.targets.{name}.{k}: unknown key{_closest(k, list(TARGET_KEYS))}")
+                problems.append(f"{where}data.targets.{name}.{k}: unknown key{closest(k, list(TARGET_KEYS))}")
         else:
             problems.append(f"{where}data.targets.{name}: expected a built-in name or a table, got {spec!r}")
 
@@ -259,7 +259,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
     sections: dict[str, dict[str, Any]] = {}
     for sec_name, sec_val in raw.items():
         if sec_name not in SECTIONS:
-            problems.append(f"{where}unknown section [{sec_name}]{_closest(sec_name, list(SECTIONS))}")
+            problems.append(f"{where}unknown section [{sec_name}]{closest(sec_name, list(SECTIONS))}")
             continue
         if not isinstance(sec_val, dict):
             problems.append(f"{where}{sec_name}: expected a table [{sec_name}]")
@@ -270,7 +270,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
             continue
         sec_name, _, fname = key.partition(".")
         if sec_name not in SECTIONS:  # else the override would be dropped silently
-            problems.append(f"unknown key {key}{_closest(sec_name, list(SECTIONS))}")
+            problems.append(f"unknown key {key}{closest(sec_name, list(SECTIONS))}")
             continue
         sections.setdefault(sec_name, {})[fname] = value
 
@@ -282,7 +282,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
         kwargs: dict[str, Any] = {}
         for k, v in sections.get(sec_name, {}).items():
             if k not in fields:
-                problems.append(f"{where}unknown key {sec_name}.{k}{_closest(k, list(fields))}")
+                problems.append(f"{where}unknown key {sec_name}.{k}{closest(k, list(fields))}")
                 continue
             kwargs[k] = _check_type(f"{where}{sec_name}.{k}", v, ftypes[k], problems)
         try:

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lessctl import paths
 from lessctl.config import CONFIG_NAME, load_config
+from lessctl.vocab import METHODS
 
-DEMO_METHODS = ("less", "random", "bm25")
 EVAL_LIMIT = 12  # held-out examples per target in the demo's before/after evaluation
 
 
@@ -23,9 +24,9 @@ def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = No
              step: Callable[[str], None] | None = None) -> dict:
     """init --preset tiny (once), warmup, grads at every checkpoint, match with each method, and (train=True)
     finetune on each selection and evaluate the target's held-out set before and after; returns the report."""
-    from lessctl.collect import collect_gradients
-    from lessctl.data import read_jsonl
-    from lessctl.selection import run_match
+    from lessctl.data.records import read_jsonl
+    from lessctl.grads.stage import collect_gradients
+    from lessctl.select.match import run_match
     from lessctl.training import checkpoints_path, run_warmup
     from lessctl.workspace import init_workspace
 
@@ -55,7 +56,7 @@ def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = No
         say(f"match: {target}")
         expected = sum(f == target for f in pool) / len(pool)
         entry: dict = {"random_expected_precision": round(expected, 4)}
-        for method in DEMO_METHODS:
+        for method in METHODS:
             res = run_match(cfg, target, method=method)
             entry[method] = {"precision": round(selection_precision(res.file, target), 4), "selected": res.n_selected,
                              "file": str(res.file)}
@@ -72,10 +73,10 @@ def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = No
 
 def _train_and_evaluate(cfg, report: dict, device, say) -> None:
     """Finetunes a LoRA on each selection and scores the target's eval_file before (base) and after."""
-    from lessctl.evaluation import ModelSpec, describe_model, run_custom_evaluation
+    from lessctl.evaluation.results import eval_json_path
+    from lessctl.evaluation.runner import ModelSpec, describe_model, run_custom_evaluation
     from lessctl.models import is_adapter_dir
-    from lessctl.results import eval_json_path
-    from lessctl.selection import selection_file
+    from lessctl.select.match import selection_file
     from lessctl.training import run_finetune
 
     def evaluate(spec, target: str) -> dict:
@@ -93,9 +94,9 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
     for target, entry in report["targets"].items():
         say(f"evaluate: base model on {target}")
         entry["base"] = evaluate(ModelSpec("base", base), target)
-        for method in DEMO_METHODS:
+        for method in METHODS:
             name = f"{target}-{method}"
-            out = cfg.output_dir / "finetune" / name
+            out = paths.finetune_dir(cfg.output_dir, name)
             if not is_adapter_dir(out):
                 say(f"finetune: {name}")
                 run_finetune(cfg, selection_file(cfg, target, method), name,

@@ -174,8 +174,8 @@ def check_triton_projection(device: Any, sm_count: int | None, fast_jl_ok: bool 
     if not fast_jl_ok:
         res.detail = "not run: needs a working fast_jl to compare with"
         return res
-    from lessctl.projection import TRITON_MAX_ROWS
-    from lessctl.rademacher import check_against_fast_jl
+    from lessctl.grads.projection.rademacher import check_against_fast_jl
+    from lessctl.grads.projection.trak import TRITON_MAX_ROWS
 
     res.ok, res.detail = check_against_fast_jl(device, TRITON_CHECK_DIM, 0, sm_count, TRITON_MAX_ROWS)
     return res
@@ -186,14 +186,14 @@ def check_sketch_kernel(device: Any, cuda_available: bool) -> SketchKernelCheck:
     that every sketch projector runs before using it (`sketch.check_triton`), at LESS's dimension."""
     if not cuda_available:
         return SketchKernelCheck(None, "not run: no CUDA GPU is visible (the CPU uses torch gathers)")
-    from lessctl.sketch import check_triton
+    from lessctl.grads.projection.sketch import check_triton
 
     return SketchKernelCheck(*check_triton(device, TRITON_CHECK_DIM))
 
 
 def fast_jl_fix(capability: str | None, why: str) -> str:
     """FAST_JL_FIX with the GPU's arch filled in."""
-    from lessctl.projection import FAST_JL_FIX
+    from lessctl.grads.projection.trak import FAST_JL_FIX
 
     text = FAST_JL_FIX.format(why=why)
     if capability:
@@ -262,7 +262,7 @@ def run_doctor(device: str | None = None) -> DoctorReport:
                          f"({rep.sketch_kernel.detail})")
 
     if rep.traker:
-        from lessctl.projection import choose_projector_kind
+        from lessctl.grads.projection.choose import choose_projector_kind
 
         try:
             rep.projector_auto, rep.projector_auto_reason = choose_projector_kind(

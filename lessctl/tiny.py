@@ -114,7 +114,7 @@ def write_tiny_data(data_dir: Path, n_per_family: int = 60, n_target: int = 6, s
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600, max_length: int = 512):
     """A byte-level BPE tokenizer trained on `texts`, with Llama-like BOS handling; saved to out_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -133,14 +133,18 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_max_length=512,
+        model_max_length=max_length,
     )
     fast.save_pretrained(str(out_dir))
     return fast
 
 
-def build_tiny_model(out_dir: Path, texts: list[str], seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Trains the tokenizer and saves a randomly initialised small Llama beside it in `out_dir`."""
+def build_tiny_model(out_dir: Path, texts: list[str], seed: int = 0, hidden_size: int = 64, layers: int = 2, *,
+                     vocab_size: int = 600, max_positions: int = 512) -> Path:
+    """Trains the tokenizer and saves a randomly initialised small Llama beside it in `out_dir`.
+
+    `max_positions` is the model's context and the tokenizer's `model_max_length`.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -148,7 +152,7 @@ def build_tiny_model(out_dir: Path, texts: list[str], seed: int = 0, hidden_size
 
     quiet_hf()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(texts, out_dir)
+    tok = train_tokenizer(texts, out_dir, vocab_size=vocab_size, max_length=max_positions)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -157,7 +161,7 @@ def build_tiny_model(out_dir: Path, texts: list[str], seed: int = 0, hidden_size
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

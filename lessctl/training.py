@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -17,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lessctl import __version__
+from lessctl import __version__, paths
 from lessctl.config import Config, TrainConfig
 from lessctl.errors import AlreadyExistsError, InputError, MissingArtifactError
+from lessctl.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 LR_FILE = "lessctl_lrs.json"  # per-step learning rates so far, saved in every checkpoint
-MANIFEST = "checkpoints.json"
+MANIFEST = paths.CHECKPOINTS_FILE
 RUN_FILE = "lessctl_run.json"
 
 
@@ -38,7 +38,7 @@ class TrainResult:
 
 
 def warmup_dir(cfg: Config) -> Path:
-    return cfg.output_dir / "warmup"
+    return paths.warmup_dir(cfg.output_dir)
 
 
 def checkpoints_path(cfg: Config) -> Path:
@@ -54,7 +54,7 @@ def read_checkpoints(cfg: Config) -> list[dict]:
 
 
 def checkpoint_dir(cfg: Config, step: int) -> Path:
-    return warmup_dir(cfg) / f"checkpoint-{step}"
+    return paths.checkpoint_dir(cfg.output_dir, step)
 
 
 def _complete_checkpoints(out: Path) -> list[Path]:
@@ -82,9 +82,7 @@ def _lr_callback(history: list[float], output_dir: Path):
         def on_save(self, args, state, control, **kw):
             d = output_dir / f"checkpoint-{state.global_step}"
             if d.is_dir():
-                tmp = d / (LR_FILE + ".tmp")
-                tmp.write_text(json.dumps({"lrs": history[: state.global_step], "epoch": state.epoch}))
-                os.replace(tmp, d / LR_FILE)
+                write_atomic(d / LR_FILE, json.dumps({"lrs": history[: state.global_step], "epoch": state.epoch}))
 
     return LearningRateRecorder()
 
@@ -164,7 +162,7 @@ def train_lora(
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
-    from lessctl.data import build_training_set
+    from lessctl.data.pool import build_training_set
     from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
 
     device = device or default_device()
@@ -259,9 +257,7 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
     elif force and out.exists():
         shutil.rmtree(out)
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res.checkpoints, indent=2))
-    os.replace(tmp, manifest)
+    write_atomic(manifest, json.dumps(res.checkpoints, indent=2))
     _write_run_file(out, cfg, {"kind": "warmup", "counts": res.counts, "seconds": res.seconds})
     return res
 
@@ -278,7 +274,7 @@ def run_finetune(
     on_log=None,
 ) -> TrainResult:
     """`lessctl finetune`: a fresh LoRA on `train_file` (all of it by default) into finetune/<name>/."""
-    out = cfg.output_dir / "finetune" / name
+    out = paths.finetune_dir(cfg.output_dir, name)
     if (out / "adapter_config.json").is_file():
         if not force:
             raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
@@ -300,16 +296,4 @@ def run_finetune(
 def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:
     rec = {"lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "config": cfg.to_dict()}
     (out / RUN_FILE).write_text(json.dumps(rec, indent=2, default=str))
-
-
-def expected_lrs(n_steps: int, peak: float, warmup_ratio: float) -> list[float]:
-    """The linear-with-warmup schedule's learning rate at each optimizer step (for checks and docs)."""
-    warm = math.ceil(warmup_ratio * n_steps) if warmup_ratio < 1 else int(warmup_ratio)
-    out = []
-    for s in range(n_steps):
-        if s < warm:
-            out.append(peak * s / max(1, warm))
-        else:
-            out.append(peak * max(0.0, (n_steps - s) / max(1, n_steps - warm)))
-    return out
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from lessctl.config import CONFIG_NAME, build_config, to_toml
 from lessctl.errors import AlreadyExistsError, ConfigError
+from lessctl.vocab import EXTRA_PRESETS, PRESETS
 
-PRESETS = ("tiny", "llama2-7b", "llama2-13b", "mistral-7b")
 _HUB = {
     "llama2-7b": "meta-llama/Llama-2-7b-hf",
     "llama2-13b": "meta-llama/Llama-2-13b-hf",
@@ -21,7 +21,6 @@ LESS_TRAIN = {  # LESS's four training sets in its data layout
     "oasst1": "train/processed/oasst1/oasst1_data.jsonl",
 }
 # Presets outside PRESETS because they need more than a name (tiny-ir: a folder of BEIR collections).
-EXTRA_PRESETS = ("tiny-ir",)
 
 
 def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
@@ -72,7 +71,7 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
 def _tiny_ir_config(beir_root: str) -> dict[str, Any]:
     """LESS for listwise reranking on the tiny model: the msmarco* collection of `beir_root` as the pool,
     every other collection's dev file as a target (files written by init_workspace into data/)."""
-    from lessctl.ir import TINY_IR_MAX_SEQ_LENGTH, tiny_ir_layout
+    from lessctl.ir.tiny import TINY_IR_MAX_SEQ_LENGTH, tiny_ir_layout
 
     (pool, _), targets = tiny_ir_layout(beir_root)
     return {
@@ -118,7 +117,7 @@ def init_workspace(folder: Path, preset: str, *, data_dir: str = "data", force: 
         texts = corpus_texts(list(files["train"].values()) + list(files["targets"].values()))
         build_tiny_model(folder / "model", texts)
     elif preset == "tiny-ir":
-        from lessctl.ir import build_tiny_ir_workspace
+        from lessctl.ir.tiny import build_tiny_ir_workspace
 
         build_tiny_ir_workspace(folder, data_dir)
     target = next(iter(raw["data"]["targets"]))

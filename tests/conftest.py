@@ -89,8 +89,8 @@ def tiny_ws(tiny_template, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_grads_template(tiny_template, tmp_path_factory) -> Path:
     """The tiny workspace with gradient stores (dims 64 and 128) at both checkpoints."""
-    from lessctl.collect import collect_gradients
     from lessctl.config import load_config
+    from lessctl.grads.stage import collect_gradients
 
     root = tmp_path_factory.mktemp("tinygrads") / "ws"
     shutil.copytree(tiny_template, root, symlinks=True)

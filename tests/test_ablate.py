@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from lessctl.ablation import jaccard, kept_share, overlap_matrix, parse_subsets, rank_correlation
 from lessctl.errors import ConfigError
-from lessctl.selection import Scored
+from lessctl.select.scores import Scored
+from lessctl.study.ablation import jaccard, kept_share, overlap_matrix, parse_subsets, rank_correlation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -295,7 +295,7 @@ def test_ablate_under_torchrun_matches_on_rank_zero_and_trains_on_all(tiny_grads
     assert [e["label"] for e in report["subsets"]] == ["2", "12"]
     for e in report["subsets"]:
         assert (Path(e["finetune"]["output_dir"]) / "adapter_config.json").is_file()
-    assert not list((ws / "out" / "selected" / "antonyms").rglob("*.tmp"))
+    assert not list((ws / "out" / "selected" / "antonyms").rglob("*.tmp")) and not list((ws / "out" / "selected" / "antonyms").rglob("*.part"))
 
 
 # ----------------------------------------------------------------------------- transfer (LESS-T)
@@ -304,7 +304,7 @@ def test_ablate_under_torchrun_matches_on_rank_zero_and_trains_on_all(tiny_grads
 def test_transfer_finetune_loads_the_other_model_and_results_show_it(tiny_grads_ws, tmp_path, cli, monkeypatch):
     from safetensors import safe_open
 
-    from lessctl.evaluation import describe_model, record_result
+    from lessctl.evaluation.runner import describe_model, record_result
     from lessctl.tiny import build_tiny_model, corpus_texts
 
     ws = tiny_grads_ws

@@ -67,7 +67,7 @@ def test_token_batches_respect_budget_and_cap_and_examples_are_seeded():
         import grads_throughput as gt
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from lessctl.gradients import token_batches
+    from lessctl.grads.batching import token_batches
 
     lengths = [300, 40, 900, 120, 120, 64, 500, 33]
     batches = list(token_batches(lengths, 1024, 2))
@@ -102,8 +102,8 @@ def test_match_bench_figures_and_scores(tmp_path):
     import h5py
     import numpy as np
 
-    from lessctl import selection
-    from lessctl.store import verify_store
+    from lessctl.grads.store.reader import verify_store
+    from lessctl.select import scores as selection
 
     mt = _load_match_bench()
     stores, out = tmp_path / "stores", tmp_path / "match.json"

@@ -5,19 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from lessctl.data import (
+from lessctl.data.encoding import (
     IGNORE_INDEX,
-    Pool,
-    Record,
-    build_training_set,
     encode_messages,
     encode_prompt_completion,
     encode_record,
     format_chat,
     join_prompt_completion,
-    read_jsonl,
-    subset_indices,
 )
+from lessctl.data.pool import Pool, build_training_set, subset_indices
+from lessctl.data.records import Record, read_jsonl
 from lessctl.errors import InputError
 
 CONVERSATION = [

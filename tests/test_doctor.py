@@ -114,7 +114,7 @@ def test_doctor_prints_the_fix_verbatim(cli, monkeypatch):
         multi_processor_count=132, name="Fake H100", major=9, minor=0, total_memory=80 * 2**30))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr("lessctl.projection.fast_jl_status", lambda device="cuda": (False, "its kernel failed"))
+    monkeypatch.setattr("lessctl.grads.projection.trak.fast_jl_status", lambda device="cuda": (False, "its kernel failed"))
     r = cli("doctor", "--strict", "--device", "cpu")
     assert r.code == 1, r
     assert "lessctl[cuda]" in r.err and "'9.0' on this GPU" in " ".join(r.err.split()), r.err

@@ -7,17 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from eval_helpers import DATA, StubLM, build_model_dir, save_lora_adapter
+
 from lessctl.errors import InputError, MissingArtifactError
-from lessctl.evaluation import (
-    HEADLINE,
-    ModelSpec,
-    describe_model,
-    evaluate_task,
-    finetuned_models,
-    run_evaluation,
-)
 from lessctl.evaluation import bbh, mmlu, tydiqa
 from lessctl.evaluation.generation import ProgressHook, cut_at_stop, generate_greedy
 from lessctl.evaluation.metrics import (
@@ -29,7 +21,15 @@ from lessctl.evaluation.metrics import (
     squad_f1,
     squad_scores,
 )
-from lessctl.results import append_result, read_results, write_eval_json
+from lessctl.evaluation.results import append_result, read_results, write_eval_json
+from lessctl.evaluation.runner import (
+    HEADLINE,
+    ModelSpec,
+    describe_model,
+    evaluate_task,
+    finetuned_models,
+    run_evaluation,
+)
 
 needs_data = pytest.mark.skipif(not (DATA / "eval").is_dir(), reason=f"real data not found at {DATA}")
 

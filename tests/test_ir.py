@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lessctl.data import read_jsonl
+from lessctl.data.records import read_jsonl
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError
-from lessctl.evaluation.ir import (
+from lessctl.ir.beir import read_collection, read_qrels
+from lessctl.ir.bm25 import BM25Index, bm25_tokens, top_k
+from lessctl.ir.evaluate import (
     ParsedRanking,
     evaluate_bm25,
     mrr_at_k,
@@ -23,7 +25,8 @@ from lessctl.evaluation.ir import (
     score_answers,
     score_ranking,
 )
-from lessctl.ir import BM25Index, bm25_tokens, build_prompt, prepare_ir, read_collection, read_qrels, top_k
+from lessctl.ir.prepare import prepare_ir
+from lessctl.ir.prompts import build_prompt
 
 LABELS = list("ABCDE")
 RANKING = re.compile(r"^\[[A-E]\]( > \[[A-E]\]){4}$")
@@ -79,7 +82,7 @@ def check_example(rec: dict, k: int = 5) -> None:
 
 def test_tiny_ir_workspace_files(ws, beir):
     from lessctl.config import load_config
-    from lessctl.targets import load_target
+    from lessctl.data.targets import load_target
 
     cfg = load_config(ws / "lessctl.toml")
     assert cfg.train_files() == {"msmarco": ws / "data" / "msmarco_data.jsonl"}

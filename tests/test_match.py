@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from lessctl.selection import aggregate, read_sorted_csv, subtask_matrix
+from lessctl.select.match import read_sorted_csv
+from lessctl.select.scores import aggregate, subtask_matrix
 
 
 def _manifest(ws: Path) -> list[dict]:
@@ -89,7 +90,7 @@ def test_max_samples_and_summary(tiny_grads_ws, cli):
 def test_bm25_scores_equal_rank_bm25(tiny_ws):
     from rank_bm25 import BM25Okapi
 
-    from lessctl.selection import bm25_scores
+    from lessctl.select.baselines import bm25_scores
 
     texts = {"a": [(0, "the cat sat on the mat"), (1, "dogs chase cats")], "b": [(4, "a mat for the dog"), (7, "nothing here")]}
     queries = ["cat on mat", "dog", "the mat"]

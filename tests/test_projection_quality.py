@@ -47,7 +47,7 @@ class _Reader:
 
 def test_scores_and_selection_equal_lessctl_selection(pq):
     """The script's normalization, scores and top 5% are those of `lessctl match` on the same features."""
-    from lessctl.selection import less_scores
+    from lessctl.select.scores import less_scores
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(400, 48)).astype(np.float32) * rng.uniform(0.1, 5, size=(400, 1)).astype(np.float32)

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from lessctl import rademacher as rm
+from lessctl import _reference as reference
+from lessctl.grads.projection import rademacher as rm
 
 M32 = 0xFFFFFFFF
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _has_fast_jl() -> bool:
     if not torch.cuda.is_available():
         return False
-    from lessctl.projection import fast_jl_status
+    from lessctl.grads.projection.trak import fast_jl_status
 
     return fast_jl_status("cuda")[0]
 
@@ -124,10 +125,10 @@ def test_vectorised_xorwow_equals_the_scalar_one():
 ], ids=["tiles7", "seed-max", "wide", "tiles>F"])
 def test_emulated_matrix_equals_fast_jl_loops(F, N, seed, tiles):
     ref = slow_fast_jl_matrix(F, N, seed, tiles)
-    got = rm.fast_jl_matrix(F, N, seed, tiles)
+    got = reference.fast_jl_matrix(F, N, seed, tiles)
     assert got.dtype == torch.float32 and got.shape == (F, N)
     assert np.array_equal(got.numpy(), ref)
-    part = rm.fast_jl_matrix(F, N, seed, tiles, rows=slice(137, 611))
+    part = reference.fast_jl_matrix(F, N, seed, tiles, rows=slice(137, 611))
     assert np.array_equal(part.numpy(), ref[137:611])
 
 
@@ -135,8 +136,8 @@ def test_reference_projection_sums_tile_products():
     F, N, tiles = 1000, 512, 7
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, F, generator=gen)
-    R = rm.fast_jl_matrix(F, N, 5, tiles)
-    got = rm.reference_project(x, N, 5, tiles)
+    R = reference.fast_jl_matrix(F, N, 5, tiles)
+    got = reference.reference_project(x, N, 5, tiles)
     ref = x.half().float() @ R
     assert got.shape == (3, N) and torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -173,7 +174,7 @@ out = []
 for B, F, dim, tiles, seed, cfg in json.loads(sys.argv[1]):
     x = torch.randn(B, F, generator=torch.Generator().manual_seed(B + F)).half()
     got = rm.project(x, dim, seed, tiles, **cfg)
-    ref = rm.reference_project(x, dim, seed, tiles)
+    ref = reference.reference_project(x, dim, seed, tiles)
     out.append([list(got.shape), float((got - ref).abs().max() / ref.abs().max())])
 print(json.dumps(out))
 """
@@ -200,7 +201,7 @@ def _fake_cuda_projector(monkeypatch, check):
     132 SMs, and the Triton check answers `check`; returns the calls made to rademacher.project."""
     import trak.projectors
 
-    from lessctl import projection
+    from lessctl.grads.projection import trak as projection
 
     class StubCudaProjector:
         def __init__(self, grad_dim, proj_dim, seed, proj_type, device, max_batch_size):
@@ -220,7 +221,7 @@ def _fake_cuda_projector(monkeypatch, check):
 
 
 def test_cuda_projector_uses_the_triton_kernel_when_its_check_passes(monkeypatch):
-    from lessctl.projection import TRITON_MAX_ROWS, TrakCudaProjector
+    from lessctl.grads.projection.trak import TRITON_MAX_ROWS, TrakCudaProjector
 
     seen = []
     calls = _fake_cuda_projector(monkeypatch, lambda *a: seen.append(a) or (True, "matches fast_jl (1e-07 relative)"))
@@ -237,10 +238,10 @@ def test_cuda_projector_uses_the_triton_kernel_when_its_check_passes(monkeypatch
 
 def test_cuda_projector_falls_back_to_fast_jl_with_a_warning(monkeypatch, caplog):
     from lessctl.errors import ConfigError
-    from lessctl.projection import TrakCudaProjector
+    from lessctl.grads.projection.trak import TrakCudaProjector
 
     _fake_cuda_projector(monkeypatch, lambda *a: (False, "the Triton kernel failed (out of resources)"))
-    with caplog.at_level(logging.WARNING, logger="lessctl.projection"):
+    with caplog.at_level(logging.WARNING, logger="lessctl.grads.projection"):
         proj = TrakCudaProjector(2**27, 1024, "cpu")
     assert proj.engine == "fast_jl" and proj.max_rows == 32 and len(proj.chunks) > 1
     assert "out of resources" in caplog.text and "fast_jl" in caplog.text
@@ -275,10 +276,10 @@ def test_emulation_equals_fast_jl():
         eye = torch.eye(F, device="cuda", dtype=torch.float16)
         got = torch.cat([fast_jl.project_rademacher_32(eye[i : i + 32].contiguous(), N, seed, tiles)
                          for i in range(0, F, 32)]).cpu()
-        assert torch.equal(got, rm.fast_jl_matrix(F, N, seed, tiles)), (F, N, seed, tiles)
+        assert torch.equal(got, reference.fast_jl_matrix(F, N, seed, tiles)), (F, N, seed, tiles)
     x = torch.randn(7, 2000, device="cuda").half()
     ref = fast_jl.project_rademacher_8(x, 512, 99, n_sms).cpu()
-    got = rm.reference_project(x, 512, 99, n_sms)
+    got = reference.reference_project(x, 512, 99, n_sms)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -319,7 +320,7 @@ def test_cuda_projector_triton_engine_equals_trak():
     """TrakCudaProjector picks the Triton engine here, and its 2**27-feature rows equal TRAK's CudaProjector's."""
     from trak.projectors import CudaProjector, ProjectionType
 
-    from lessctl.projection import TRITON_MAX_ROWS, TrakCudaProjector
+    from lessctl.grads.projection.trak import TRITON_MAX_ROWS, TrakCudaProjector
 
     P, D = 2**27, 1024
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -371,13 +372,13 @@ def _fake_gpu_with_fast_jl(monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("ok", [True, False])
 def test_doctor_runs_the_triton_check_against_fast_jl(cli, monkeypatch, ok):
-    from lessctl.projection import TRITON_MAX_ROWS
+    from lessctl.grads.projection.trak import TRITON_MAX_ROWS
 
     _fake_gpu_with_fast_jl(monkeypatch)
     seen = []
     detail = "matches fast_jl (2e-07 relative)" if ok else "the Triton kernel differs from fast_jl by 3.1e-02"
     monkeypatch.setattr(rm, "check_against_fast_jl", lambda *a: seen.append(a) or (ok, detail))
-    from lessctl import sketch
+    from lessctl.grads.projection import sketch
 
     sk_detail = "matches the torch gather (0e+00 relative)" if ok else "the Triton kernel failed (out of resources)"
     monkeypatch.setattr(sketch, "check_triton", lambda dev, dim: seen.append(("sketch", dev, dim)) or (ok, sk_detail))

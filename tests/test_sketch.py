@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lessctl import sketch as sk
-from lessctl.projection import CountSketchProjector, make_projector
+from lessctl import _reference as reference
+from lessctl.grads.projection import sketch as sk
+from lessctl.grads.projection.choose import make_projector
+from lessctl.grads.projection.sketch import CountSketchProjector
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_projection_is_the_defined_sketch(P, D, monkeypatch):
     proj = make_projector("sketch", P, D, "cpu", seed=5)
     assert isinstance(proj, CountSketchProjector)
     M = explicit_matrix(proj.seg, proj.code, P, D)
-    assert torch.equal(sk.dense_matrix(proj.seg, proj.code, P, D), M)
+    assert torch.equal(reference.dense_matrix(proj.seg, proj.code, P, D), M)
     x = torch.randn(6, P, generator=torch.Generator().manual_seed(P))
     torch.testing.assert_close(proj.project(x), x @ M, rtol=1e-5, atol=1e-5)
     xh = x.half()  # what the collector passes
@@ -160,13 +162,13 @@ def test_engine_choice_is_logged_once(monkeypatch, caplog):
     proj = make_projector("sketch", 500, 64, "cpu")
     seen = []
     monkeypatch.setattr(sk, "check_triton", lambda dev, dim: seen.append((str(dev), dim)) or (True, "matches"))
-    with caplog.at_level(logging.INFO, logger="lessctl.projection"):
+    with caplog.at_level(logging.INFO, logger="lessctl.grads.projection"):
         assert proj.engine_for(torch.device("cpu")) == "torch"
         assert proj.engine_for(torch.device("cuda", 0)) == "triton" and proj.engine_for(torch.device("cuda", 0)) == "triton"
     assert seen == [("cuda:0", 64)]
     assert caplog.text.count("Triton kernel") == 1 and caplog.text.count("torch gathers") == 1
     monkeypatch.setattr(sk, "check_triton", lambda dev, dim: (False, "cannot import triton (no module)"))
-    with caplog.at_level(logging.WARNING, logger="lessctl.projection"):
+    with caplog.at_level(logging.WARNING, logger="lessctl.grads.projection"):
         assert proj.engine_for(torch.device("cuda", 1)) == "torch"
     assert "cannot import triton" in caplog.text
 
@@ -200,7 +202,7 @@ for B, P, D, cfg, dtype in json.loads(sys.argv[1]):
     x = torch.randn(B, P, generator=torch.Generator().manual_seed(P)).to(getattr(torch, dtype))
     got = sk.project_triton(x, seg, code, P, D, **cfg)
     ref = sk.project_torch(x, seg, code, P, D)
-    dense = x.float() @ sk.dense_matrix(seg, code, P, D)
+    dense = x.float() @ reference.dense_matrix(seg, code, P, D)
     out.append([list(got.shape), float((got - ref).abs().max() / ref.abs().max()),
                 float((got - dense).abs().max() / dense.abs().max())])
 ok, detail = sk.check_triton("cpu", 512)
@@ -228,7 +230,7 @@ def test_triton_kernel_under_the_interpreter_equals_the_torch_gather():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_on_the_gpu_equals_the_torch_gather():
     """The compiled kernel, default launch and a few others, against the torch gather on the GPU."""
-    from lessctl.projection import CountSketchProjector
+    from lessctl.grads.projection.sketch import CountSketchProjector
 
     P, D = 3 * 8192 * 7 + 1000, 8192
     proj = CountSketchProjector(P, D, "cuda")

@@ -10,12 +10,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from slurm_cluster import LocalSlurm, unavailable_reason
 
-from lessctl import slurm
+import lessctl.slurm
 from lessctl.config import load_config
 from lessctl.errors import ConfigError, LessctlError
-
-from slurm_cluster import LocalSlurm, unavailable_reason
+from lessctl.slurm.jobs import _aggregate, parse_sacct, parse_scontrol, parse_squeue, wait_for
+from lessctl.slurm.quoting import TASK, sbatch_quote
+from lessctl.slurm.render import log_dir, render_script
+from lessctl.slurm.submit import JobSpec, submit_jobs, submit_pipeline, submit_script
+from lessctl.vocab import SLURM_STAGES, STAGES
 
 # A name that would run commands if it ever reached the shell unquoted.
 HOSTILE = """a b 'c' "d" $(touch PWNED1) `touch PWNED2` ; touch PWNED3 # \\ %x 100%"""
@@ -80,25 +84,25 @@ def no_pwned(*roots: Path) -> None:
 
 def test_every_shipped_template_renders_and_passes_bash_n(tmp_path):
     cfg = cfg_of(write_ws(tmp_path / "ws", "gpus = 4\nmodules = ['cuda/12.1', 'gcc']\nsetup = ['source venv/bin/activate']\n"))
-    for stage in (*slurm.STAGE_NAMES, "config"):
-        text = slurm.render_script(cfg, stage, ["--x", "1"])
+    for stage in (*SLURM_STAGES, "config"):
+        text = render_script(cfg, stage, ["--x", "1"])
         assert text.startswith("#!/bin/bash\n#SBATCH ")
         assert f" {stage} --x 1\n" in text and '\nexec "$LESSCTL_PYTHON" -m ' in text, text
         bash_n(text, tmp_path)
-        one = slurm.render_script(cfg, stage, ["--x", "1"], gpus=1)
+        one = render_script(cfg, stage, ["--x", "1"], gpus=1)
         assert f'\nexec "$LESSCTL_PYTHON" -m lessctl.cli --config {cfg.path} {stage} --x 1\n' in one, one
-    arr = slurm.render_script(cfg, "grads", [], array="1-4", task_args=["--ckpt-index", slurm.TASK])
+    arr = render_script(cfg, "grads", [], array="1-4", task_args=["--ckpt-index", TASK])
     bash_n(arr, tmp_path)
     assert '--ckpt-index "${SLURM_ARRAY_TASK_ID}"' in arr
     assert "#SBATCH --array=1-4" in arr and "grads-%A_%a.out" in arr
-    shipped = Path(slurm.__file__).parent / "templates" / "slurm"
-    assert {p.name for p in shipped.glob("*.j2")} >= {f"{s}.sh.j2" for s in slurm.PIPELINE} | {"base.sh.j2"}
+    shipped = Path(lessctl.slurm.__file__).parent / "templates"
+    assert {p.name for p in shipped.glob("*.j2")} >= {f"{s}.sh.j2" for s in STAGES} | {"base.sh.j2"}
 
 
 def test_rendered_script_runs_lessctl_in_the_workspace(tmp_path):
     path = write_ws(tmp_path / "ws", "modules = ['cuda/12.1']\nsetup = ['echo setting up']\nenv = {HF_HOME = '/scratch/hf'}\n")
     cfg = cfg_of(path)
-    text = slurm.render_script(cfg, "match", ["--target", "tydiqa"])
+    text = render_script(cfg, "match", ["--target", "tydiqa"])
     lines = text.splitlines()
     directives = [l for l in lines if l.startswith("#SBATCH")]
     # every #SBATCH line comes before the first command
@@ -117,14 +121,14 @@ def test_rendered_script_runs_lessctl_in_the_workspace(tmp_path):
 
 def test_gpus_per_stage_and_torchrun(tmp_path):
     cfg = cfg_of(write_ws(tmp_path / "ws", "gpus = 4\n"))
-    warm = slurm.render_script(cfg, "warmup", [])
+    warm = render_script(cfg, "warmup", [])
     assert "#SBATCH --gres=gpu:4" in warm
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=4" in warm
-    grads = slurm.render_script(cfg, "grads", [])
+    grads = render_script(cfg, "grads", [])
     assert "#SBATCH --gres=gpu:1" in grads and "--devices" not in grads
-    assert "#SBATCH --gres=gpu:1" in slurm.render_script(cfg, "eval", [])
-    assert "--gres" not in slurm.render_script(cfg, "match", [])
-    one = slurm.render_script(cfg, "finetune", [], gpus=1)
+    assert "#SBATCH --gres=gpu:1" in render_script(cfg, "eval", [])
+    assert "--gres" not in render_script(cfg, "match", [])
+    one = render_script(cfg, "finetune", [], gpus=1)
     assert "#SBATCH --gres=gpu:1" in one and "torch.distributed.run" not in one
 
 
@@ -139,14 +143,14 @@ def test_stage_overrides_and_precedence(tmp_path):
         env = {B = "3"}
         sbatch_extra = ["--constraint=a100"]
         """))
-    g = slurm.render_script(cfg, "grads", [])
+    g = render_script(cfg, "grads", [])
     assert "#SBATCH --time=2-00:00:00" in g and "#SBATCH --partition=big" in g and "#SBATCH --mem=64G" in g
     assert "#SBATCH --constraint=a100" in g
     assert "export A=1\n" in g and "export B=3\n" in g
-    m = slurm.render_script(cfg, "match", [])
+    m = render_script(cfg, "match", [])
     assert "#SBATCH --time=10:00" in m and "#SBATCH --partition=gpu" in m and "export B=2\n" in m
     # explicit options win over the file
-    g2 = slurm.render_script(cfg, "grads", [], time="1:00:00", partition="x", memory="1G", job_name="j")
+    g2 = render_script(cfg, "grads", [], time="1:00:00", partition="x", memory="1G", job_name="j")
     assert "#SBATCH --time=1:00:00" in g2 and "#SBATCH --partition=x" in g2 and "#SBATCH --mem=1G" in g2
     assert "#SBATCH --job-name=j" in g2
 
@@ -156,11 +160,11 @@ def test_hostile_values_are_quoted_and_never_execute(tmp_path):
     path = write_ws(ws, 'env = {X = "$(touch PWNED4) `touch PWNED5` \'q\' \\"dq\\""}\n')
     cfg = cfg_of(path)
     args = ["--name", HOSTILE, "--other=$(touch PWNED6)", "`touch PWNED7`", "'", '"', "{task}", "-", ""]
-    text = slurm.render_script(cfg, "match", args, job_name=HOSTILE)
+    text = render_script(cfg, "match", args, job_name=HOSTILE)
     bash_n(text, tmp_path)
     directives = [l for l in text.splitlines() if l.startswith("#SBATCH")]
     name = next(d for d in directives if d.startswith("#SBATCH --job-name="))
-    assert name == "#SBATCH --job-name=" + slurm.sbatch_quote(HOSTILE)
+    assert name == "#SBATCH --job-name=" + sbatch_quote(HOSTILE)
     seen = run_with_stand_in(text, tmp_path)
     assert seen["argv"] == ["-m", "lessctl.cli", "--config", str(path), "match", *args]
     assert seen["cwd"] == str(ws)
@@ -170,12 +174,12 @@ def test_hostile_values_are_quoted_and_never_execute(tmp_path):
 
 def test_task_placeholder_becomes_the_array_task_id(tmp_path):
     cfg = cfg_of(write_ws(tmp_path / "ws"))
-    text = slurm.render_script(cfg, "grads", ["--ckpt", "105"], array="1-8", task_args=["--shard", "{task}/8"])
+    text = render_script(cfg, "grads", ["--ckpt", "105"], array="1-8", task_args=["--shard", "{task}/8"])
     assert 'grads --ckpt 105 --shard "${SLURM_ARRAY_TASK_ID}"/8' in text
     seen = run_with_stand_in(text, tmp_path, {"SLURM_ARRAY_TASK_ID": "3"})
     assert seen["argv"][-4:] == ["--ckpt", "105", "--shard", "3/8"]
     with pytest.raises(ConfigError, match="job array"):
-        slurm.render_script(cfg, "grads", [], task_args=["--shard", "{task}/8"])
+        render_script(cfg, "grads", [], task_args=["--shard", "{task}/8"])
 
 
 @pytest.mark.parametrize(
@@ -203,7 +207,7 @@ def test_task_placeholder_becomes_the_array_task_id(tmp_path):
 def test_bad_sbatch_values_are_one_line_errors(tmp_path, section, kwargs, message):
     cfg = cfg_of(write_ws(tmp_path / "ws", section))
     with pytest.raises(ConfigError, match=message) as exc:
-        slurm.render_script(cfg, "grads", [], **kwargs)
+        render_script(cfg, "grads", [], **kwargs)
     assert "\n" not in str(exc.value).replace("\\n", "")
 
 
@@ -216,17 +220,17 @@ def test_users_own_templates_folder(tmp_path):
         '{% block launch %}\ntime {{ super() }}{% endblock %}\n'
     )
     cfg = cfg_of(write_ws(root, 'templates = "tmpl"\n'))
-    text = slurm.render_script(cfg, "grads", ["--ckpt", "1"], job_name="x $(y)")
+    text = render_script(cfg, "grads", ["--ckpt", "1"], job_name="x $(y)")
     assert "echo \"custom:\" 'x $(y)'\n" in text  # the user's template gets quoting for free
     assert "echo hello 'x $(y)'\n" in text  # macros: quoted inside, printed as is
     assert f'time exec "$LESSCTL_PYTHON" -m lessctl.cli --config {cfg.path} grads --ckpt 1\n' in text
-    assert "echo \"custom:\"" not in slurm.render_script(cfg, "match", [])  # other stages: shipped ones
+    assert "echo \"custom:\"" not in render_script(cfg, "match", [])  # other stages: shipped ones
     (root / "tmpl" / "match.sh.j2").write_text('{% extends "base.sh.j2" %}\n{% block launch %}{{ nope }}{% endblock %}\n')
     with pytest.raises(ConfigError, match=r"Slurm template .*match.sh.j2: 'nope' is undefined"):
-        slurm.render_script(cfg, "match", [])
+        render_script(cfg, "match", [])
     (root / "tmpl" / "eval.sh.j2").write_text('{% extends "base.sh.j2" %}\n{% block launch %}{% if %}{% endblock %}\n')
     with pytest.raises(ConfigError, match=r"Slurm template .*eval.sh.j2:2: "):
-        slurm.render_script(cfg, "eval", [])
+        render_script(cfg, "eval", [])
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -315,7 +319,7 @@ def test_without_slurm_the_errors_say_so(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     path = write_ws(tmp_path / "ws")
     with pytest.raises(LessctlError, match="sbatch is not on PATH"):
-        slurm.submit_script("#!/bin/bash\ntrue\n")
+        submit_script("#!/bin/bash\ntrue\n")
     r = cli("--config", path, "slurm", "submit", "--stages", "match")
     assert r.code == 2 and "sbatch is not on PATH" in r.err
     r = cli("--config", path, "slurm", "status")
@@ -323,18 +327,18 @@ def test_without_slurm_the_errors_say_so(cli, tmp_path, monkeypatch):
 
 
 def test_parsing_squeue_sacct_scontrol():
-    sq = slurm.parse_squeue("7|COMPLETED|None\n8_1|COMPLETED|None\n8_2|RUNNING|None\n8_3|PENDING|Resources\n9|PENDING|Dependency\n")
-    assert slurm._aggregate("8", sq["8"], "squeue").state == "RUNNING"
-    assert slurm._aggregate("8", sq["8"], "squeue").tasks == {"1": "COMPLETED", "2": "RUNNING", "3": "PENDING"}
-    st = slurm._aggregate("9", sq["9"], "squeue")
+    sq = parse_squeue("7|COMPLETED|None\n8_1|COMPLETED|None\n8_2|RUNNING|None\n8_3|PENDING|Resources\n9|PENDING|Dependency\n")
+    assert _aggregate("8", sq["8"], "squeue").state == "RUNNING"
+    assert _aggregate("8", sq["8"], "squeue").tasks == {"1": "COMPLETED", "2": "RUNNING", "3": "PENDING"}
+    st = _aggregate("9", sq["9"], "squeue")
     assert (st.state, st.reason, st.done) == ("PENDING", "Dependency", False)
-    sa = slurm.parse_sacct("10|COMPLETED|0:0\n10.batch|COMPLETED|0:0\n11_1|FAILED|2:0\n11_2|COMPLETED|0:0\n"
+    sa = parse_sacct("10|COMPLETED|0:0\n10.batch|COMPLETED|0:0\n11_1|FAILED|2:0\n11_2|COMPLETED|0:0\n"
                            "11_[3-4]|PENDING|0:0\n12|CANCELLED by 0|0:0\n")
-    assert "10.batch" not in sa and slurm._aggregate("10", sa["10"], "sacct").state == "COMPLETED"
-    s11 = slurm._aggregate("11", sa["11"], "sacct")
+    assert "10.batch" not in sa and _aggregate("10", sa["10"], "sacct").state == "COMPLETED"
+    s11 = _aggregate("11", sa["11"], "sacct")
     assert (s11.state, s11.reason, s11.done) == ("FAILED", "exit 2:0", True)
-    assert slurm._aggregate("12", sa["12"], "sacct").state == "CANCELLED"
-    sc = slurm.parse_scontrol(
+    assert _aggregate("12", sa["12"], "sacct").state == "CANCELLED"
+    sc = parse_scontrol(
         "JobId=5 ArrayJobId=4 ArrayTaskId=1 JobName=x y JobState=COMPLETED Reason=None Dependency=(null)\n"
         "JobId=4 ArrayJobId=4 ArrayTaskId=2-3 JobName=x JobState=PENDING Reason=Dependency\n"
     )
@@ -373,7 +377,7 @@ def local_slurm(tmp_path_factory):
 
 
 def wait(ids, timeout_s: float = 90):
-    return slurm.wait_for(ids, timeout_s=timeout_s, poll_s=0.25)
+    return wait_for(ids, timeout_s=timeout_s, poll_s=0.25)
 
 
 def scontrol_fields(job_id: str) -> dict[str, str]:
@@ -392,9 +396,9 @@ def test_rendered_stage_runs_to_completion(local_slurm, tmp_path):
     ws = tmp_path / HOSTILE.replace("\\", "").replace("%x ", "")
     path = write_ws(ws)
     cfg = cfg_of(path)
-    text = slurm.render_script(cfg, "config", ["show", "--json"], job_name=HOSTILE)
-    slurm.log_dir(cfg, create=True)
-    job = slurm.submit_script(text, cwd=tmp_path)
+    text = render_script(cfg, "config", ["show", "--json"], job_name=HOSTILE)
+    log_dir(cfg, create=True)
+    job = submit_script(text, cwd=tmp_path)
     st = wait([job])[job]
     assert st.state == "COMPLETED", (st, local_slurm.log_tail())
     assert scontrol_fields(job)["JobName"] == HOSTILE
@@ -409,10 +413,10 @@ def test_submitted_chain_runs_in_dependency_order(local_slurm, cli, tmp_path):
     path = write_ws(tmp_path / "ws")
     cfg = cfg_of(path)
     specs = [
-        slurm.JobSpec("config", ("show",), label="first", overrides={"setup": ["sleep 2"]}),
-        slurm.JobSpec("config", ("show", "--json"), label="second", after=(0,)),
+        JobSpec("config", ("show",), label="first", overrides={"setup": ["sleep 2"]}),
+        JobSpec("config", ("show", "--json"), label="second", after=(0,)),
     ]
-    rows = slurm.submit_jobs(cfg, specs)
+    rows = submit_jobs(cfg, specs)
     first, second = rows[0]["job_id"], rows[1]["job_id"]
     assert rows[1]["after"] == [first]
     states = wait([first, second])
@@ -437,9 +441,9 @@ def test_array_job_over_shards_produces_every_shard(local_slurm, tmp_path):
     # shard it was given. TODO(tiny pipeline): `grads --shard {task}/3` writing shard stores.
     path = write_ws(tmp_path / "ws")
     cfg = cfg_of(path)
-    text = slurm.render_script(cfg, "slurm", ["render", "grads"], array="1-3", task_args=["--shard", "{task}/3"])
-    slurm.log_dir(cfg, create=True)
-    job = slurm.submit_script(text)
+    text = render_script(cfg, "slurm", ["render", "grads"], array="1-3", task_args=["--shard", "{task}/3"])
+    log_dir(cfg, create=True)
+    job = submit_script(text)
     st = wait([job])[job]
     assert st.state == "COMPLETED" and st.tasks == {"1": "COMPLETED", "2": "COMPLETED", "3": "COMPLETED"}, st
     for k in (1, 2, 3):
@@ -452,10 +456,10 @@ def test_failed_job_stops_its_dependents(local_slurm, cli, tmp_path):
     path = write_ws(tmp_path / "ws")
     cfg = cfg_of(path)
     specs = [
-        slurm.JobSpec("config", ("show", "--no-such-option"), label="bad"),
-        slurm.JobSpec("config", ("show",), label="after-bad", after=(0,)),
+        JobSpec("config", ("show", "--no-such-option"), label="bad"),
+        JobSpec("config", ("show",), label="after-bad", after=(0,)),
     ]
-    rows = slurm.submit_jobs(cfg, specs)
+    rows = submit_jobs(cfg, specs)
     bad, dep = rows[0]["job_id"], rows[1]["job_id"]
     states = wait([bad, dep])
     assert states[bad].state == "FAILED", states
@@ -488,7 +492,7 @@ def test_pipeline_on_slurm(local_slurm, cli, tmp_path):
     assert "epochs = 1" in text
     path.write_text(text + '\n[slurm]\ncpus = 1\ngpus = 0\ntime = "10:00"\n')
     cfg = cfg_of(path)
-    rows = slurm.submit_pipeline(
+    rows = submit_pipeline(
         cfg, ["warmup", "grads"], shards=2,
         extra_args={"warmup": ["--device", "cpu"], "grads": ["--device", "cpu", "--train", "synth_a", "--target", "arithmetic"]},
     )
@@ -506,9 +510,9 @@ def test_grads_on_several_gpus_runs_one_worker_per_gpu(tmp_path):
     """[slurm.stages.grads] gpus = 4: the job asks for 4 GPUs and runs `lessctl grads --devices 4`; an option
     that --devices replaces is refused with the setting named."""
     cfg = cfg_of(write_ws(tmp_path / "ws", "gpus = 1\n[slurm.stages.grads]\ngpus = 4\n"))
-    script = slurm.render_script(cfg, "grads", ["--ckpt", "3"])
+    script = render_script(cfg, "grads", ["--ckpt", "3"])
     assert "#SBATCH --gres=gpu:4" in script
     line = next(ln for ln in script.splitlines() if " grads " in ln and "--ckpt 3" in ln)
     assert line.rstrip().endswith("--devices 4")
     with pytest.raises(ConfigError, match=r"slurm.stages.grads.gpus = 4: .*--devices 4.*replaces --shard"):
-        slurm.render_script(cfg, "grads", ["--shard", "1/2"])
+        render_script(cfg, "grads", ["--shard", "1/2"])

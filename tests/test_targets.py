@@ -9,14 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from lessctl.data.targets import TargetExample, load_target, subtask_indices, subtask_names, target_source_files
 from lessctl.errors import ConfigError, InputError
-from lessctl.targets import (
-    TargetExample,
-    load_target,
-    subtask_indices,
-    subtask_names,
-    target_source_files,
-)
 
 DATA = Path(os.environ.get("LESSCTL_TEST_DATA", Path(__file__).parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (DATA / "eval").is_dir(), reason=f"real data not found at {DATA}")
@@ -228,7 +222,7 @@ def test_custom_messages_and_prompt_completion(tmp_path):
     assert llama[0] == TargetExample("<s>[INST] Hi there [/INST]", " Hello!", "mine")
     plain = load_target({"file": str(f)}, tmp_path, "mine", chat_format="plain")
     # prompt + completion is the start of the training text of the same conversation.
-    from lessctl.data import format_chat
+    from lessctl.data.encoding import format_chat
 
     for fmt, exs in (("tulu", ex), ("llama2", llama)):
         for rec, e in zip(json.loads("[" + ",".join(f.read_text().splitlines()[:2]) + "]"), exs):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lessctl._reference import expected_lrs
 from lessctl.config import CONFIG_NAME, load_config, read_toml, to_toml
-from lessctl.training import MANIFEST, RUN_FILE, expected_lrs, read_checkpoints, warmup_dir
+from lessctl.training import MANIFEST, RUN_FILE, read_checkpoints, warmup_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

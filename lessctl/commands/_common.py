@@ -10,6 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lessctl import paths
+
 
 @dataclass
 class GlobalState:
@@ -63,7 +65,14 @@ class ProgressBar:
     """A rich progress bar with a rate on stderr; silent without a terminal or under --json."""
 
     def __init__(self, description: str, total: int | None = None, unit: str = "it", quiet: bool = False):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = err_console()
         self._progress = Progress(
@@ -135,7 +144,7 @@ def complete_ckpts(incomplete: str) -> list[str]:
     if cfg is None:
         return []
     try:
-        steps = [str(c["step"]) for c in json.loads((cfg.output_dir / "warmup" / "checkpoints.json").read_text())]
+        steps = [str(c["step"]) for c in json.loads(paths.checkpoints_file(cfg.output_dir).read_text())]
     except (OSError, ValueError, KeyError):
         return []
     return [s for s in steps if s.startswith(incomplete)]
@@ -152,7 +161,7 @@ def complete_targets(incomplete: str) -> list[str]:
 
 
 def complete_stages(incomplete: str) -> list[str]:
-    from lessctl.pipeline import STAGES
+    from lessctl.study.pipeline import STAGES
 
     return [s for s in STAGES if s.startswith(incomplete)]
 

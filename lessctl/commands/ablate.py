@@ -6,8 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import ForceOpt, JsonOpt, ProgressBar, complete_targets, emit_json, err_console
-from lessctl.commands._common import load_config, print_table
+from lessctl.commands._common import (
+    ForceOpt,
+    JsonOpt,
+    ProgressBar,
+    complete_targets,
+    emit_json,
+    err_console,
+    load_config,
+    print_table,
+)
 
 COLUMNS = ["subset", "steps", "weights", "jaccard", "kept", "spearman", "by training set"]
 
@@ -29,7 +37,7 @@ def ablate(
     json_out: JsonOpt = False,
 ) -> None:
     """Select with subsets of the warmup checkpoints and compare each selection with the all-checkpoint one."""
-    from lessctl.ablation import run_ablation
+    from lessctl.study.ablation import run_ablation
 
     cfg = load_config({"select.percentage": percentage})
     with ProgressBar("ablate", unit="rows", quiet=json_out) as bar:

@@ -20,7 +20,8 @@ def demo(
     json_out: JsonOpt = False,
 ) -> None:
     """Run LESS on the tiny offline workspace and report selection precision per target and method."""
-    from lessctl.demo import DEMO_METHODS, run_demo
+    from lessctl.demo import run_demo
+    from lessctl.vocab import METHODS
 
     if fresh and directory.exists():
         shutil.rmtree(directory)
@@ -32,13 +33,13 @@ def demo(
         return
     rows = []
     for t, e in report["targets"].items():
-        rows.append([t, f"{e['random_expected_precision']:.2f}"] + [f"{e[m]['precision']:.2f}" for m in DEMO_METHODS])
+        rows.append([t, f"{e['random_expected_precision']:.2f}"] + [f"{e[m]['precision']:.2f}" for m in METHODS])
     print_table("selection precision (share of the selected 5% from the target's own family)",
-                ["target", "random (expected)"] + list(DEMO_METHODS), rows)
+                ["target", "random (expected)"] + list(METHODS), rows)
     if train:
-        rows = [[t, f"{e['base']['f1']:.1f}"] + [f"{e[m]['f1']:.1f}" for m in DEMO_METHODS] for t, e in report["targets"].items()]
+        rows = [[t, f"{e['base']['f1']:.1f}"] + [f"{e[m]['f1']:.1f}" for m in METHODS] for t, e in report["targets"].items()]
         print_table("held-out F1 of the target family: base model, and after finetuning on each selection",
-                    ["target", "base"] + list(DEMO_METHODS), rows)
+                    ["target", "base"] + list(METHODS), rows)
     con.print(f"done in {report['seconds']:.0f}s; workspace: {report['workspace']}")
 
 

@@ -24,15 +24,15 @@ def eval_(
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
     from lessctl.errors import ConfigError
-    from lessctl.evaluation import TASKS, check_data, models_to_evaluate, run_evaluation
+    from lessctl.evaluation.runner import EVAL_TASKS, check_data, models_to_evaluate, run_evaluation
     from lessctl.models import load_model_for_eval
 
     tasks = list(dict.fromkeys(task or []))
     if not tasks:
-        raise ConfigError(f"eval needs --task ({', '.join(TASKS)}; repeat it for several)")
+        raise ConfigError(f"eval needs --task ({', '.join(EVAL_TASKS)}; repeat it for several)")
     for t in tasks:
-        if t not in TASKS:
-            raise ConfigError(f"--task: unknown task {t!r}; expected one of {', '.join(TASKS)}")
+        if t not in EVAL_TASKS:
+            raise ConfigError(f"--task: unknown task {t!r}; expected one of {', '.join(EVAL_TASKS)}")
     cfg = load_config({
         # Paths given on the command line are relative to the current folder, not the workspace.
         "eval.data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,

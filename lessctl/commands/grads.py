@@ -7,8 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import complete_ckpts, complete_targets, complete_train
-from lessctl.commands._common import ForceOpt, JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
+from lessctl import paths as layout
+from lessctl.commands._common import (
+    ForceOpt,
+    JsonOpt,
+    ProgressBar,
+    complete_ckpts,
+    complete_targets,
+    complete_train,
+    emit_json,
+    err_console,
+    load_config,
+    print_table,
+)
 
 
 def grads(
@@ -29,9 +40,9 @@ def grads(
     json_out: JsonOpt = False,
 ) -> None:
     """Compute LESS gradient features (adam for training sets, sgd for targets) into HDF5 stores."""
-    from lessctl.collect import collect_gradients, parse_shard, resolve_steps
     from lessctl.errors import ConfigError
-    from lessctl.gradients import GRAD_TYPES
+    from lessctl.grads.stage import collect_gradients, parse_shard, resolve_steps
+    from lessctl.vocab import GRAD_TYPES
 
     if devices is not None and shard is not None:
         raise ConfigError("--devices and --shard cannot be combined: with --devices N, worker k computes shard k/N")
@@ -43,7 +54,7 @@ def grads(
                        "grads.merge": merge, "grads.compile": compile_})
     steps = resolve_steps(cfg, ckpt, ckpt_index)
     if devices is not None:
-        from lessctl.multidevice import parse_devices
+        from lessctl.grads.devices import parse_devices
 
         device_list = parse_devices(devices)
     con = err_console()
@@ -62,7 +73,7 @@ def grads(
                       projector=cfg.grads.projector, force=force, progress=progress,
                       announce=None if json_out else con.print)
         if devices is not None:
-            from lessctl.multidevice import collect_on_devices
+            from lessctl.grads.devices import collect_on_devices
 
             results = collect_on_devices(cfg, device_list, **common)
         else:
@@ -108,10 +119,10 @@ store_app = typer.Typer(help="Inspect gradient stores.", no_args_is_help=True)
 @store_app.command("ls")
 def store_ls(json_out: JsonOpt = False) -> None:
     """List the workspace's gradient stores."""
-    from lessctl.store import list_stores
+    from lessctl.grads.store.reader import list_stores
 
     cfg = load_config()
-    stores = list_stores(cfg.output_dir / "grads")
+    stores = list_stores(layout.grads_dir(cfg.output_dir))
     if json_out:
         emit_json({"stores": stores})
         return
@@ -129,11 +140,11 @@ def store_verify(
 ) -> None:
     """Check stores: schema, completeness, finite values, unit rows. Exit 1 on a problem."""
     from lessctl.errors import VerifyError
-    from lessctl.store import verify_store
+    from lessctl.grads.store.reader import verify_store
 
     if not paths:
         cfg = load_config()
-        paths = sorted(p for p in (cfg.output_dir / "grads").glob("*.h5"))
+        paths = sorted(p for p in layout.grads_dir(cfg.output_dir).glob("*.h5"))
         if not paths:
             from lessctl.errors import MissingArtifactError
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import BarCallback, STATE, JsonOpt, ProgressBar, emit_json, err_console, print_table
+from lessctl.commands._common import STATE, BarCallback, JsonOpt, ProgressBar, emit_json, err_console, print_table
 
 app = typer.Typer(
     help="Information retrieval: BEIR data as listwise reranking examples, and NDCG@5/MRR@5 of rerankers.",
@@ -34,7 +34,7 @@ def prepare(
 ) -> None:
     """Write listwise reranking examples (BM25 first-stage candidates) from a BEIR folder."""
     from lessctl.errors import ConfigError
-    from lessctl.ir import prepare_ir
+    from lessctl.ir.prepare import prepare_ir
 
     if dev_queries is not None and role == "pool":
         raise ConfigError("--dev-queries applies to --role target only (a pool has no dev file)")
@@ -70,8 +70,8 @@ def eval_(
     """Rerank the eval queries' candidates with a model (or BM25): NDCG@5, MRR@5 and malformed answers."""
     from lessctl.config import load_config
     from lessctl.errors import ConfigError
-    from lessctl.evaluation import models_to_evaluate
-    from lessctl.evaluation.ir import read_eval_file, run_ir_evaluation
+    from lessctl.evaluation.runner import models_to_evaluate
+    from lessctl.ir.evaluate import read_eval_file, run_ir_evaluation
 
     if bm25 and model is not None:
         raise ConfigError("--bm25 scores the first stage without a model; leave out --model")

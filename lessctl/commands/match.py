@@ -6,8 +6,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import complete_ckpts, complete_methods, complete_targets, complete_train
-from lessctl.commands._common import JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
+from lessctl.commands._common import (
+    JsonOpt,
+    ProgressBar,
+    complete_ckpts,
+    complete_methods,
+    complete_targets,
+    complete_train,
+    emit_json,
+    err_console,
+    load_config,
+    print_table,
+)
 
 
 def match(
@@ -22,7 +32,7 @@ def match(
     json_out: JsonOpt = False,
 ) -> None:
     """Score every pool example against a target and write the top 5% as jsonl."""
-    from lessctl.selection import run_match
+    from lessctl.select.match import run_match
 
     cfg = load_config({"select.percentage": percentage})
     targets = target or list(cfg.data.targets)

@@ -18,7 +18,7 @@ def results(
     json_out: JsonOpt = False,
 ) -> None:
     """Show the recorded evaluation results, grouped by task."""
-    from lessctl.results import read_results, results_path
+    from lessctl.evaluation.results import read_results, results_path
 
     cfg = load_config()
     records = [

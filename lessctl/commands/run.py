@@ -16,7 +16,7 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Run warmup, grads, match, finetune and eval, skipping whatever is already complete."""
-    from lessctl.pipeline import run_pipeline, stage_range
+    from lessctl.study.pipeline import run_pipeline, stage_range
 
     stage_range(start, until)  # validate before loading anything
     cfg = load_config()

@@ -84,34 +84,32 @@ def render(
     dependency: DependencyOpt = None,
 ) -> None:
     """Print an sbatch script that runs `lessctl STAGE` with the options that follow it, in this workspace."""
-    from difflib import get_close_matches
-
-    from lessctl import slurm
+    from lessctl.config import closest
     from lessctl.errors import ConfigError
+    from lessctl.slurm.quoting import TASK
+    from lessctl.slurm.render import log_dir, render_script
 
     stage_args = list(ctx.args)
     known = _known_commands()
     if known is not None and stage not in known:
-        close = get_close_matches(stage, sorted(known), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"STAGE: unknown lessctl command '{stage}'{hint}")
+        raise ConfigError(f"STAGE: unknown lessctl command '{stage}'{closest(stage, sorted(known), list_all=False)}")
     task_args: list[str] = []
     if shards is not None:
         if stage != "grads":
             raise ConfigError("--shards: only grads runs in shards")
         if array is not None:
             raise ConfigError("--shards: give --shards or --array, not both")
-        array, task_args = f"1-{shards}", ["--shard", f"{slurm.TASK}/{shards}"]
+        array, task_args = f"1-{shards}", ["--shard", f"{TASK}/{shards}"]
     elif array is not None and stage == "grads":
         if any(a.split("=")[0] in ("--ckpt", "--ckpt-index", "--shard") for a in stage_args):
             raise ConfigError("--array: grads takes its checkpoint from the array task; drop --ckpt/--ckpt-index/--shard")
-        task_args = ["--ckpt-index", slurm.TASK]
+        task_args = ["--ckpt-index", TASK]
     cfg = load_config()
-    text = slurm.render_script(
+    text = render_script(
         cfg, stage, stage_args, job_name=job_name, array=array, task_args=task_args, dependency=dependency,
         time=time, partition=partition, account=account, qos=qos, gpus=gpus, cpus=cpus, memory=mem,
     )
-    slurm.log_dir(cfg, create=True)  # Slurm opens the log before the script runs
+    log_dir(cfg, create=True)  # Slurm opens the log before the script runs
     typer.echo(text, nl=False)
 
 
@@ -125,20 +123,20 @@ def submit(
     json_out: JsonOpt = False,
 ) -> None:
     """Submit the stages as a chain of jobs (each after the previous one succeeded)."""
-    from lessctl import slurm
+    from lessctl.slurm.submit import jobs_path, submit_pipeline
 
     cfg = load_config()
     names = [s.strip() for s in stages.split(",") if s.strip()]
-    rows = slurm.submit_pipeline(cfg, names, dry_run=dry_run, shards=shards)
+    rows = submit_pipeline(cfg, names, dry_run=dry_run, shards=shards)
     if json_out:
-        emit_json({"dry_run": dry_run, "jobs": rows, "jobs_file": None if dry_run else str(slurm.jobs_path(cfg))})
+        emit_json({"dry_run": dry_run, "jobs": rows, "jobs_file": None if dry_run else str(jobs_path(cfg))})
         return
     if dry_run:
         for r in rows:
             after = f" after {', '.join(r['after'])}" if r["after"] else ""
             typer.echo(f"# ===== {r['label']}{after}: {' '.join(r['sbatch'])} < script =====")
             typer.echo(r["script"])
-    title = "Slurm jobs (dry run: nothing submitted)" if dry_run else f"Slurm jobs (recorded in {slurm.jobs_path(cfg)})"
+    title = "Slurm jobs (dry run: nothing submitted)" if dry_run else f"Slurm jobs (recorded in {jobs_path(cfg)})"
     print_table(
         title,
         ["stage", "job", "array", "after", "log"],
@@ -149,11 +147,12 @@ def submit(
 @app.command("status")
 def status(json_out: JsonOpt = False) -> None:
     """Show the state of the jobs recorded by `lessctl slurm submit` (squeue, else sacct or scontrol)."""
-    from lessctl import slurm
+    from lessctl.slurm.jobs import job_states
+    from lessctl.slurm.submit import load_jobs
 
     cfg = load_config()
-    jobs = slurm.load_jobs(cfg)
-    states = slurm.job_states([j["job_id"] for j in jobs if j.get("job_id")])
+    jobs = load_jobs(cfg)
+    states = job_states([j["job_id"] for j in jobs if j.get("job_id")])
     rows: list[dict[str, Any]] = []
     for j in jobs:
         st = states.get(str(j.get("job_id")))

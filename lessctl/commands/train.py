@@ -7,8 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import complete_methods, complete_targets
-from lessctl.commands._common import ForceOpt, JsonOpt, ProgressBar, emit_json, err_console, load_config
+from lessctl.commands._common import (
+    ForceOpt,
+    JsonOpt,
+    ProgressBar,
+    complete_methods,
+    complete_targets,
+    emit_json,
+    err_console,
+    load_config,
+)
 
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (overrides the file).")]
 LrOpt = Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="Peak learning rate.")]
@@ -71,7 +79,7 @@ def finetune(
     cfg = load_config({"finetune.epochs": epochs, "finetune.learning_rate": learning_rate})
     meta: dict = {}
     if target:
-        from lessctl.selection import selection_file
+        from lessctl.select.match import selection_file
 
         train_file = selection_file(cfg, target, method)
         meta = {"target": target, "method": method}

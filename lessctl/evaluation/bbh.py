@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lessctl.data.targets import read_json, require_file, task_dir, wrap_user_turn
 from lessctl.errors import ConfigError, InputError
 from lessctl.evaluation.generation import ProgressHook, generate_greedy
 from lessctl.evaluation.metrics import bbh_exact_match, extract_bbh_answer, mean
-from lessctl.targets import read_json, require_file, task_dir, wrap_user_turn
 
 TASK_LAYOUT = '<data_dir>/eval/bbh/bbh/<task>.json ({"examples": [{"input", "target"}]})'
 PROMPT_LAYOUT = "<data_dir>/eval/bbh/cot-prompts/<task>.txt (the task's 3-shot chain-of-thought prompt)"

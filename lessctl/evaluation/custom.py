@@ -16,7 +16,8 @@ from lessctl.errors import InputError
 
 def jsonl_prompts(path: Path, tokenizer: Any, chat_format: str = "tulu") -> list[tuple[str, str, str]]:
     """(prompt, reference answer, subtask) for every example of a custom eval file."""
-    from lessctl.data import format_chat, read_jsonl
+    from lessctl.data.encoding import format_chat
+    from lessctl.data.records import read_jsonl
 
     out = []
     for rec in read_jsonl(path):

@@ -6,10 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lessctl.errors import ConfigError
-from lessctl.evaluation.generation import ProgressHook, encode, max_positions, next_token_scores
-from lessctl.evaluation.metrics import pick_choice
-from lessctl.targets import (
+from lessctl.data.targets import (
     MMLU_CHOICES,
     mmlu_header,
     mmlu_question,
@@ -18,6 +15,9 @@ from lessctl.targets import (
     task_dir,
     wrap_user_turn,
 )
+from lessctl.errors import ConfigError
+from lessctl.evaluation.generation import ProgressHook, encode, max_positions, next_token_scores
+from lessctl.evaluation.metrics import pick_choice
 
 # The four reporting categories of the MMLU paper, each with its subjects.
 CATEGORY_SUBJECTS: dict[str, tuple[str, ...]] = {

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lessctl.data.targets import TYDIQA_TEMPLATES, read_json, task_dir, wrap_user_turn
 from lessctl.errors import InputError
 from lessctl.evaluation.generation import ProgressHook, generate_greedy
 from lessctl.evaluation.metrics import mean, squad_scores
-from lessctl.targets import TYDIQA_TEMPLATES, read_json, task_dir, wrap_user_turn
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,96 @@
+"""Slow, obviously correct definitions the fast paths are tested against (tests and benchmarks only; private).
+
+- `naive_gradients`: one backward per example, the per-example gradient `grads.engine` computes per batch;
+- `fast_jl_matrix`, `reference_project`: fast_jl's Rademacher matrix and projection, in plain numpy/torch;
+- `dense_matrix`: the count sketch (`grads.projection.sketch`) as an explicit [P, D] matrix;
+- `expected_lrs`: the learning rate of every step of the Trainer's linear schedule with warmup.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from lessctl.grads.engine import pad_batch, per_example_loss, trainable_parameters
+from lessctl.grads.projection.rademacher import factor_rows, thread_seeds, tile_size, xorwow_words
+from lessctl.grads.projection.sketch import source_index
+
+log = logging.getLogger(__name__)
+
+
+
+
+def naive_gradients(model, seqs, labels, pad_id: int = 0):
+    """The reference: one example at a time, autograd on the trainable parameters. [B, P] float32."""
+    import torch
+
+    params = [p for _, p in trainable_parameters(model)]
+    dev = params[0].device
+    rows = []
+    for s, l in zip(seqs, labels):
+        ids, lab, att = pad_batch([s], [l], pad_id, dev)
+        loss, _ = per_example_loss(model(input_ids=ids, attention_mask=att).logits, lab)
+        grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                               for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+def fast_jl_matrix(grad_dim: int, dim: int, seed: int, n_tiles: int, rows: slice | None = None):
+    """fast_jl's Rademacher matrix R [grad_dim, dim] float32 (or its feature rows `rows`), emulated on the CPU.
+
+    project_rademacher_*(x, dim, seed, n_tiles) is half(x) @ R, summed tile by tile. Costs dim x 16 bytes
+    per feature: meant for tests with a few thousand features.
+    """
+    import numpy as np
+    import torch
+
+    if dim % 32:
+        raise ValueError(f"fast_jl_matrix: dim {dim} is not a multiple of 32 (fast_jl's warp width)")
+    n, tile = tile_size(grad_dim, n_tiles)
+    start, stop, step = (rows or slice(None)).indices(grad_dim)
+    if step != 1:
+        raise ValueError("fast_jl_matrix: rows must be a contiguous slice")
+    out = np.empty((max(0, stop - start), dim), dtype=np.float32)
+    for t in range(start // tile, -(-stop // tile) if stop > start else 0):
+        lo, hi = max(start, t * tile), min(stop, (t + 1) * tile)
+        words = xorwow_words(thread_seeds(seed, t, dim), -(-(hi - t * tile) // 16))
+        out[lo - start : hi - start] = factor_rows(words)[lo - t * tile : hi - t * tile]
+    return torch.from_numpy(out)
+
+
+def reference_project(x, dim: int, seed: int, n_tiles: int):
+    """What project_rademacher_*(x, dim, seed, n_tiles) returns, on the CPU: per-tile float32 products of
+    half(x) with the emulated matrix, summed over the tiles. [B, dim] float32."""
+    import torch
+
+    xh = x.detach().to("cpu", torch.float16).float()
+    n, tile = tile_size(xh.shape[1], n_tiles)
+    out = torch.zeros(xh.shape[0], dim, dtype=torch.float32)
+    for t in range(n):
+        lo, hi = t * tile, min(xh.shape[1], (t + 1) * tile)
+        if lo < hi:
+            out += xh[:, lo:hi] @ fast_jl_matrix(xh.shape[1], dim, seed, n_tiles, slice(lo, hi))
+    return out
+
+
+def dense_matrix(seg, code, grad_dim: int, dim: int):
+    """The sketch as an explicit [grad_dim, dim] float32 matrix (one +-1 per row): project(x) = x @ it. For tests."""
+    import torch
+
+    src, sign = source_index(seg.cpu(), code.cpu(), dim)
+    m = torch.zeros(seg.shape[0] * dim, dim)
+    m[src.view(-1), torch.arange(dim).repeat(seg.shape[0])] = sign.view(-1)
+    return m[:grad_dim]
+
+
+def expected_lrs(n_steps: int, peak: float, warmup_ratio: float) -> list[float]:
+    """The linear-with-warmup schedule's learning rate at each optimizer step (for checks and docs)."""
+    warm = math.ceil(warmup_ratio * n_steps) if warmup_ratio < 1 else int(warmup_ratio)
+    out = []
+    for s in range(n_steps):
+        if s < warm:
+            out.append(peak * s / max(1, warm))
+        else:
+            out.append(peak * max(0.0, (n_steps - s) / max(1, n_steps - warm)))
+    return out

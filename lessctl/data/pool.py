@@ -1,0 +1,74 @@
+"""The training pool: encoded examples of several files, and LESS's seeded warmup subset."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lessctl.data.encoding import Encoded, encode_record
+from lessctl.data.records import Record, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def subset_indices(n: int, percentage: float, seed: int) -> np.ndarray:
+    """LESS's warmup subset: `np.random.seed(seed); permutation(n)[:int(n * p)]`; p = 1 keeps file order."""
+    size = int(n * percentage)
+    if size >= n:
+        return np.arange(n)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return np.random.permutation(n)[:size]
+    finally:
+        np.random.set_state(state)
+
+
+@dataclass
+class Pool:
+    """The training files of a workspace read in config order, concatenated (as LESS concatenates them)."""
+
+    files: dict[str, Path]
+    records: dict[str, list[Record]]
+
+    @classmethod
+    def read(cls, files: dict[str, Path]) -> "Pool":
+        return cls(dict(files), {name: read_jsonl(p) for name, p in files.items()})
+
+    def flat(self) -> list[tuple[str, Record]]:
+        return [(name, r) for name, recs in self.records.items() for r in recs]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.records.values())
+
+
+def build_training_set(
+    files: dict[str, Path], tokenizer: Any, max_len: int, chat_format: str, percentage: float, seed: int
+) -> tuple[list[Encoded], dict[str, int]]:
+    """The examples one trains on: the seeded subset of the pooled files, tokenized, fully-masked ones dropped.
+
+    Returns the examples and counts {"pool", "subset", "dropped_no_labels"}.
+    """
+    pool = Pool.read(files).flat()
+    idx = subset_indices(len(pool), percentage, seed)
+    out: list[Encoded] = []
+    dropped = 0
+    for i in idx:
+        name, rec = pool[int(i)]
+        enc = encode_record(rec, tokenizer, max_len, chat_format, source=name)
+        if enc.n_label_tokens == 0:
+            dropped += 1
+            continue
+        out.append(enc)
+    if dropped:
+        log.warning("%d of %d examples have no trainable tokens after truncation and were skipped", dropped, len(idx))
+    return out, {"pool": len(pool), "subset": int(len(idx)), "dropped_no_labels": dropped}

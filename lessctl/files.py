@@ -1,0 +1,50 @@
+"""File helpers every stage shares: sha256 of a file or of a set of files, and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def sha256_file(path: Path, block_size: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_sha256(files: list[Path]) -> str:
+    """The sha256 of a data set: its file's, or for several files one over their names and hashes in order."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{Path(f).name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields `<path>.part` to write; renames it onto `path` when the block ends, deletes it if the block fails.
+
+    Readers see the old file or the new one, never half of one, and a failed write leaves no stray file.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,247 @@
+"""The grads stage: for each checkpoint and data set, per-example features projected into a gradient store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lessctl import __version__, paths
+from lessctl.config import Config
+from lessctl.data.targets import _target_spec, load_target_examples
+from lessctl.errors import ConfigError
+from lessctl.files import source_sha256
+
+log = logging.getLogger(__name__)
+
+
+
+# Rows computed between two flushes of the store (what a kill -9 can lose at most). They are also the unit
+# that gets sorted by length into batches: more rows, less padding (at 7B on an H100 256 rows take ~10 s).
+FLUSH_ROWS = int(os.environ.get("LESSCTL_FLUSH_ROWS", "256"))
+
+
+@dataclass
+class DataSet:
+    """One data set to collect: a training file (adam by default) or a target (sgd by default)."""
+
+    name: str
+    role: str  # "train" | "target"
+    grad_type: str
+    files: list[Path]
+    spec: Any = None
+
+    def encode(self, cfg: Config, tok) -> list:
+        from lessctl.data.encoding import Encoded, encode_record, encode_target
+        from lessctl.data.records import read_jsonl
+
+        L = cfg.model.max_seq_length
+        if self.role == "train":
+            return [encode_record(r, tok, L, cfg.model.chat_format, self.name) for r in read_jsonl(self.files[0])]
+        out = []
+        for i, ex in enumerate(load_target_examples(cfg, self.name, tok)):
+            ids, labels = encode_target(ex.prompt, ex.completion, tok, L)
+            out.append(Encoded(ids, labels, i, self.name, {"subtask": ex.subtask}))
+        return out
+
+
+def data_sets(cfg: Config, train: list[str] | None, targets: list[str] | None, grad_type: str | None) -> list[DataSet]:
+    """The data sets a grads run covers: all of the workspace's unless names are given."""
+    from lessctl.data.targets import target_source_files
+
+    files = cfg.train_files()
+    if train is None and targets is None:
+        train, targets = list(files), list(cfg.data.targets)
+    out = []
+    for n in train or []:
+        if n not in files:
+            raise ConfigError(f"--train: unknown training set {n!r} (the workspace's: {', '.join(files) or 'none'})")
+        out.append(DataSet(n, "train", grad_type or "adam", [files[n]]))
+    for n in targets or []:
+        spec = _target_spec(cfg, n)
+        out.append(DataSet(n, "target", grad_type or "sgd", list(target_source_files(spec, cfg.resolve(cfg.data.data_dir))), spec))
+    return out
+
+
+def shard_rows(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """The contiguous rows [start, end) of 1-based shard K of N."""
+    if shard is None:
+        return 0, n
+    k, N = shard
+    return (k - 1) * n // N, k * n // N
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected K/N such as 2/8, got {text!r}") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise ConfigError(f"--shard: K must be between 1 and N, got {text!r}")
+    return (k, n)
+
+
+@dataclass
+class StoreResult:
+    path: Path
+    name: str
+    step: int
+    grad_type: str
+    rows: int
+    status: str  # "written" | "resumed" | "skipped"
+    seconds: float = 0.0
+    examples_per_s: float = 0.0
+    zero_label_rows: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def collect_gradients(
+    cfg: Config,
+    *,
+    steps: list[int],
+    dims: list[int],
+    train: list[str] | None = None,
+    targets: list[str] | None = None,
+    grad_type: str | None = None,
+    projector: str = "auto",
+    shard: tuple[int, int] | None = None,
+    batch_tokens: int | None = None,
+    force: bool = False,
+    device: str | None = None,
+    progress: Callable[..., None] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> list[StoreResult]:
+    """Computes and stores the features of every selected data set at every selected checkpoint."""
+    import torch
+
+    from lessctl.grads.adam import load_adam_state
+    from lessctl.grads.collector import FeatureCollector
+    from lessctl.grads.engine import PerExampleGradients
+    from lessctl.grads.projection.choose import choose_projector_kind, make_projector
+    from lessctl.grads.store.schema import store_complete, store_path
+    from lessctl.grads.store.writer import StoreWriter
+    from lessctl.models import default_device, load_adapter_model
+    from lessctl.training import checkpoint_dir
+
+    device = device or default_device()
+    batch_tokens = batch_tokens or cfg.grads.batch_tokens
+    check_steps(cfg, steps)
+    sets = data_sets(cfg, train, targets, grad_type)
+    kind, why = choose_projector_kind(projector, device, dims)
+    if announce:
+        announce(f"projector: {kind} ({why})")
+    grads_dir = paths.grads_dir(cfg.output_dir)
+    grads_dir.mkdir(parents=True, exist_ok=True)
+    base = cfg.model_ref()
+    hashes: dict[str, str] = {}  # computed only for stores that get written, once per run
+    projectors: dict[int, Any] = {}
+    results: list[StoreResult] = []
+
+    for step in steps:
+        store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
+        todo = [ds for ds in sets if force or not store_complete(store_paths[ds.name])]
+        for ds in sets:
+            if ds not in todo:
+                results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped"))
+        if not todo:
+            continue
+        ckpt = checkpoint_dir(cfg, step)
+        model, tok = load_adapter_model(ckpt, base=base, dtype=cfg.model.dtype, device=device, trainable=True)
+        model.eval()  # no dropout: LESS takes gradients in eval mode
+        peg = PerExampleGradients(model)
+        if cfg.grads.merge and peg.lora is not None:  # a model that is not plain peft LoRA runs unmerged
+            peg.merge()
+        if cfg.grads.compile:
+            peg.compile()
+        if not projectors:
+            for d in dims:
+                projectors[d] = make_projector(kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed,
+                                               block_size=cfg.grads.block_size)
+            note = projectors[dims[0]].engine_note()
+            if announce and note:
+                announce(note)
+        adam = None
+        for ds in todo:
+            if ds.grad_type == "adam" and adam is None:
+                adam = load_adam_state(ckpt, peg.params, device)
+            enc = ds.encode(cfg, tok)
+            collector = FeatureCollector(peg, projectors, ds.grad_type, adam if ds.grad_type == "adam" else None,
+                                         pad_id=tok.pad_token_id, batch_tokens=batch_tokens)
+            start, end = shard_rows(len(enc), shard)
+            index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
+            if ds.name not in hashes:
+                hashes[ds.name] = source_sha256(ds.files)
+            attrs = {
+                "base_model": str(base), "checkpoint": str(ckpt), "step": step, "grad_type": ds.grad_type,
+                "source": ";".join(str(f) for f in ds.files), "source_sha256": hashes[ds.name], "role": ds.role,
+                "dataset": ds.name, "total_rows": len(enc), "row_start": start,
+                "max_seq_length": cfg.model.max_seq_length, "chat_format": cfg.model.chat_format,
+                "lessctl_version": __version__,
+                "shard": shard[0] if shard else 1, "num_shards": shard[1] if shard else 1,
+                "projector": {**projectors[dims[0]].attrs, "kind": kind},
+            }
+            t0 = time.time()
+            zero = 0
+            with StoreWriter(store_paths[ds.name], dims=dims, index=index, attrs=attrs, force=force) as w:
+                done0 = w.rows_completed
+                status = "resumed" if done0 else "written"
+                pos = start + done0
+                if progress:
+                    progress(ds.name, step, done0, end - start)
+                step_rows = window_rows(FLUSH_ROWS, collector.project_rows)
+                while pos < end:
+                    window = enc[pos : min(end, pos + step_rows)]
+                    got = collector([e.input_ids for e in window], [e.labels for e in window])
+                    zero += got.zero_label_rows
+                    w.write(got.features)
+                    pos += len(window)
+                    if progress:
+                        progress(ds.name, step, pos - start, end - start)
+                w.finalize()
+            secs = time.time() - t0
+            n_new = end - start - done0
+            results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, end - start, status, secs,
+                                       n_new / secs if secs > 0 else 0.0, zero))
+        peg.remove()
+        del model
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def window_rows(flush_rows: int, project_rows: int) -> int:
+    """Rows per written window: `flush_rows`, rounded up to whole projection calls when a call takes fewer.
+    A short last call costs nearly a full one (TRAK's CUDA projection generates its matrix once per call),
+    so at 63 rows per call a window of 256 rows becomes 315: five full calls instead of four and a short one."""
+    if project_rows >= flush_rows:
+        return flush_rows
+    return -(-flush_rows // project_rows) * project_rows
+
+
+def check_steps(cfg: Config, steps: list[int]) -> None:
+    """A ConfigError naming --ckpt unless every step is a checkpoint in warmup/checkpoints.json."""
+    from lessctl.training import read_checkpoints
+
+    manifest = [c["step"] for c in read_checkpoints(cfg)]
+    for s in steps:
+        if s not in manifest:
+            raise ConfigError(f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})")
+
+
+def resolve_steps(cfg: Config, ckpts: list[int] | None, ckpt_index: int | None) -> list[int]:
+    """--ckpt values, or the 1-based --ckpt-index position (Slurm arrays), or every checkpoint."""
+    from lessctl.training import read_checkpoints
+
+    manifest = read_checkpoints(cfg)
+    if ckpt_index is not None:
+        if not 1 <= ckpt_index <= len(manifest):
+            raise ConfigError(f"--ckpt-index: expected 1..{len(manifest)}, got {ckpt_index}")
+        return [manifest[ckpt_index - 1]["step"]]
+    return list(ckpts) if ckpts else [c["step"] for c in manifest]

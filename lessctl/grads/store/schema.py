@@ -1,0 +1,154 @@
+"""What a store is: file names, root attributes, and the checks of a file's structure and values."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lessctl.vocab import GRAD_TYPES
+
+log = logging.getLogger(__name__)
+
+
+
+FORMAT_VERSION = 1
+PROJECTOR_PREFIX = "projector_"
+UNIT_NORM_TOL = 1e-2  # float16 rounding of a unit row stays well inside this
+# Attributes the caller must pass to StoreWriter (`projector` is a dict, stored as projector_<key>).
+CALLER_ATTRS = ("base_model", "checkpoint", "step", "grad_type", "source", "source_sha256", "projector")
+ROOT_ATTRS = ("format_version", "lessctl_version", "base_model", "checkpoint", "step", "grad_type", "source",
+              "source_sha256", "n_rows", "rows_completed", "complete", "shard", "num_shards", "row_start", "total_rows")
+# Attributes (besides projector_*, dims and index) that must agree for a `.part` to be resumed.
+_RESUME_KEYS = ("grad_type", "step", "base_model", "n_rows", "row_start", "total_rows", "shard", "num_shards")
+# Attributes (besides projector_* and dims) that must agree between the shards of one store.
+_SHARD_KEYS = ("format_version", "grad_type", "step", "base_model", "source_sha256", "total_rows", "num_shards")
+_NAME_RE = re.compile(r"^(?P<name>.+)-ckpt(?P<step>\d+)-(?P<type>adam|sgd|sign)"
+                      r"(?:-shard(?P<k>\d+)of(?P<n>\d+))?\.h5(?:\.part)?$")
+_DIM_RE = re.compile(r"^dim(\d+)$")
+
+
+def format_store_name(name: str, step: int, grad_type: str, shard: tuple[int, int] | None = None) -> str:
+    """The file name of a store: `<name>-ckpt<step>-<type>[-shard<K>of<N>].h5`."""
+    if grad_type not in GRAD_TYPES or not name or "/" in name or (shard and not 1 <= shard[0] <= shard[1]):
+        raise ValueError(f"no store name for name={name!r}, grad_type={grad_type!r}, shard={shard!r}")
+    return f"{name}-ckpt{int(step)}-{grad_type}" + (f"-shard{shard[0]}of{shard[1]}" if shard else "") + ".h5"
+
+
+def store_path(grads_dir: Path, name: str, step: int, grad_type: str, shard: tuple[int, int] | None = None) -> Path:
+    """The path of a store (or of one shard of it) in `grads_dir`."""
+    return Path(grads_dir) / format_store_name(name, step, grad_type, shard)
+
+
+def part_path(path: Path) -> Path:
+    """The `.part` file a store is written into until it is complete."""
+    return Path(path).with_name(Path(path).name + ".part")
+
+
+def parse_store_name(filename: str) -> tuple[str, int, str, tuple[int, int] | None] | None:
+    """(name, step, grad_type, (K, N) or None) from a store file name (`.part` allowed); None if not a store."""
+    m = _NAME_RE.match(Path(filename).name)
+    shard = (int(m["k"]), int(m["n"])) if m and m["k"] else None
+    if m is None or (shard and not 1 <= shard[0] <= shard[1]):
+        return None
+    return m["name"], int(m["step"]), m["type"], shard
+
+
+def _py(v: Any) -> Any:
+    """An attribute value as plain Python (h5py.Empty -> None, numpy scalars -> int/float/bool)."""
+    if isinstance(v, h5py.Empty):
+        return None
+    if isinstance(v, (np.ndarray, np.generic)):
+        return v.tolist()
+    if isinstance(v, bytes):
+        return v.decode()
+    return os.fspath(v) if isinstance(v, os.PathLike) else list(v) if isinstance(v, tuple) else v
+
+
+def _read_attrs(f: h5py.File) -> dict[str, Any]:
+    return {k: _py(v) for k, v in f.attrs.items()}
+
+
+def _dims_of(f: h5py.File) -> list[int]:
+    return sorted(int(m[1]) for key in f.keys() if (m := _DIM_RE.match(key)))
+
+
+def _open_read(path: Path) -> h5py.File:
+    # No file locking: finished stores are immutable, and `store ls` must not block on a .part in use.
+    return h5py.File(path, "r", locking=False)
+
+
+def store_complete(path: Path) -> bool:
+    """True when `path` is a readable store marked complete with all its rows written."""
+    try:
+        with _open_read(Path(path)) as f:
+            a = _read_attrs(f)
+    except OSError:
+        return False
+    return bool(a.get("complete")) and "n_rows" in a and a.get("rows_completed") == a["n_rows"]
+
+
+def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_values: bool) -> list[str]:
+    """Schema problems of one open file, then (check_values) the values of its first rows_completed rows."""
+    a = _read_attrs(f)
+    if missing := [k for k in ROOT_ATTRS if k not in a]:
+        return [f"{path.name}: missing attributes {missing}"]
+    n, done = a["n_rows"], a["rows_completed"]
+    counts_ok = isinstance(n, int) and isinstance(done, int) and 0 <= done <= n
+    problems = [msg for bad, msg in (
+        (a["format_version"] != FORMAT_VERSION, f"format_version {a['format_version']!r}, expected {FORMAT_VERSION}"),
+        (a["grad_type"] not in GRAD_TYPES, f"grad_type {a['grad_type']!r} is not one of {GRAD_TYPES}"),
+        (not any(k.startswith(PROJECTOR_PREFIX) for k in a), "no projector_* attributes"),
+        (require_complete and not a["complete"], "not marked complete"),
+        (require_complete and done != n, f"rows_completed={done} but n_rows={n}"),
+        (not counts_ok, "n_rows or rows_completed out of range"),
+    ) if bad]
+    idx, dims = f.get("index"), _dims_of(f)
+    if not isinstance(idx, h5py.Dataset) or idx.dtype != np.int64 or idx.shape != (n,):
+        problems.append(f"index must be int64 [{n}]")
+    elif check_values:
+        values = idx[:]
+        problems += [msg for bad, msg in (
+            ((values < 0).any(), "index has negative line numbers"),
+            (len(np.unique(values)) != len(values), "index has duplicate line numbers"),
+            ((np.diff(values) < 0).any(), "index is not increasing"),
+        ) if bad]
+    if not dims:
+        problems.append("no dim<D> groups")
+    for d in dims:
+        feats, norms = f[f"dim{d}"].get("features"), f[f"dim{d}"].get("norms")
+        if not isinstance(feats, h5py.Dataset) or feats.dtype != np.float16 or feats.shape != (n, d):
+            problems.append(f"dim{d}/features must be float16 [{n}, {d}]")
+        elif not isinstance(norms, h5py.Dataset) or norms.dtype != np.float32 or norms.shape != (n,):
+            problems.append(f"dim{d}/norms must be float32 [{n}]")
+        elif check_values and counts_ok:
+            problems += [f"dim{d}: {p}" for p in _value_problems(feats, norms, done)]
+    return [f"{path.name}: {p}" for p in problems]
+
+
+def _value_problems(feats: h5py.Dataset, norms: h5py.Dataset, rows: int) -> list[str]:
+    """Non-finite values, non-unit rows and bad zero rows among the first `rows` rows."""
+    step = max(1, (64 << 20) // (4 * feats.shape[1]))  # about 64 MiB of float32 per read
+    masks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, rows, step):
+        x = feats[start : min(rows, start + step)].astype(np.float32)  # [b, D]
+        nrm = norms[start : start + len(x)]  # [b]
+        finite, length = np.isfinite(x).all(axis=1), np.linalg.norm(x, axis=1)  # [b], [b]
+        for kind, mask in (
+            ("rows with non-finite values", ~finite),
+            ("negative or non-finite norms", ~(np.isfinite(nrm) & (nrm >= 0))),
+            ("rows not unit-norm", finite & (nrm != 0) & (np.abs(length - 1) >= UNIT_NORM_TOL)),
+            ("zero-norm rows with non-zero features", (nrm == 0) & (length != 0)),
+        ):
+            masks.setdefault(kind, []).append(mask)
+    out = []
+    for kind, parts in masks.items():
+        mask = np.concatenate(parts)
+        if mask.any():
+            out.append(f"{int(mask.sum())} {kind} (first at row {int(np.argmax(mask))})")
+    return out

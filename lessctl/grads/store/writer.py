@@ -1,0 +1,198 @@
+"""Writing a store crash-safely into `<file>.part`, resuming it, and renaming it when complete."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lessctl import __version__
+from lessctl.errors import AlreadyExistsError, InputError, LessctlError
+from lessctl.grads.store.schema import (
+    _RESUME_KEYS,
+    CALLER_ATTRS,
+    FORMAT_VERSION,
+    GRAD_TYPES,
+    PROJECTOR_PREFIX,
+    _dims_of,
+    _file_problems,
+    _py,
+    _read_attrs,
+    part_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+
+class StoreWriter:
+    """Appends rows to `<path>.part`, resuming one left by an interrupted run, and renames it when complete."""
+
+    def __init__(self, path: Path, *, dims: list[int], index: np.ndarray, attrs: dict, force: bool = False):
+        self.path, self.part = Path(path), part_path(path)
+        self.dims = sorted({int(d) for d in dims})
+        self.index = np.asarray(index, dtype=np.int64)  # [n]
+        if not self.dims or self.dims[0] <= 0 or self.index.ndim != 1:
+            raise ValueError(f"StoreWriter needs positive dims and a 1-D index, got {dims!r}, {self.index.shape}")
+        self.n_rows = len(self.index)
+        self.attrs = self._root_attrs(attrs)
+        self.rows_completed = 0
+        self._finalized = False
+        self._file: h5py.File | None = None
+        if self.path.exists():
+            if not force:
+                raise AlreadyExistsError(f"gradient store {self.path} already exists; pass --force to recompute it")
+            log.warning("removing %s to recompute it (--force)", self.path)
+            self.path.unlink()
+        if self.part.exists() and force:
+            log.warning("discarding the partial store %s (--force)", self.part)
+            self.part.unlink()
+        if self.part.exists():
+            self._file = self._resume()
+        if self._file is None:
+            self._file = self._create()
+
+    def _root_attrs(self, attrs: dict) -> dict[str, Any]:
+        if missing := [k for k in CALLER_ATTRS if k not in attrs]:
+            raise ValueError(f"StoreWriter attrs lack {missing}")
+        out = {k: _py(v) for k, v in attrs.items() if k != "projector"}
+        out.update({PROJECTOR_PREFIX + str(k): _py(v) for k, v in attrs["projector"].items()})
+        out.setdefault("lessctl_version", __version__)
+        for key, default in (("shard", 1), ("num_shards", 1), ("row_start", 0), ("total_rows", self.n_rows)):
+            out.setdefault(key, default)
+        out.update(format_version=FORMAT_VERSION, n_rows=self.n_rows, rows_completed=0, complete=False)
+        if out["grad_type"] not in GRAD_TYPES:
+            raise ValueError(f"grad_type must be one of {GRAD_TYPES}, not {out['grad_type']!r}")
+        if not 1 <= out["shard"] <= out["num_shards"] or out["row_start"] + self.n_rows > out["total_rows"]:
+            raise ValueError(f"inconsistent shard attributes: {out}")
+        return out
+
+    def _create(self) -> h5py.File:
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.part, "w", locking="best-effort")
+        for key, value in self.attrs.items():
+            f.attrs[key] = h5py.Empty("f8") if value is None else value
+        f.create_dataset("index", data=self.index)
+        for d in self.dims:
+            f.create_dataset(f"dim{d}/features", shape=(self.n_rows, d), dtype=np.float16, dcpl=_early_alloc())
+            f.create_dataset(f"dim{d}/norms", shape=(self.n_rows,), dtype=np.float32, dcpl=_early_alloc())
+        f.flush()
+        log.info("writing %s (%d rows, dims %s)", self.part, self.n_rows, self.dims)
+        return f
+
+    def _resume(self) -> h5py.File | None:
+        try:
+            f = h5py.File(self.part, "r+", locking="best-effort")
+        except BlockingIOError as e:
+            raise LessctlError(f"{self.part} is open in another process (another `lessctl grads` writing it?); "
+                               "wait for it to finish or stop it") from e
+        except OSError as e:
+            log.warning("cannot read the partial store %s (%s); starting over", self.part, e)
+            self.part.unlink()
+            return None
+        try:
+            if broken := _file_problems(f, self.part, require_complete=False, check_values=False):
+                log.warning("the partial store %s is damaged (%s); starting over", self.part, broken[0])
+                f.close()
+                self.part.unlink()
+                return None
+            old = _read_attrs(f)
+            if old["source_sha256"] != self.attrs["source_sha256"]:
+                raise InputError(f"the source file {self.attrs['source']} changed since the partial store "
+                                 f"{self.part} was started (its sha256 differs); pass --force to start over")
+            proj = sorted(k for k in old.keys() | self.attrs.keys() if k.startswith(PROJECTOR_PREFIX))
+            checks = [(k, old.get(k), self.attrs.get(k)) for k in (*_RESUME_KEYS, *proj)]
+            checks.append(("dims", _dims_of(f), self.dims))
+            if not np.array_equal(f["index"][:], self.index):
+                checks.append(("index", "other rows", "these rows"))
+            for key, was, now in checks:
+                if was != now:
+                    raise InputError(f"the partial store {self.part} was started with {key}={was!r}, not {now!r}; "
+                                     "re-run with the original settings or pass --force to start over")
+        except BaseException:
+            f.close()
+            raise
+        self.rows_completed = int(old["rows_completed"])
+        log.info("resuming %s at row %d of %d", self.part, self.rows_completed, self.n_rows)
+        return f
+
+    def write(self, features: dict[int, Any]) -> None:
+        """Append the next b rows: {dim: [b, D] float32 array or tensor}, unnormalized."""
+        if self._file is None or set(features) != set(self.dims):
+            raise ValueError(f"write() needs an open writer and features for dims {self.dims}, got {sorted(features)}")
+        blocks = {d: _as_float32(features[d]) for d in self.dims}  # {D: [b, D]}
+        b = len(blocks[self.dims[0]])
+        start, stop = self.rows_completed, self.rows_completed + b
+        if any(x.shape != (b, d) for d, x in blocks.items()) or stop > self.n_rows:
+            shapes = {d: x.shape for d, x in blocks.items()}
+            raise ValueError(f"{self.path}: bad write of {shapes} at row {start} of {self.n_rows}")
+        if b == 0:
+            return
+        for d, x in blocks.items():
+            norms = np.linalg.norm(x, axis=1).astype(np.float32)  # [b]
+            if not np.isfinite(norms).all():
+                row = self.attrs["row_start"] + start + int(np.argmin(np.isfinite(norms)))
+                raise LessctlError(f"non-finite gradient features (NaN or inf) at row {row} for {self.path.name}")
+            self._file[f"dim{d}/features"][start:stop] = (x / np.where(norms > 0, norms, 1)[:, None]).astype(np.float16)
+            self._file[f"dim{d}/norms"][start:stop] = norms
+        self._file.flush()  # the rows reach the file before the counter that vouches for them
+        self._file.attrs.modify("rows_completed", np.int64(stop))
+        self._file.flush()
+        self.rows_completed = stop
+
+    def finalize(self) -> Path:
+        """Mark the store complete and move `<path>.part` to `path`; returns `path`."""
+        if self._finalized:
+            return self.path
+        if self._file is None or self.rows_completed != self.n_rows:
+            raise ValueError(f"{self.path}: cannot finalize a closed writer or with {self.rows_completed} "
+                             f"of {self.n_rows} rows written")
+        self._file.attrs.modify("complete", True)
+        self.close()
+        _fsync(self.part)
+        os.replace(self.part, self.path)
+        _fsync(self.path.parent)
+        self._finalized = True
+        log.info("wrote %s", self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close the `.part` without finalizing (it stays resumable)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Finalize when all rows are written and no exception is propagating; otherwise just close."""
+        if exc_type is None and self._file is not None and self.rows_completed == self.n_rows:
+            self.finalize()
+        self.close()
+
+
+def _early_alloc() -> h5py.h5p.PropDCID:
+    # Allocate the whole (contiguous) dataset at creation: later writes touch no HDF5 metadata.
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def _as_float32(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor (bfloat16 has no numpy view); no torch import needed
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

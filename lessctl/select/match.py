@@ -1,0 +1,230 @@
+"""Influence scores, subtask aggregation, top-k selection, and the random and BM25 baselines (LESS.md section 5).
+
+score[i, j] = sum_c w_c <x_i^c, y_j^c> over checkpoints c (rows are unit vectors, so cosines), then
+the mean over the target examples of each subtask, then the max over subtasks. Training rows are
+streamed from the stores in chunks, so memory stays bounded whatever the pool's size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lessctl import paths
+from lessctl.config import Config
+from lessctl.errors import ConfigError, InputError, MissingArtifactError
+from lessctl.files import write_atomic
+from lessctl.select.baselines import BM25_PARAMS, bm25_scores, random_scores
+from lessctl.select.scores import Scored, check_compatible, less_scores, normalize_weights
+from lessctl.vocab import METHODS
+
+log = logging.getLogger(__name__)
+
+
+
+SUMMARY_KEYS = ("family", "dataset", "source_task")
+
+
+def top_order(scores: np.ndarray) -> np.ndarray:
+    """Row positions by descending score; ties keep pool order."""
+    return np.argsort(-scores, kind="stable")
+
+
+def n_selected(total: int, percentage: float | None, max_samples: int | None) -> int:
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ConfigError("--max-samples: must be at least 1")
+        return min(max_samples, total)
+    return int(percentage * total)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def selection_dir(cfg: Config, target: str, method: str) -> Path:
+    return paths.selection_dir(cfg.output_dir, target, method)
+
+
+def selection_file(cfg: Config, target: str, method: str) -> Path:
+    """The jsonl a selection wrote (named in its summary.json)."""
+    d = selection_dir(cfg, target, method)
+    summary = d / "summary.json"
+    if not summary.is_file():
+        raise MissingArtifactError(
+            f"no selection for target '{target}' with method '{method}' in {d}; run `lessctl match --target {target} --method {method}` first"
+        )
+    return d / json.loads(summary.read_text())["file"]
+
+
+def _target_subtasks_and_prompts(cfg: Config, target: str) -> tuple[list[str], list[str]]:
+    from lessctl.data.targets import load_target_examples
+
+    exs = load_target_examples(cfg, target)
+    return [e.subtask for e in exs], [e.prompt for e in exs]
+
+
+def _open_stores(cfg: Config, names: list[str], steps: list[int], grad_type: str) -> dict[str, list[Any]]:
+    from lessctl.grads.store.reader import open_store
+
+    grads_dir = paths.grads_dir(cfg.output_dir)
+    out: dict[str, list[Any]] = {}
+    try:
+        for n in names:
+            out[n] = [open_store(grads_dir, n, s, grad_type) for s in steps]
+    except MissingArtifactError:
+        for rs in out.values():
+            for r in rs:
+                r.close()
+        raise
+    return out
+
+
+@dataclass
+class SelectionResult:
+    target: str
+    method: str
+    out_dir: Path
+    file: Path
+    n_selected: int
+    total: int
+    summary: dict
+    scored: Scored | None = None  # every pool row's score, unrounded (sorted.csv keeps 6 decimals)
+
+
+def run_match(
+    cfg: Config,
+    target: str,
+    *,
+    method: str = "less",
+    ckpts: list[int] | None = None,
+    weights: list[float] | None = None,
+    percentage: float | None = None,
+    max_samples: int | None = None,
+    train: list[str] | None = None,
+    dim: int | None = None,
+    out_name: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SelectionResult:
+    """Scores the pool for one target with one method and writes selected/<target>/<method>/."""
+    from lessctl.data.records import example_text, read_jsonl
+    from lessctl.files import sha256_file
+    from lessctl.training import read_checkpoints
+
+    if method not in METHODS:
+        raise ConfigError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if target not in cfg.data.targets:
+        raise ConfigError(f"--target: unknown target {target!r} (the workspace's targets: {', '.join(cfg.data.targets) or 'none'})")
+    t0 = time.time()
+    files = cfg.train_files()
+    train = list(train) if train else list(files)
+    for n in train:
+        if n not in files:
+            raise ConfigError(f"--train: unknown training set {n!r} (the workspace's: {', '.join(files)})")
+    percentage = cfg.select.percentage if percentage is None else percentage
+    if max_samples is None and not 0 < percentage <= 1:
+        raise ConfigError(f"--percentage: must be in (0, 1], got {percentage}")
+    records = {n: read_jsonl(files[n]) for n in train}
+    subtasks, prompts = _target_subtasks_and_prompts(cfg, target)
+    info: dict[str, Any] = {}
+
+    if method == "less":
+        manifest = read_checkpoints(cfg)
+        by_step = {c["step"]: c for c in manifest}
+        steps = list(ckpts) if ckpts else [c["step"] for c in manifest]
+        for s in steps:
+            if s not in by_step:
+                raise ConfigError(f"--ckpts: no checkpoint {s} in checkpoints.json (have: {', '.join(map(str, by_step))})")
+        if weights:
+            if len(weights) != len(steps):
+                raise ConfigError(f"--weights: {len(weights)} weights for {len(steps)} checkpoints")
+            w = normalize_weights(weights)
+        else:
+            w = normalize_weights([by_step[s]["lr_mean"] for s in steps])
+        dim = dim or max(cfg.grads.dims)
+        train_readers = _open_stores(cfg, train, steps, "adam")
+        target_readers = _open_stores(cfg, [target], steps, "sgd")[target]
+        try:
+            everything = [r for rs in train_readers.values() for r in rs] + target_readers
+            check_compatible(everything, dim)
+            for n, rs in train_readers.items():
+                if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
+                    raise InputError(f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
+                                     f"the file changed: recompute with `lessctl grads --train {n} --force`")
+                sha = sha256_file(files[n])
+                if rs[0].attrs.get("source_sha256") != sha:
+                    raise InputError(f"{files[n]} changed since its gradient store was written; recompute with `lessctl grads --train {n} --force`")
+            if target_readers[0].n_rows != len(subtasks):
+                raise InputError(f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} examples; "
+                                 f"recompute with `lessctl grads --target {target} --force`")
+            scored = less_scores(train_readers, target_readers, w, subtasks, dim, progress)
+        finally:
+            for r in [r for rs in train_readers.values() for r in rs] + target_readers:
+                r.close()
+        info = {"checkpoints": steps, "weights": [float(x) for x in w], "dim": dim,
+                "projector": target_readers[0].projector}
+    elif method == "bm25":
+        texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
+        scored = bm25_scores(texts, prompts, subtasks)
+        info = {"bm25": dict(BM25_PARAMS)}
+    else:
+        scored = random_scores({n: [r.line for r in recs] for n, recs in records.items()}, cfg.experiment.seed)
+        info = {"seed": cfg.experiment.seed}
+
+    total = len(scored.scores)
+    k = n_selected(total, percentage, max_samples)
+    order = top_order(scored.scores)
+    out_dir = paths.selection_dir(cfg.output_dir, target, out_name or method)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fname = f"top_n{k}.jsonl" if max_samples is not None else f"top_p{percentage:g}.jsonl"
+    raw = {n: {r.line: r for r in recs} for n, recs in records.items()}
+    write_atomic(out_dir / "sorted.csv", _sorted_csv(scored, order))
+    chosen = [raw[scored.names[i]][int(scored.index[i])] for i in order[:k]]
+    write_atomic(out_dir / fname, "".join(r.raw + "\n" for r in chosen))
+    sel_scores = scored.scores[order[:k]]
+    summary = {
+        "target": target, "method": method, "file": fname, "selected": k, "total": total,
+        "percentage": percentage if max_samples is None else None, "max_samples": max_samples,
+        "by_train_set": _count(scored.names[i] for i in order[:k]),
+        **{f"by_{key}": _count(r.data.get(key) for r in chosen) for key in SUMMARY_KEYS
+           if any(key in r.data for r in chosen)},
+        "score": _stats(scored.scores), "selected_score": _stats(sel_scores),
+        "subtasks": len(set(subtasks)), "target_examples": len(subtasks),
+        **info, "seconds": round(time.time() - t0, 3),
+    }
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary, scored)
+
+
+def _sorted_csv(scored: Scored, order: np.ndarray) -> str:
+    lines = ["file name, index, score"]
+    lines += [f"{scored.names[i]}, {int(scored.index[i])}, {scored.scores[i]:.6f}" for i in order]
+    return "\n".join(lines) + "\n"
+
+
+def read_sorted_csv(path: Path) -> list[tuple[str, int, float]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, skipinitialspace=True))
+    return [(r[0], int(r[1]), float(r[2])) for r in rows[1:]]
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        if v is not None:
+            out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _stats(x: np.ndarray) -> dict:
+    if len(x) == 0:
+        return {}
+    return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "median": float(np.median(x))}
+
+

@@ -1,0 +1,52 @@
+"""Every closed set of names lessctl knows, defined once.
+
+Config validation, the commands' checks, their help texts and shell completion all read these
+tuples; the `Literal` types beside them are for signatures. A new method, stage or target is added
+here first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Method = Literal["less", "random", "bm25"]
+METHODS: tuple[str, ...] = get_args(Method)
+"""Selection methods of `lessctl match --method`."""
+
+CHECKPOINT_METHODS: tuple[str, ...] = ("less",)
+"""Methods whose scores are built from warmup checkpoints (so `ablate` applies to them)."""
+
+GradType = Literal["adam", "sgd", "sign"]
+GRAD_TYPES: tuple[str, ...] = get_args(GradType)
+"""Gradient features: adam (LESS's pool features), sgd (its target features), sign."""
+
+ProjectorKind = Literal["auto", "cuda", "basic", "sketch"]
+PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
+
+CudaEngine = Literal["auto", "triton", "fast_jl"]
+CUDA_ENGINES: tuple[str, ...] = get_args(CudaEngine)
+"""What computes TRAK's CUDA projection: lessctl's Triton kernel or fast_jl."""
+
+Stage = Literal["warmup", "grads", "match", "finetune", "eval"]
+STAGES: tuple[str, ...] = get_args(Stage)
+"""The pipeline's stages in order (`lessctl run`, `lessctl slurm submit`)."""
+
+SLURM_STAGES: tuple[str, ...] = STAGES + ("ir", "ablate", "run", "demo")
+"""Commands `lessctl slurm render` has settings for."""
+
+BuiltinTarget = Literal["mmlu", "bbh", "tydiqa"]
+BUILTIN_TARGETS: tuple[str, ...] = get_args(BuiltinTarget)
+"""Built-in target tasks; each is also an evaluation task."""
+
+EVAL_TASKS: tuple[str, ...] = BUILTIN_TARGETS
+
+ChatFormat = Literal["tulu", "llama2"]
+CHAT_FORMATS: tuple[str, ...] = get_args(ChatFormat)
+"""Chat formats of training data (`[model] chat_format`)."""
+
+PROMPT_FORMATS: tuple[str, ...] = CHAT_FORMATS + ("plain",)
+"""Formats of target and evaluation prompts: a chat format, or plain text."""
+
+PRESETS: tuple[str, ...] = ("tiny", "llama2-7b", "llama2-13b", "mistral-7b")
+EXTRA_PRESETS: tuple[str, ...] = ("tiny-ir",)
+"""Workspace presets of `lessctl init`; the extra ones need --data-dir."""
