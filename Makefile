@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lessctl tests bench
+	$(VENV)/bin/ruff format --check lessctl tests bench
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

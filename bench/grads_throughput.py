@@ -4,7 +4,8 @@
 One run builds a random-weight Llama of a given shape with a LoRA adapter, synthetic Adam moments and
 synthetic examples, then times (a) a re-implementation of the authors' loop (LESS's `collect_grads`:
 one example per forward/backward, `.grad` vectorised, Adam transform, a projection every 16 examples
-with TRAK's CudaProjector) and (b) lessctl's path (`lessctl.gradients.FeatureCollector`: batched gradients, in-place transform,
+with TRAK's CudaProjector) and (b) lessctl's path (`lessctl.grads.collector.FeatureCollector`: batched gradients,
+in-place transform,
 lessctl's projectors), and checks both against fp32 ground truth. See bench/README.md.
 
     python bench/grads_throughput.py --shape tiny --examples 8 --dims 512 --projectors basic --fp32-check 4
@@ -38,14 +39,38 @@ from lessctl.grads.engine import PerExampleGradients
 
 # Llama shapes. 7b and 13b are Llama-2's; 1b is TinyLlama-1.1B's (grouped-query attention).
 SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                 intermediate_size=172, vocab_size=2048),
-    "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-               intermediate_size=5632, vocab_size=32000),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-               intermediate_size=11008, vocab_size=32000),
-    "13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                intermediate_size=13824, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=172,
+        vocab_size=2048,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
+    "13b": dict(
+        hidden_size=5120,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        intermediate_size=13824,
+        vocab_size=32000,
+    ),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LESS_PROJECT_INTERVAL = 16  # the authors project (and use TRAK's max_batch_size) every 16 examples
@@ -72,8 +97,9 @@ class Example:
     labels: list[int]  # -100 on the prompt
 
 
-def make_examples(n: int, vocab: int, seed: int, mean_len: float, min_len: int, max_len: int,
-                  prompt_share: float, sigma: float = 0.8) -> list[Example]:
+def make_examples(
+    n: int, vocab: int, seed: int, mean_len: float, min_len: int, max_len: int, prompt_share: float, sigma: float = 0.8
+) -> list[Example]:
     """Random token ids with lognormal lengths clipped to [min_len, max_len], the leading share masked with -100.
 
     The lognormal's location is solved so that the clipped lengths average `mean_len` for this very sample
@@ -96,8 +122,17 @@ def make_examples(n: int, vocab: int, seed: int, mean_len: float, min_len: int, 
     return out
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int, r: int, alpha: int,
-                dropout: float, lora_b_std: float, adapter_dtype: torch.dtype | None = None):
+def build_model(
+    shape: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    r: int,
+    alpha: int,
+    dropout: float,
+    lora_b_std: float,
+    adapter_dtype: torch.dtype | None = None,
+):
     """A random-weight Llama created directly on `device` in `dtype`, with a LoRA adapter (peft) on q/k/v/o.
 
     peft keeps the adapter weights in float32 (autocast_adapter_dtype), as lessctl's loader does.
@@ -112,8 +147,12 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int,
     with torch.device(device):  # allocate and initialise on the GPU: a 7B model in seconds, not minutes on the CPU
         base = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     with torch.device(device):
-        model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                target_modules=LORA_TARGETS))
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS
+            ),
+        )
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -219,7 +258,9 @@ class PathRun:
     """One timed pass over the examples, and the features of the check examples."""
 
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # dim -> [N, D] float32 (CPU): adam features
-    raw: dict[int, torch.Tensor] = field(default_factory=dict)  # dim -> [N, D]: the projected raw gradients (checks only)
+    raw: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # dim -> [N, D]: the projected raw gradients (checks only)
     timer: PartTimer | None = None
     batches: int = 0
     padded_tokens: int = 0
@@ -237,17 +278,37 @@ class LessProjector:
     """The projector the authors' code builds: TRAK's CudaProjector (max_batch_size 16), or the BasicProjector
     it silently falls back to (block size 128, the model's dtype) when fast_jl does not load."""
 
-    def __init__(self, grad_dim: int, dim: int, device: torch.device, model_dtype: torch.dtype, use_cuda: bool,
-                 max_batch_size: int):
+    def __init__(
+        self,
+        grad_dim: int,
+        dim: int,
+        device: torch.device,
+        model_dtype: torch.dtype,
+        use_cuda: bool,
+        max_batch_size: int,
+    ):
         from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
         if use_cuda:
-            self.trak = CudaProjector(grad_dim=grad_dim, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
-                                      device=device, max_batch_size=max_batch_size)
+            self.trak = CudaProjector(
+                grad_dim=grad_dim,
+                proj_dim=dim,
+                seed=0,
+                proj_type=ProjectionType.rademacher,
+                device=device,
+                max_batch_size=max_batch_size,
+            )
             self.kind = f"cuda (TRAK CudaProjector, max_batch_size {max_batch_size})"
         else:
-            self.trak = BasicProjector(grad_dim=grad_dim, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
-                                       device=device, dtype=model_dtype, block_size=LESS_BLOCK_SIZE)
+            self.trak = BasicProjector(
+                grad_dim=grad_dim,
+                proj_dim=dim,
+                seed=0,
+                proj_type=ProjectionType.rademacher,
+                device=device,
+                dtype=model_dtype,
+                block_size=LESS_BLOCK_SIZE,
+            )
             self.kind = f"basic (TRAK BasicProjector, block 128, {str(model_dtype).replace('torch.', '')})"
 
     def project(self, x16: torch.Tensor) -> torch.Tensor:
@@ -268,8 +329,15 @@ def is_oom(exc: BaseException) -> bool:
 # ----------------------------------------------------------------------------- the two paths
 
 
-def run_baseline(model, examples: list[Example], adam: AdamState, projectors: dict[int, LessProjector],
-                 device: torch.device, interval: int, keep_raw: bool = False) -> PathRun:
+def run_baseline(
+    model,
+    examples: list[Example],
+    adam: AdamState,
+    projectors: dict[int, LessProjector],
+    device: torch.device,
+    interval: int,
+    keep_raw: bool = False,
+) -> PathRun:
     """The authors' loop, step by step: batch of one, `.grad` vectorised, Adam transform, project every `interval`."""
     b1, b2, eps = adam.beta1, adam.beta2, adam.eps
     avg, avg_sq = adam.exp_avg, adam.exp_avg_sq
@@ -317,8 +385,9 @@ def run_baseline(model, examples: list[Example], adam: AdamState, projectors: di
                 project_pending(t)
         if full:
             project_pending(t)
-    run = PathRun(timer=t, batches=len(examples), padded_tokens=sum(len(e.ids) for e in examples),
-                  example_fwd_bwd_s=fb_times)
+    run = PathRun(
+        timer=t, batches=len(examples), padded_tokens=sum(len(e.ids) for e in examples), example_fwd_bwd_s=fb_times
+    )
     run.features = {d: torch.cat(v).float() for d, v in out.items()}
     if keep_raw:
         run.raw = {d: torch.cat(v).float() for d, v in out_raw.items()}
@@ -333,9 +402,18 @@ def fastest(run_pass: Callable[[], PathRun], repeats: int) -> PathRun:
     return best
 
 
-def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dict[int, Any], device: torch.device,
-                batch_tokens: int, max_examples: int | None, keep_raw: bool = False, merge: bool = False,
-                peg: PerExampleGradients | None = None) -> PathRun:
+def run_lessctl(
+    model,
+    examples: list[Example],
+    adam: AdamState,
+    projectors: dict[int, Any],
+    device: torch.device,
+    batch_tokens: int,
+    max_examples: int | None,
+    keep_raw: bool = False,
+    merge: bool = False,
+    peg: PerExampleGradients | None = None,
+) -> PathRun:
     """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs.
     With `peg` (the compiled pass, built once) that pass is used and kept; otherwise one is made for the run."""
     own = peg is None
@@ -344,8 +422,17 @@ def run_lessctl(model, examples: list[Example], adam: AdamState, projectors: dic
     run = PathRun()
     try:
         with PartTimer(device) as t:
-            collector = FeatureCollector(peg, projectors, "adam", adam, pad_id=0, batch_tokens=batch_tokens,
-                                         max_batch_examples=max_examples, timer=t, keep_raw=keep_raw)
+            collector = FeatureCollector(
+                peg,
+                projectors,
+                "adam",
+                adam,
+                pad_id=0,
+                batch_tokens=batch_tokens,
+                max_batch_examples=max_examples,
+                timer=t,
+                keep_raw=keep_raw,
+            )
             got = collector([e.ids for e in examples], [e.labels for e in examples])
     finally:
         if own:
@@ -378,8 +465,16 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def path_figures(name: str, projector: str, run: PathRun, n_examples: int, tokens: int, flop_params: int,
-                 peak_tflops: float, device: torch.device) -> dict[str, Any]:
+def path_figures(
+    name: str,
+    projector: str,
+    run: PathRun,
+    n_examples: int,
+    tokens: int,
+    flop_params: int,
+    peak_tflops: float,
+    device: torch.device,
+) -> dict[str, Any]:
     t = run.timer
     total = t.total
     fig: dict[str, Any] = {
@@ -417,8 +512,23 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def print_table(report: dict) -> None:
-    rows = [["path", "projector", "ex/s", "x base", "fwd/bwd", "assemble", "adam", "proj", "other", "MFU", "peak GiB",
-             "cos adam med/min", "cos sgd med/min"]]
+    rows = [
+        [
+            "path",
+            "projector",
+            "ex/s",
+            "x base",
+            "fwd/bwd",
+            "assemble",
+            "adam",
+            "proj",
+            "other",
+            "MFU",
+            "peak GiB",
+            "cos adam med/min",
+            "cos sgd med/min",
+        ]
+    ]
     dim = str(report["settings"]["dims"][0])
     for p in report["paths"]:
         if p.get("error"):
@@ -427,27 +537,45 @@ def print_table(report: dict) -> None:
         sh = p["shares"]
         cos = p.get("cosine", {}).get(dim, {})
         ca, cs = cos.get("adam", {}), cos.get("sgd", {})
-        rows.append([
-            p["path"], p["projector"].split(" (")[0], fmt(p["examples_per_s"]), fmt(p.get("ratio_to_baseline"), ".1f"),
-            fmt(sh["fwd_bwd"], ".0%"), fmt(sh["assemble"], ".0%"), fmt(sh["transform"], ".0%"), fmt(sh["projection"], ".0%"), fmt(sh["other"], ".0%"),
-            fmt(p["mfu"], ".1%"), fmt(p["peak_memory_gib"], ".1f"),
-            f"{fmt(ca.get('median'), '.5f')}/{fmt(ca.get('min'), '.5f')}" if ca else "-",
-            f"{fmt(cs.get('median'), '.5f')}/{fmt(cs.get('min'), '.5f')}" if cs else "-",
-        ])
+        rows.append(
+            [
+                p["path"],
+                p["projector"].split(" (")[0],
+                fmt(p["examples_per_s"]),
+                fmt(p.get("ratio_to_baseline"), ".1f"),
+                fmt(sh["fwd_bwd"], ".0%"),
+                fmt(sh["assemble"], ".0%"),
+                fmt(sh["transform"], ".0%"),
+                fmt(sh["projection"], ".0%"),
+                fmt(sh["other"], ".0%"),
+                fmt(p["mfu"], ".1%"),
+                fmt(p["peak_memory_gib"], ".1f"),
+                f"{fmt(ca.get('median'), '.5f')}/{fmt(ca.get('min'), '.5f')}" if ca else "-",
+                f"{fmt(cs.get('median'), '.5f')}/{fmt(cs.get('min'), '.5f')}" if cs else "-",
+            ]
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     s, d, m = report["settings"], report["data"], report["model"]
-    print(f"\nLESS gradient features: {s['shape']} ({m['base_params'] / 1e9:.2f}B base, {m['lora_params']:,} LoRA params), "
-          f"{report['device']['name']}, {s['dtype']}, {d['examples']} examples of {d['mean_tokens']:.0f} tokens on average, "
-          f"dims {','.join(map(str, s['dims']))}")
+    print(
+        f"\nLESS gradient features: {s['shape']} ({m['base_params'] / 1e9:.2f}B base, {m['lora_params']:,} LoRA "
+        f"params), "
+        f"{report['device']['name']}, {s['dtype']}, {d['examples']} examples of {d['mean_tokens']:.0f} tokens on "
+        f"average, "
+        f"dims {','.join(map(str, s['dims']))}"
+    )
     for i, r in enumerate(rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"ex/s and shares: the fastest of {s['repeats']} timed pass(es) of each path; MFU: {FLOPS_NOTE}; "
-          f"peak {s['peak_tflops']} TFLOP/s.")
+    print(
+        f"ex/s and shares: the fastest of {s['repeats']} timed pass(es) of each path; MFU: {FLOPS_NOTE}; "
+        f"peak {s['peak_tflops']} TFLOP/s."
+    )
     if s["fp32_check"]:
-        print(f"cos: row cosine against fp32 ground truth (same transform and projector) on the first "
-              f"{s['fp32_check']} examples, dim {dim}; sgd = the raw gradients, adam = the features LESS stores.")
+        print(
+            f"cos: row cosine against fp32 ground truth (same transform and projector) on the first "
+            f"{s['fp32_check']} examples, dim {dim}; sgd = the raw gradients, adam = the features LESS stores."
+        )
     for note in report["notes"]:
         print(f"note: {note}")
 
@@ -456,34 +584,69 @@ def print_table(report: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--examples", type=int, default=48, help="timed examples per path")
     ap.add_argument("--dims", default="8192", help="projection dimension(s), comma-separated")
-    ap.add_argument("--projectors", default="cuda,basic", help="lessctl projectors to time, comma-separated: cuda, basic, sketch, auto")
-    ap.add_argument("--fp32-check", type=int, default=8, help="compare against fp32 ground truth on this many examples (0: skip)")
+    ap.add_argument(
+        "--projectors",
+        default="cuda,basic",
+        help="lessctl projectors to time, comma-separated: cuda, basic, sketch, auto",
+    )
+    ap.add_argument(
+        "--fp32-check", type=int, default=8, help="compare against fp32 ground truth on this many examples (0: skip)"
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the authors' batch-of-one loop")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
-    ap.add_argument("--batch-tokens", type=int, default=8192, help="lessctl's token budget per batch (its default: 8192)")
-    ap.add_argument("--max-batch-examples", default="auto",
-                    help="split lessctl's batches to at most this many examples (0: never; auto: what the [B, P] "
-                         "gradient and transform buffers leave room for on a GPU, never on a CPU)")
-    ap.add_argument("--oom-retries", type=int, default=3, help="on a GPU out-of-memory in lessctl's path, halve --batch-tokens and retry")
-    ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="LoRA weights' dtype: peft keeps them in float32 by default; bfloat16 as older peft (and LESS's runs) did")
-    ap.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
-                    help="lessctl's path merges the adapter into the base weights for the pass, as `lessctl grads` does "
-                         "by default ([grads] merge)")
-    ap.add_argument("--compile", action="store_true",
-                    help="lessctl's path runs the compiled pass (lessctl grads --compile); its compilation is timed apart")
+    ap.add_argument(
+        "--batch-tokens", type=int, default=8192, help="lessctl's token budget per batch (its default: 8192)"
+    )
+    ap.add_argument(
+        "--max-batch-examples",
+        default="auto",
+        help="split lessctl's batches to at most this many examples (0: never; auto: what the [B, P] "
+        "gradient and transform buffers leave room for on a GPU, never on a CPU)",
+    )
+    ap.add_argument(
+        "--oom-retries",
+        type=int,
+        default=3,
+        help="on a GPU out-of-memory in lessctl's path, halve --batch-tokens and retry",
+    )
+    ap.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="LoRA weights' dtype: peft keeps them in float32 by default; bfloat16 as older peft (and LESS's runs) did",
+    )
+    ap.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lessctl's path merges the adapter into the base weights for the pass, as `lessctl grads` does "
+        "by default ([grads] merge)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="lessctl's path runs the compiled pass (lessctl grads --compile); its compilation is timed apart",
+    )
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (the float32 LoRA path)")
-    ap.add_argument("--basic-dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)")
+    ap.add_argument(
+        "--basic-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="matrix dtype of lessctl's basic projector (lessctl uses float32; LESS used the model's dtype)",
+    )
     ap.add_argument("--warmup", type=int, default=4, help="untimed examples run through each path first")
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per path; the fastest is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument(
+        "--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on a GPU, fp32 on the CPU"
+    )
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--mean-tokens", type=float, default=355.0)
     ap.add_argument("--min-tokens", type=int, default=32)
@@ -502,7 +665,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     dims = [int(x) for x in str(args.dims).split(",") if x.strip()]
     kinds = [k.strip() for k in args.projectors.split(",") if k.strip()]
     n_check = min(max(0, args.fp32_check), args.examples)
@@ -517,21 +681,38 @@ def main(argv: list[str] | None = None) -> dict:
     dev_info: dict[str, Any] = {"type": device.type, "name": platform.processor() or platform.machine()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        dev_info.update(name=props.name, sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
-                        memory_gib=round(props.total_memory / 2**30, 1))
+        dev_info.update(
+            name=props.name,
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     fj_ok, fj_why = fast_jl_status(device) if device.type == "cuda" else (False, "no CUDA GPU")
     report: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+        if argv is None
         else " ".join(shlex.quote(a) for a in ["grads_throughput.py", *argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "device": dev_info,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "traker": _version("trak"), "fast_jl": {"usable": fj_ok, "detail": fj_why}},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
-            "dims": dims, "projectors": kinds, "dtype": str(dtype).replace("torch.", ""), "fp32_check": n_check,
-            "shape_config": SHAPES[args.shape], "cpu_threads": torch.get_num_threads()},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "traker": _version("trak"),
+            "fast_jl": {"usable": fj_ok, "detail": fj_why},
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        | {
+            "dims": dims,
+            "projectors": kinds,
+            "dtype": str(dtype).replace("torch.", ""),
+            "fp32_check": n_check,
+            "shape_config": SHAPES[args.shape],
+            "cpu_threads": torch.get_num_threads(),
+        },
         "flops_note": FLOPS_NOTE,
         "notes": notes,
         "paths": [],
@@ -542,8 +723,17 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"building the {args.shape} model on {device} in {dtype}")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     adapter_dtype = None if args.adapter_dtype == "float32" else getattr(torch, args.adapter_dtype)
-    model = build_model(args.shape, device, dtype, args.seed, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_b_std,
-                        adapter_dtype)
+    model = build_model(
+        args.shape,
+        device,
+        dtype,
+        args.seed,
+        args.lora_r,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.lora_b_std,
+        adapter_dtype,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     counts = count_params(model)
@@ -551,14 +741,24 @@ def main(argv: list[str] | None = None) -> dict:
     adam = synthetic_adam(P, device, args.seed, args.adam_m_std, args.adam_v_std)
     report["model"] = counts | {"build_s": round(time.perf_counter() - t0, 2)}
     vocab = SHAPES[args.shape]["vocab_size"]
-    examples = make_examples(args.examples, vocab, args.seed, args.mean_tokens, args.min_tokens, args.max_tokens, args.prompt_share)
+    examples = make_examples(
+        args.examples, vocab, args.seed, args.mean_tokens, args.min_tokens, args.max_tokens, args.prompt_share
+    )
     lengths = [len(e.ids) for e in examples]
     tokens = sum(lengths)
-    report["data"] = {"examples": len(examples), "mean_tokens": tokens / len(examples), "min_tokens": min(lengths),
-                      "max_tokens": max(lengths), "total_tokens": tokens,
-                      "label_tokens": sum(sum(1 for x in e.labels if x != -100) for e in examples)}
-    log(f"model ready in {report['model']['build_s']} s: {counts['base_params'] / 1e9:.2f}B base, {P:,} LoRA parameters; "
-        f"{len(examples)} examples, {tokens} tokens")
+    report["data"] = {
+        "examples": len(examples),
+        "mean_tokens": tokens / len(examples),
+        "min_tokens": min(lengths),
+        "max_tokens": max(lengths),
+        "total_tokens": tokens,
+        "label_tokens": sum(sum(1 for x in e.labels if x != -100) for e in examples),
+    }
+    log(
+        f"model ready in {report['model']['build_s']} s: {counts['base_params'] / 1e9:.2f}B base, {P:,} LoRA "
+        f"parameters; "
+        f"{len(examples)} examples, {tokens} tokens"
+    )
     keep_projectors = device.type != "cuda"  # on a GPU they are rebuilt for the fp32 check, to free their memory
     k_warm = min(len(examples), max(args.warmup, n_check))
     warm = examples[:k_warm]
@@ -575,7 +775,9 @@ def main(argv: list[str] | None = None) -> dict:
         while interval > 8 and interval * P >= FAST_JL_INDEX_LIMIT:
             interval //= 2
         if interval != LESS_PROJECT_INTERVAL:
-            notes.append(f"baseline projects every {interval} examples: 16 x {P} LoRA parameters exceeds fast_jl's 2^32 limit")
+            notes.append(
+                f"baseline projects every {interval} examples: 16 x {P} LoRA parameters exceeds fast_jl's 2^32 limit"
+            )
 
         def base_projectors(interval=interval, use_cuda=use_cuda) -> dict[int, Any]:
             return {d: LessProjector(P, d, device, dtype, use_cuda, interval) for d in dims}
@@ -584,8 +786,10 @@ def main(argv: list[str] | None = None) -> dict:
         projs = base_projectors()
         kind = next(iter(projs.values())).kind
         chk = run_baseline(model, warm, adam, projs, device, interval, keep_raw=True)
-        check_feats["baseline"] = {"adam": {d: v[:n_check] for d, v in chk.features.items()},
-                                   "sgd": {d: v[:n_check] for d, v in chk.raw.items()}}
+        check_feats["baseline"] = {
+            "adam": {d: v[:n_check] for d, v in chk.features.items()},
+            "sgd": {d: v[:n_check] for d, v in chk.raw.items()},
+        }
         truth_projectors["baseline"] = (lambda p=projs: p) if keep_projectors else base_projectors
         del chk
         gc.collect()  # the allocator's cache stays warm, as in a long run
@@ -594,7 +798,9 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.reset_accumulated_memory_stats()
         log(f"baseline: timing {len(examples)} examples x {args.repeats} pass(es)")
         run = fastest(lambda: run_baseline(model, examples, adam, projs, device, interval), args.repeats)
-        base_fig = path_figures("baseline", kind, run, len(examples), tokens, counts["flop_params"], args.peak_tflops, device)
+        base_fig = path_figures(
+            "baseline", kind, run, len(examples), tokens, counts["flop_params"], args.peak_tflops, device
+        )
         base_fig["project_interval"] = interval
         report["paths"].append(base_fig)
         log(f"baseline: {base_fig['examples_per_s']:.2f} examples/s")
@@ -613,11 +819,15 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         from torch._dynamo.utils import counters
 
-        report["compile"] = {"seconds": round(time.perf_counter() - t0, 1),
-                             "graphs": int(counters["stats"]["unique_graphs"]),
-                             "graph_breaks": int(sum(counters["graph_break"].values()))}
-        log(f"lessctl: compiled the pass in {report['compile']['seconds']} s ({report['compile']['graphs']} graph(s), "
-            f"{report['compile']['graph_breaks']} break(s))")
+        report["compile"] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+        }
+        log(
+            f"lessctl: compiled the pass in {report['compile']['seconds']} s ({report['compile']['graphs']} graph(s), "
+            f"{report['compile']['graph_breaks']} break(s))"
+        )
     for req in kinds:
         name = f"lessctl-{req}"
         fig: dict[str, Any] = {"path": name, "projector": req}
@@ -646,21 +856,35 @@ def main(argv: list[str] | None = None) -> dict:
                 stage = "computing features"
                 max_b = _max_batch_examples(args.max_batch_examples, device, P)
                 log(f"{name}: warm-up and check run (batch tokens {bt}, at most {max_b or 'any'} examples per batch)")
-                chk = run_lessctl(model, warm, adam, projs, device, bt, max_b, keep_raw=True, merge=args.merge, peg=shared)
-                check_feats[name] = {"adam": {d: v[:n_check] for d, v in chk.features.items()},
-                                     "sgd": {d: v[:n_check] for d, v in chk.raw.items()}}
+                chk = run_lessctl(
+                    model, warm, adam, projs, device, bt, max_b, keep_raw=True, merge=args.merge, peg=shared
+                )
+                check_feats[name] = {
+                    "adam": {d: v[:n_check] for d, v in chk.features.items()},
+                    "sgd": {d: v[:n_check] for d, v in chk.raw.items()},
+                }
                 del chk
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     torch.cuda.reset_accumulated_memory_stats()
                 log(f"{name}: timing {len(examples)} examples x {args.repeats} pass(es)")
-                run = fastest(lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge,
-                                                  peg=shared), args.repeats)
-                fig = path_figures(name, f"{kind} ({why})", run, len(examples), tokens, counts["flop_params"],
-                                   args.peak_tflops, device)
-                fig.update(batch_tokens=bt, max_batch_examples=run.max_batch_examples, project_rows=run.project_rows,
-                           merge=args.merge, compile=args.compile, oom_retries=retries, projector_attrs=projs[dims[0]].attrs)
+                run = fastest(
+                    lambda: run_lessctl(model, examples, adam, projs, device, bt, max_b, merge=args.merge, peg=shared),
+                    args.repeats,
+                )
+                fig = path_figures(
+                    name, f"{kind} ({why})", run, len(examples), tokens, counts["flop_params"], args.peak_tflops, device
+                )
+                fig.update(
+                    batch_tokens=bt,
+                    max_batch_examples=run.max_batch_examples,
+                    project_rows=run.project_rows,
+                    merge=args.merge,
+                    compile=args.compile,
+                    oom_retries=retries,
+                    projector_attrs=projs[dims[0]].attrs,
+                )
                 if kind == "basic":
                     fig["projector_attrs"]["matrix_dtype"] = args.basic_dtype
                 truth_projectors[name] = (lambda p=projs: p) if keep_projectors else less_projectors
@@ -753,20 +977,26 @@ def fp32_truth(model, examples: list[Example], adam: AdamState) -> dict[str, tor
     return {"adam": torch.cat(rows_adam), "sgd": torch.cat(rows_raw)}
 
 
-def compare_to_truth(truth: dict[str, torch.Tensor], device: torch.device, check_feats: dict, truth_projectors: dict,
-                     report: dict) -> dict:
+def compare_to_truth(
+    truth: dict[str, torch.Tensor], device: torch.device, check_feats: dict, truth_projectors: dict, report: dict
+) -> dict:
     """Projects the truth with each path's own projector (rebuilt: the matrices are seeded) and records the row
     cosines of each path's features against it in the path's figures."""
     n = len(truth["adam"])
-    out: dict[str, Any] = {"examples": n, "grad_rms": float(truth["sgd"].pow(2).mean().sqrt()),
-                           "adam_feature_rms": float(truth["adam"].pow(2).mean().sqrt())}
+    out: dict[str, Any] = {
+        "examples": n,
+        "grad_rms": float(truth["sgd"].pow(2).mean().sqrt()),
+        "adam_feature_rms": float(truth["adam"].pow(2).mean().sqrt()),
+    }
     # how alike the features of different examples are: near 1, the moments dominate and the cosines say little
     for kind in ("adam", "sgd"):
         x = truth[kind].to(device)
         gram = (x @ x.T).double().cpu()  # [n, n]
         nrm = gram.diagonal().sqrt().clamp(min=1e-300)
         cos = gram / nrm[:, None] / nrm[None, :]
-        out[f"{kind}_cross_example_cosine_mean"] = float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))) if n > 1 else None
+        out[f"{kind}_cross_example_cosine_mean"] = (
+            float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))) if n > 1 else None
+        )
         del x
     for p in report["paths"]:
         name = p["path"]

@@ -53,9 +53,13 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", type=Path, default=None,
-                   help="where the stores are written (kept, and reused by a later run with the same settings); "
-                        "default: a temporary folder, removed at the end")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the stores are written (kept, and reused by a later run with the same settings); "
+        "default: a temporary folder, removed at the end",
+    )
     p.add_argument("--rows", type=int, default=100_000, help="training rows per store")
     p.add_argument("--dim", type=int, default=8192, help="feature dimension D")
     p.add_argument("--ckpts", type=int, default=4, help="checkpoints C (one training and one target store each)")
@@ -64,8 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-rows", type=int, default=8192, help="rows per StoreWriter.write call")
     p.add_argument("--read-mib", type=int, default=64, help="buffer of the plain read, MiB")
-    p.add_argument("--chunk-rows", type=int, default=None,
-                   help=f"selection.CHUNK_ROWS for this run (lessctl's: {selection.CHUNK_ROWS})")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help=f"selection.CHUNK_ROWS for this run (lessctl's: {selection.CHUNK_ROWS})",
+    )
     p.add_argument("--device", default=None, help="device for the scores (default: selection._device())")
     p.add_argument("--repeats", type=int, default=1, help="passes of each kind; the fastest is reported")
     p.add_argument("--check-rows", type=int, default=16, help="rows whose scores are checked against float64 numpy")
@@ -87,11 +95,20 @@ def _subtasks(args) -> list[str]:
 
 
 def _attrs(args, step: int, grad_type: str, name: str) -> dict:
-    tag = f"match_throughput seed={args.seed} rows={args.rows} dim={args.dim} targets={args.subtasks}x{args.per_subtask}"
-    return {"base_model": "synthetic", "checkpoint": f"synthetic/checkpoint-{step}", "step": step, "grad_type": grad_type,
-            "source": f"synthetic:{name}", "source_sha256": hashlib.sha256(f"{tag} {name}".encode()).hexdigest(),
-            "role": "train" if name == TRAIN else "target", "dataset": name,
-            "projector": {"kind": "synthetic", "seed": args.seed, "dim": args.dim}}
+    tag = (
+        f"match_throughput seed={args.seed} rows={args.rows} dim={args.dim} targets={args.subtasks}x{args.per_subtask}"
+    )
+    return {
+        "base_model": "synthetic",
+        "checkpoint": f"synthetic/checkpoint-{step}",
+        "step": step,
+        "grad_type": grad_type,
+        "source": f"synthetic:{name}",
+        "source_sha256": hashlib.sha256(f"{tag} {name}".encode()).hexdigest(),
+        "role": "train" if name == TRAIN else "target",
+        "dataset": name,
+        "projector": {"kind": "synthetic", "seed": args.seed, "dim": args.dim},
+    }
 
 
 def write_stores(args, d: Path) -> dict:
@@ -105,7 +122,11 @@ def write_stores(args, d: Path) -> dict:
             attrs = _attrs(args, step, grad_type, name)
             if store_complete(path):
                 with StoreReader([path]) as r:
-                    if r.n_rows == n and r.dims == [args.dim] and r.attrs.get("source_sha256") == attrs["source_sha256"]:
+                    if (
+                        r.n_rows == n
+                        and r.dims == [args.dim]
+                        and r.attrs.get("source_sha256") == attrs["source_sha256"]
+                    ):
                         reused += 1
                         continue
             rng = np.random.default_rng([args.seed, c, grad_type == "sgd"])
@@ -284,7 +305,9 @@ def _filesystem(d: Path) -> str | None:
         best, target = None, str(Path(d).resolve())
         for line in Path("/proc/mounts").read_text().splitlines():
             dev, mnt, fstype = line.split()[:3]
-            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and (best is None or len(mnt) > len(best[0])):
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and (
+                best is None or len(mnt) > len(best[0])
+            ):
                 best = (mnt, f"{fstype} ({dev} on {mnt})")
         return best[1] if best else None
     except (OSError, ValueError):
@@ -329,14 +352,25 @@ def main(argv: list[str] | None = None) -> dict:
     subtasks = _subtasks(args)
     weights = selection.normalize_weights(np.linspace(1.0, 0.5, args.ckpts))
     report: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in ["bench/match_throughput.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            shlex.quote(a) for a in ["bench/match_throughput.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "chunk_rows": selection.CHUNK_ROWS, "read_ahead": selection.READ_AHEAD, "weights": [float(x) for x in weights],
-        "device": {"type": torch.device(device).type, "name": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
-                   "cpus": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "h5py": __import__("h5py").__version__},
+        "chunk_rows": selection.CHUNK_ROWS,
+        "read_ahead": selection.READ_AHEAD,
+        "weights": [float(x) for x in weights],
+        "device": {
+            "type": torch.device(device).type,
+            "name": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
+            "cpus": os.cpu_count(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "h5py": __import__("h5py").__version__,
+        },
     }
     try:
         log(f"stores: {args.ckpts} x {args.rows} x {args.dim} float16 in {d}")
@@ -345,8 +379,14 @@ def main(argv: list[str] | None = None) -> dict:
         target_paths = [store_path(d, TARGET, s, "sgd") for s in steps]
         feature_bytes = args.ckpts * args.rows * args.dim * 2
         file_bytes = sum(p.stat().st_size for p in train_paths)
-        report["data"] = {"dir": str(d), "filesystem": _filesystem(d), "feature_bytes": feature_bytes, "file_bytes": file_bytes,
-                          "feature_gb": feature_bytes / GB, "target_rows": len(subtasks)}
+        report["data"] = {
+            "dir": str(d),
+            "filesystem": _filesystem(d),
+            "feature_bytes": feature_bytes,
+            "file_bytes": file_bytes,
+            "feature_gb": feature_bytes / GB,
+            "target_rows": len(subtasks),
+        }
         log(f"stores {report['stores']}; {feature_bytes / GB:.2f} GB of training features")
         if cuda:  # CUDA context and cuBLAS set up before any timing
             torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)
@@ -363,22 +403,35 @@ def main(argv: list[str] | None = None) -> dict:
             ("plain-warm", False, lambda: plain_read(train_paths, bufs[0])),
             ("plain-parallel-cold", True, lambda: plain_read_parallel(train_paths, bufs)),
             ("h5py-cold", True, lambda: h5py_read(train, args.dim, selection.CHUNK_ROWS)),
-            ("lessctl-cold", True, lambda: selection.less_scores({TRAIN: train}, targets, weights, subtasks, args.dim,
-                                                                 device=device)),
-            ("lessctl-warm", False, lambda: selection.less_scores({TRAIN: train}, targets, weights, subtasks, args.dim,
-                                                                  device=device)),
+            (
+                "lessctl-cold",
+                True,
+                lambda: selection.less_scores({TRAIN: train}, targets, weights, subtasks, args.dim, device=device),
+            ),
+            (
+                "lessctl-warm",
+                False,
+                lambda: selection.less_scores({TRAIN: train}, targets, weights, subtasks, args.dim, device=device),
+            ),
             # after lessctl-cold, which (as a `lessctl match` run) pays for allocating the page-locked buffers
             ("read-only-cold", True, lambda: read_only(train, args.dim, device)),
         ]
         if not args.no_legacy:
-            passes.append(("legacy-cold", True,
-                           lambda: legacy_less_scores({TRAIN: train}, targets, weights, subtasks, args.dim, device)))
+            passes.append(
+                (
+                    "legacy-cold",
+                    True,
+                    lambda: legacy_less_scores({TRAIN: train}, targets, weights, subtasks, args.dim, device),
+                )
+            )
         for rep in range(args.repeats):
             for name, cold, fn in passes:
                 log(f"{name} (pass {rep + 1} of {args.repeats})")
                 r = _timed(fn, train_paths, cold, sync)
                 last[name] = r.pop("value")
-                res = results.setdefault(name, {"pass": name, "cold": cold, "seconds_all": [], "resident_before_all": []})
+                res = results.setdefault(
+                    name, {"pass": name, "cold": cold, "seconds_all": [], "resident_before_all": []}
+                )
                 res["seconds_all"].append(round(r["seconds"], 4))
                 res["resident_before_all"].append(r["resident_before"])
         for r in [*train, *targets]:
@@ -406,21 +459,33 @@ def main(argv: list[str] | None = None) -> dict:
             "compute_bound_gb_per_s": results["lessctl-warm"]["gb_per_s"],
             "legacy_vs_plain_cold": t["plain-cold"] / t["legacy-cold"] if "legacy-cold" in t else None,
             "speedup_over_legacy": t["legacy-cold"] / t["lessctl-cold"] if "legacy-cold" in t else None,
-            "eviction": {"warm_over_cold_plain": t["plain-cold"] / t["plain-warm"], "resident_after_evict": rc,
-                         "resident_warm": rw,
-                         "worked": (rc is not None and rc < 0.05) or (rc is None and t["plain-cold"] > 1.5 * t["plain-warm"])},
+            "eviction": {
+                "warm_over_cold_plain": t["plain-cold"] / t["plain-warm"],
+                "resident_after_evict": rc,
+                "resident_warm": rw,
+                "worked": (rc is not None and rc < 0.05) or (rc is None and t["plain-cold"] > 1.5 * t["plain-warm"]),
+            },
         }
 
         scored = last["lessctl-cold"]
         rng = np.random.default_rng(args.seed)
-        rows = np.unique(np.concatenate([[0, args.rows - 1], rng.choice(args.rows, min(args.rows, args.check_rows), replace=False)]))
+        rows = np.unique(
+            np.concatenate([[0, args.rows - 1], rng.choice(args.rows, min(args.rows, args.check_rows), replace=False)])
+        )
         ref = numpy_scores(train_paths, target_paths, weights, subtasks, args.dim, rows)
-        check: dict[str, Any] = {"rows": len(rows), "max_abs_diff_numpy": float(np.abs(scored.scores[rows] - ref).max()),
-                                 "warm_equals_cold": bool(np.array_equal(last["lessctl-warm"].scores, scored.scores))}
+        check: dict[str, Any] = {
+            "rows": len(rows),
+            "max_abs_diff_numpy": float(np.abs(scored.scores[rows] - ref).max()),
+            "warm_equals_cold": bool(np.array_equal(last["lessctl-warm"].scores, scored.scores)),
+        }
         if "legacy-cold" in last:
             check["max_abs_diff_legacy"] = float(np.abs(last["legacy-cold"] - scored.scores).max())
             check["identical_to_legacy"] = bool(np.array_equal(last["legacy-cold"], scored.scores))
-        check["ok"] = check["max_abs_diff_numpy"] < 1e-5 and check["warm_equals_cold"] and check.get("max_abs_diff_legacy", 0) < 1e-5
+        check["ok"] = (
+            check["max_abs_diff_numpy"] < 1e-5
+            and check["warm_equals_cold"]
+            and check.get("max_abs_diff_legacy", 0) < 1e-5
+        )
         report["check"] = check
         report["sample"] = {"rows": rows.tolist(), "scores": scored.scores[rows].tolist()}
     finally:
@@ -437,33 +502,49 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 LABELS = {
-    "plain-cold": "plain read, cold", "plain-warm": "plain read, warm",
-    "plain-parallel-cold": "plain read, C files at once, cold", "h5py-cold": "h5py iter_chunks, cold",
-    "read-only-cold": "lessctl reading (+ copy), no math, cold", "lessctl-cold": "lessctl less_scores, cold",
-    "lessctl-warm": "lessctl less_scores, warm", "legacy-cold": "previous less_scores loop, cold",
+    "plain-cold": "plain read, cold",
+    "plain-warm": "plain read, warm",
+    "plain-parallel-cold": "plain read, C files at once, cold",
+    "h5py-cold": "h5py iter_chunks, cold",
+    "read-only-cold": "lessctl reading (+ copy), no math, cold",
+    "lessctl-cold": "lessctl less_scores, cold",
+    "lessctl-warm": "lessctl less_scores, warm",
+    "legacy-cold": "previous less_scores loop, cold",
 }
 
 
 def print_table(r: dict) -> None:
     d, dev = r["data"], r["device"]
-    print(f"\nmatch throughput: {r['settings']['ckpts']} checkpoints x {r['settings']['rows']} rows x D={r['settings']['dim']} "
-          f"float16 = {d['feature_gb']:.2f} GB of training features; device {dev['type']} ({dev['name']}); "
-          f"blocks of {r['chunk_rows']} rows\n")
+    print(
+        f"\nmatch throughput: {r['settings']['ckpts']} checkpoints x {r['settings']['rows']} rows x "
+        f"D={r['settings']['dim']} "
+        f"float16 = {d['feature_gb']:.2f} GB of training features; device {dev['type']} ({dev['name']}); "
+        f"blocks of {r['chunk_rows']} rows\n"
+    )
     print(f"{'pass':<42}{'seconds':>9}{'GB/s':>8}{'x plain cold':>14}{'cached before':>15}")
     for p in r["passes"]:
         res = p["resident_before"]
-        print(f"{LABELS.get(p['pass'], p['pass']):<42}{p['seconds']:>9.3f}{p['gb_per_s']:>8.2f}{p['x_plain_cold']:>14.2f}"
-              f"{'?' if res is None else f'{res:.0%}':>15}")
+        print(
+            f"{LABELS.get(p['pass'], p['pass']):<42}{p['seconds']:>9.3f}{p['gb_per_s']:>8.2f}{p['x_plain_cold']:>14.2f}"
+            f"{'?' if res is None else f'{res:.0%}':>15}"
+        )
     s, c = r["summary"], r["check"]
     ev = s["eviction"]
-    print(f"\nlessctl cold / plain read cold: {s['lessctl_vs_plain_cold']:.2f}   lessctl / h5py: {s['lessctl_vs_h5py_cold']:.2f}   "
-          f"reading share of lessctl's time: {s['read_share']:.0%}"
-          + (f"   speed-up over the previous loop: {s['speedup_over_legacy']:.2f}x" if s["speedup_over_legacy"] else ""))
-    print(f"eviction {'worked' if ev['worked'] else 'DID NOT WORK (cold figures are warm)'}: plain warm is "
-          f"{ev['warm_over_cold_plain']:.1f}x plain cold")
-    print(f"scores: max |lessctl - float64 numpy| = {c['max_abs_diff_numpy']:.2e} on {c['rows']} rows"
-          + (f"; identical to the previous loop: {c['identical_to_legacy']}" if "identical_to_legacy" in c else "")
-          + f"; {'OK' if c['ok'] else 'MISMATCH'}")
+    print(
+        f"\nlessctl cold / plain read cold: {s['lessctl_vs_plain_cold']:.2f}   lessctl / h5py: "
+        f"{s['lessctl_vs_h5py_cold']:.2f}   "
+        f"reading share of lessctl's time: {s['read_share']:.0%}"
+        + (f"   speed-up over the previous loop: {s['speedup_over_legacy']:.2f}x" if s["speedup_over_legacy"] else "")
+    )
+    print(
+        f"eviction {'worked' if ev['worked'] else 'DID NOT WORK (cold figures are warm)'}: plain warm is "
+        f"{ev['warm_over_cold_plain']:.1f}x plain cold"
+    )
+    print(
+        f"scores: max |lessctl - float64 numpy| = {c['max_abs_diff_numpy']:.2e} on {c['rows']} rows"
+        + (f"; identical to the previous loop: {c['identical_to_legacy']}" if "identical_to_legacy" in c else "")
+        + f"; {'OK' if c['ok'] else 'MISMATCH'}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,17 +84,30 @@ def main() -> None:
     dev = torch.device(args.device)
     ex = gt.make_examples(args.examples, gt.SHAPES[args.shape]["vocab_size"], 0, 355, 32, 2048, 0.4)
     seqs, labels = [e.ids for e in ex], [e.labels for e in ex]
-    model = gt.build_model(args.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, 0, 128, 512, 0.1, 1e-3)
+    model = gt.build_model(
+        args.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, 0, 128, 512, 0.1, 1e-3
+    )
     peg = PerExampleGradients(model, merge=True, compile=True)
     adam = gt.synthetic_adam(peg.grad_dim, dev, 0, 1e-4, 1e-6)
     cap = auto_max_batch_examples(peg.grad_dim, dev)
-    batches = [([seqs[i] for i in b], [labels[i] for i in b])
-               for b in token_batches([len(s) for s in seqs], args.batch_tokens, cap)]
+    batches = [
+        ([seqs[i] for i in b], [labels[i] for i in b])
+        for b in token_batches([len(s) for s in seqs], args.batch_tokens, cap)
+    ]
     tokens = sum(map(len, seqs))
     padded = sum(len(b[0]) * max(map(len, b[0])) for b in batches)
     n = len(seqs)
-    res: dict = {"shape": args.shape, "examples": n, "tokens": tokens, "padded_tokens": padded, "batches": len(batches),
-                 "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__, "ms_per_example": {}, "compile_s": {}}
+    res: dict = {
+        "shape": args.shape,
+        "examples": n,
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "batches": len(batches),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "ms_per_example": {},
+        "compile_s": {},
+    }
 
     emb = model.get_input_embeddings()
     emb_out: list = []
@@ -147,15 +160,23 @@ def main() -> None:
         t = evt.device_time_total if dev.type == "cuda" else evt.self_cpu_time_total
         if not t or evt.key.startswith("ProfilerStep"):
             continue
-        if dev.type == "cuda" and any(evt.key.startswith(p) for p in ("aten::", "autograd::", "torch::", "cuda", "Torch-Compiled", "##", "CompiledFunction")):
+        if dev.type == "cuda" and any(
+            evt.key.startswith(p)
+            for p in ("aten::", "autograd::", "torch::", "cuda", "Torch-Compiled", "##", "CompiledFunction")
+        ):
             continue  # CPU-side ops: their device time is their kernels', counted below
         by_kind[kind_of(evt.key)] = by_kind.get(kind_of(evt.key), 0.0) + t / 1e3
         kernels.append((t / 1e3, evt.count, evt.key))
     kernels.sort(reverse=True)
     total = sum(by_kind.values())
-    res["profile"] = {"examples": n_some, "kernel_ms_per_example": round(total / n_some, 3),
-                      "by_kind_ms_per_example": {k: round(v / n_some, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                      "top": [{"ms_per_example": round(t / n_some, 3), "calls": c, "kernel": k[:120]} for t, c, k in kernels[: args.rows]]}
+    res["profile"] = {
+        "examples": n_some,
+        "kernel_ms_per_example": round(total / n_some, 3),
+        "by_kind_ms_per_example": {k: round(v / n_some, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top": [
+            {"ms_per_example": round(t / n_some, 3), "calls": c, "kernel": k[:120]} for t, c, k in kernels[: args.rows]
+        ],
+    }
     print(json.dumps(res["profile"], indent=1), flush=True)
 
     if args.cudnn:

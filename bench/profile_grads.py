@@ -51,7 +51,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--adapter-dtypes", default="float32,bfloat16")
-    ap.add_argument("--compile", action="store_true", help="also time the merged compiled pass (PerExampleGradients.compile)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time the merged compiled pass (PerExampleGradients.compile)"
+    )
     ap.add_argument("--table", action="store_true", help="also print a torch.profiler table of one lessctl pass")
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
@@ -61,14 +63,21 @@ def main() -> None:
     seqs, labels = [e.ids for e in ex], [e.labels for e in ex]
     n = len(seqs)
     tokens = sum(map(len, seqs))
-    results: dict = {"shape": args.shape, "examples": n, "tokens": tokens, "padded_tokens": n * max(map(len, seqs)),
-                     "gpu": torch.cuda.get_device_name(dev), "ms_per_example": {}}
+    results: dict = {
+        "shape": args.shape,
+        "examples": n,
+        "tokens": tokens,
+        "padded_tokens": n * max(map(len, seqs)),
+        "gpu": torch.cuda.get_device_name(dev),
+        "ms_per_example": {},
+    }
     model = None
     for adt in args.adapter_dtypes.split(","):
         del model
         torch.cuda.empty_cache()
-        model = gt.build_model(args.shape, dev, torch.bfloat16, 0, 128, 512, 0.1, 1e-3,
-                               None if adt == "float32" else getattr(torch, adt))
+        model = gt.build_model(
+            args.shape, dev, torch.bfloat16, 0, 128, 512, 0.1, 1e-3, None if adt == "float32" else getattr(torch, adt)
+        )
         probe = PerExampleGradients(model)
         adam = gt.synthetic_adam(probe.grad_dim, dev, 0, 1e-4, 1e-6)
         probe.remove()
@@ -92,14 +101,17 @@ def main() -> None:
         for merge in (False, True):
             peg = PerExampleGradients(model, merge=merge)
             res[f"lessctl{' merged' if merge else ''}"] = timed(
-                lambda: peg.features(seqs, labels, 0, "adam", adam)[0], args.reps)
+                lambda: peg.features(seqs, labels, 0, "adam", adam)[0], args.reps
+            )
             if args.table and merge is False and adt == args.adapter_dtypes.split(",")[0]:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     peg.features(seqs, labels, 0, "adam", adam)
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+                print(
+                    prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60)
+                )
             peg.remove()
         if args.compile:
             peg = PerExampleGradients(model, merge=True, compile=True)
@@ -111,9 +123,12 @@ def main() -> None:
             peg.remove()
         results["ms_per_example"][f"adapters {adt}"] = {k: round(v / n, 2) for k, v in res.items()}
         print(f"adapters {adt}: " + ", ".join(f"{k} {v / n:.1f} ms/ex" for k, v in res.items()), flush=True)
-        del adam
-    flops = 4 * sum(p.numel() for p in model.get_base_model().parameters()
-                    if p is not model.get_input_embeddings().weight) * tokens
+        adam = None  # free the synthetic state before the next dtype
+    flops = (
+        4
+        * sum(p.numel() for p in model.get_base_model().parameters() if p is not model.get_input_embeddings().weight)
+        * tokens
+    )
     results["floor_tflop_per_example"] = flops / n / 1e12
     print(json.dumps(results, indent=2))
     if args.json:

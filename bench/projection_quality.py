@@ -136,8 +136,10 @@ def build_workspace(out: Path, data_dir: Path, args) -> tuple[Any, bool]:
     raw["warmup"]["epochs"] = args.epochs
     raw["grads"]["dims"] = [args.dim]
     raw["grads"]["projector"] = "basic"
-    toml_text = ("# Written by bench/projection_quality.py: the tiny model on a real-data pool and LESS's targets.\n\n"
-                 + to_toml(raw))
+    toml_text = (
+        "# Written by bench/projection_quality.py: the tiny model on a real-data pool and LESS's targets.\n\n"
+        + to_toml(raw)
+    )
     path = out / CONFIG_NAME
     changed = not path.is_file() or path.read_text() != toml_text
     path.write_text(toml_text)
@@ -188,8 +190,10 @@ def unprojected_features(cfg, device: str) -> dict:
     n_pool = sum(len(encoded[ds.name]) for ds in sets if ds.role == "train")
     n_target = sum(len(encoded[ds.name]) for ds in sets if ds.role == "target")
     nbytes = (n_pool + n_target) * P * 4
-    log(f"checkpoint {step}: P = {P:,} LoRA parameters; N = {n_pool:,} pool + {n_target:,} target examples; "
-        f"unprojected float32 features: {nbytes / 2**30:.2f} GiB")
+    log(
+        f"checkpoint {step}: P = {P:,} LoRA parameters; N = {n_pool:,} pool + {n_target:,} target examples; "
+        f"unprojected float32 features: {nbytes / 2**30:.2f} GiB"
+    )
     if nbytes > FEATURE_BYTES_WARN:
         log("warning: the features exceed 2 GiB; lower --cot-lines or --lora-r if memory is short")
 
@@ -203,8 +207,14 @@ def unprojected_features(cfg, device: str) -> dict:
     row = 0
     for ds in sets:
         enc = encoded[ds.name]
-        coll = FeatureCollector(peg, ident, ds.grad_type, adam if ds.grad_type == "adam" else None,
-                                pad_id=tok.pad_token_id, batch_tokens=cfg.grads.batch_tokens)
+        coll = FeatureCollector(
+            peg,
+            ident,
+            ds.grad_type,
+            adam if ds.grad_type == "adam" else None,
+            pad_id=tok.pad_token_id,
+            batch_tokens=cfg.grads.batch_tokens,
+        )
         dest = pool[row : row + len(enc)] if ds.role == "train" else np.zeros((len(enc), P), dtype=np.float32)
         zero = 0
         for i in range(0, len(enc), ROWS_PER_CALL):
@@ -220,18 +230,32 @@ def unprojected_features(cfg, device: str) -> dict:
             row += len(enc)
         else:
             targets[ds.name] = {"features": dest, "subtasks": [e.meta["subtask"] for e in enc]}
-        log(f"  {ds.name} ({ds.role}, {ds.grad_type}): {len(enc)} examples, {zero} without label tokens, "
-            f"{time.time() - t0:.1f} s so far")
+        log(
+            f"  {ds.name} ({ds.role}, {ds.grad_type}): {len(enc)} examples, {zero} without label tokens, "
+            f"{time.time() - t0:.1f} s so far"
+        )
         if ds.role == "target" and zero > 0.1 * len(enc):
-            log(f"warning: {zero} of {len(enc)} {ds.name} examples lost their completion to --max-seq-length "
-                f"{cfg.model.max_seq_length}; their features are zero and say nothing about the projections")
+            log(
+                f"warning: {zero} of {len(enc)} {ds.name} examples lost their completion to --max-seq-length "
+                f"{cfg.model.max_seq_length}; their features are zero and say nothing about the projections"
+            )
     peg.remove()
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"step": step, "checkpoint": str(ckpt), "P": P, "pool": pool, "pool_names": pool_names,
-            "pool_sizes": pool_sizes, "targets": targets, "zero_label_rows": zero_rows, "effective_coordinates": eff_coords,
-            "feature_bytes": nbytes, "seconds": round(time.time() - t0, 2)}
+    return {
+        "step": step,
+        "checkpoint": str(ckpt),
+        "P": P,
+        "pool": pool,
+        "pool_names": pool_names,
+        "pool_sizes": pool_sizes,
+        "targets": targets,
+        "zero_label_rows": zero_rows,
+        "effective_coordinates": eff_coords,
+        "feature_bytes": nbytes,
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def effective_coordinates(X: np.ndarray) -> dict:
@@ -256,7 +280,7 @@ def method_spec(method: str) -> tuple[str, int | None]:
         return "identity", None
     for family, kind in (("rademacher", "basic"), ("sketch", "sketch")):
         if method.startswith(family):
-            return kind, int(method[len(family):])
+            return kind, int(method[len(family) :])
     raise ValueError(method)
 
 
@@ -323,8 +347,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def _stats(xs: list[float]) -> dict:
     a = np.asarray(xs, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "values": [float(x) for x in a]}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "values": [float(x) for x in a],
+    }
 
 
 def evaluate(feats: dict, dim: int, device: str, n_seeds: int = 2) -> dict:
@@ -352,19 +381,33 @@ def evaluate(feats: dict, dim: int, device: str, n_seeds: int = 2) -> dict:
                 d = np.abs(cos - exact_cos[t])
                 err[t][m] = {"mean": float(d.mean()), "p99": float(np.quantile(d, 0.99)), "max": float(d.max())}
         kind, seed = method_spec(m)
-        methods[m] = {"kind": kind, "seed": seed, "dim": proj.dim, "build_seconds": round(t_build, 3),
-                      "project_pool_seconds": round(t_pool, 3), "attrs": getattr(proj, "attrs", {})}
+        methods[m] = {
+            "kind": kind,
+            "seed": seed,
+            "dim": proj.dim,
+            "build_seconds": round(t_build, 3),
+            "project_pool_seconds": round(t_pool, 3),
+            "attrs": getattr(proj, "attrs", {}),
+        }
         log(f"  {m}: built in {t_build:.2f} s, pool projected in {t_pool:.2f} s")
         del proj, Xn
 
     # Self-checks: the exact selection again from a second identity pass in other row chunks, and a fresh
     # seed-0 Rademacher projector: both must reproduce their selections exactly.
     reruns = {}
-    for name, m, rows in (("exact_vs_exact_rerun", "exact", 97), ("rademacher0_vs_rademacher0_rerun", "rademacher0", 211)):
+    for name, m, rows in (
+        ("exact_vs_exact_rerun", "exact", 97),
+        ("rademacher0_vs_rademacher0_rerun", "rademacher0", 211),
+    ):
         proj = make(m, P, dim, device)
         Xn = normalize(project_rows(proj, pool, device, rows=rows))
-        reruns[name] = (m, {t: less_scores(Xn, normalize(project_rows(proj, tf["features"], device, rows=rows)),
-                                           tf["subtasks"])[1] for t, tf in targets.items()})
+        reruns[name] = (
+            m,
+            {
+                t: less_scores(Xn, normalize(project_rows(proj, tf["features"], device, rows=rows)), tf["subtasks"])[1]
+                for t, tf in targets.items()
+            },
+        )
         del proj, Xn
 
     out: dict[str, dict] = {}
@@ -402,23 +445,38 @@ def evaluate(feats: dict, dim: int, device: str, n_seeds: int = 2) -> dict:
             n_a, n_b = len(a["values"]), len(b["values"])
             se = float(np.sqrt(a["std"] ** 2 / n_a + b["std"] ** 2 / n_b)) if min(n_a, n_b) > 1 else None
             diff = a["mean"] - b["mean"]
-            sweep[f"difference_vs_{ref}"] = {"sketch_minus_rademacher": diff, "standard_error": se,
-                                             "within_2_se": None if se is None else abs(diff) <= 2 * se}
+            sweep[f"difference_vs_{ref}"] = {
+                "sketch_minus_rademacher": diff,
+                "standard_error": se,
+                "within_2_se": None if se is None else abs(diff) <= 2 * se,
+            }
         sweep["holds_vs_rademacher0"] = informative > 0 and (
-            sweep["sketch_vs_rademacher0"]["mean"] >= sweep["rademacher_vs_rademacher0"]["mean"])
+            sweep["sketch_vs_rademacher0"]["mean"] >= sweep["rademacher_vs_rademacher0"]["mean"]
+        )
         sweep["holds_vs_exact"] = informative > 0 and (
-            sweep["sketch_vs_exact"]["mean"] >= sweep["rademacher_vs_exact"]["mean"])
+            sweep["sketch_vs_exact"]["mean"] >= sweep["rademacher_vs_exact"]["mean"]
+        )
         self_check = {}
         for name, (m, rerun) in reruns.items():
-            self_check[name] = {**overlap(selected(rerun[t]), sel[m]),
-                                "max_abs_score_diff": float(np.abs(rerun[t] - scores[m][t]).max())}
+            self_check[name] = {
+                **overlap(selected(rerun[t]), sel[m]),
+                "max_abs_score_diff": float(np.abs(rerun[t] - scores[m][t]).max()),
+            }
         out[t] = {
-            "examples": len(tf["subtasks"]), "subtasks": len(set(tf["subtasks"])),
-            "examples_with_label_tokens": informative, "total": N, "n_selected": k,
-            "chance_kept": k / N if N else 0.0, "chance_jaccard": k / (2 * N - k) if N else 0.0,
-            "overlap": comps, "spearman_vs_rademacher0": sp0, "spearman_vs_exact": spx,
-            "cosine_abs_error_vs_exact": err[t], "sketch_at_least_yardstick": verdict,
-            "seed_sweep": {"seeds": n_seeds, **sweep}, "self_check": self_check,
+            "examples": len(tf["subtasks"]),
+            "subtasks": len(set(tf["subtasks"])),
+            "examples_with_label_tokens": informative,
+            "total": N,
+            "n_selected": k,
+            "chance_kept": k / N if N else 0.0,
+            "chance_jaccard": k / (2 * N - k) if N else 0.0,
+            "overlap": comps,
+            "spearman_vs_rademacher0": sp0,
+            "spearman_vs_exact": spx,
+            "cosine_abs_error_vs_exact": err[t],
+            "sketch_at_least_yardstick": verdict,
+            "seed_sweep": {"seeds": n_seeds, **sweep},
+            "self_check": self_check,
         }
     return {"methods": methods, "targets": out}
 
@@ -430,14 +488,17 @@ def table(report: dict) -> str:
     T = report["targets"]
     lines = []
     k = next(iter(T.values()))
-    lines.append(f"Top {PERCENTAGE:.0%} selections: {k['n_selected']} of {k['total']} pool examples; "
-                 f"P = {report['sizes']['P']:,}, D = {report['settings']['dim']}; target examples with label tokens: "
-                 + ", ".join(f"{t} {v['examples_with_label_tokens']}/{v['examples']}" for t, v in T.items()))
+    lines.append(
+        f"Top {PERCENTAGE:.0%} selections: {k['n_selected']} of {k['total']} pool examples; "
+        f"P = {report['sizes']['P']:,}, D = {report['settings']['dim']}; target examples with label tokens: "
+        + ", ".join(f"{t} {v['examples_with_label_tokens']}/{v['examples']}" for t, v in T.items())
+    )
     lines.append("")
     lines.append("Overlap with the rademacher0 selection: Jaccard (share of rademacher0's selection kept)")
     lines.append("")
     lines.append("| target | rademacher1 (yardstick) | sketch0 | sketch1 | exact | chance | sketch >= yardstick |")
     lines.append("|---|---|---|---|---|---|---|")
+
     def cells(o: dict):
         """One table cell per overlap key: 'Jaccard (share kept)'."""
         return lambda k: f"{o[k]['jaccard']:.3f} ({o[k]['kept']:.3f})"
@@ -448,10 +509,16 @@ def table(report: dict) -> str:
         if not ver["informative"]:
             yes = "n/a: no target example kept a label token"
         else:
-            yes = "yes" if ver["holds"] else ("no (" + ", ".join(s for s in ("sketch0", "sketch1") if not ver[s]["jaccard"]) + ")")
-        lines.append(f"| {t} | {cell('rademacher1_vs_rademacher0')} | {cell('sketch0_vs_rademacher0')} | "
-                     f"{cell('sketch1_vs_rademacher0')} | {cell('exact_vs_rademacher0')} | "
-                     f"{v['chance_jaccard']:.3f} ({v['chance_kept']:.3f}) | {yes} |")
+            yes = (
+                "yes"
+                if ver["holds"]
+                else ("no (" + ", ".join(s for s in ("sketch0", "sketch1") if not ver[s]["jaccard"]) + ")")
+            )
+        lines.append(
+            f"| {t} | {cell('rademacher1_vs_rademacher0')} | {cell('sketch0_vs_rademacher0')} | "
+            f"{cell('sketch1_vs_rademacher0')} | {cell('exact_vs_rademacher0')} | "
+            f"{v['chance_jaccard']:.3f} ({v['chance_kept']:.3f}) | {yes} |"
+        )
     lines.append("")
     lines.append("Overlap with the exact (unprojected cosine) selection: Jaccard (share of the exact selection kept)")
     lines.append("")
@@ -459,8 +526,10 @@ def table(report: dict) -> str:
     lines.append("|---|---|---|---|---|---|")
     for t, v in T.items():
         cell = cells(v["overlap"])
-        lines.append(f"| {t} | {cell('rademacher0_vs_exact')} | {cell('rademacher1_vs_exact')} | "
-                     f"{cell('sketch0_vs_exact')} | {cell('sketch1_vs_exact')} | {cell('sketch1_vs_sketch0')} |")
+        lines.append(
+            f"| {t} | {cell('rademacher0_vs_exact')} | {cell('rademacher1_vs_exact')} | "
+            f"{cell('sketch0_vs_exact')} | {cell('sketch1_vs_exact')} | {cell('sketch1_vs_sketch0')} |"
+        )
     lines.append("")
     lines.append("Spearman of the full score vectors vs rademacher0 [vs exact]; mean |cosine error| vs exact")
     lines.append("")
@@ -471,40 +540,60 @@ def table(report: dict) -> str:
         num = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         cell = lambda m: f"{num(s0[m])} [{num(sx[m])}]"  # noqa: E731
         errs = " / ".join(f"{e[m]['mean']:.4f}" for m in ("rademacher0", "rademacher1", "sketch0", "sketch1"))
-        lines.append(f"| {t} | {cell('rademacher1')} | {cell('sketch0')} | {cell('sketch1')} | {num(s0['exact'])} | {errs} |")
+        lines.append(
+            f"| {t} | {cell('rademacher1')} | {cell('sketch0')} | {cell('sketch1')} | {num(s0['exact'])} | {errs} |"
+        )
     lines.append("")
     K = next(iter(T.values()))["seed_sweep"]["seeds"]
     if K > 2:
-        lines.append(f"Seed sweep (K = {K}): Jaccard mean +- sd [min, max] of Rademacher seeds 1..{K - 1} and sketch seeds "
-                     f"0..{K - 1} vs rademacher0, and of seeds 0..{K - 1} of both vs exact")
+        lines.append(
+            f"Seed sweep (K = {K}): Jaccard mean +- sd [min, max] of Rademacher seeds 1..{K - 1} and sketch seeds "
+            f"0..{K - 1} vs rademacher0, and of seeds 0..{K - 1} of both vs exact"
+        )
         lines.append("")
-        lines.append("| target | rademacher vs rademacher0 | sketch vs rademacher0 | rademacher vs exact | sketch vs exact "
-                     "| Spearman vs exact: rademacher / sketch | sketch - rademacher +- SE (vs rad0 / vs exact) |")
+        lines.append(
+            "| target | rademacher vs rademacher0 | sketch vs rademacher0 | rademacher vs exact | sketch vs exact "
+            "| Spearman vs exact: rademacher / sketch | sketch - rademacher +- SE (vs rad0 / vs exact) |"
+        )
         lines.append("|---|---|---|---|---|---|---|")
         for t, v in T.items():
             w = v["seed_sweep"]
             c = lambda key: f"{w[key]['mean']:.3f} +- {w[key]['std']:.3f} [{w[key]['min']:.3f}, {w[key]['max']:.3f}]"  # noqa: E731
-            d = lambda x: (f"{x['sketch_minus_rademacher']:+.3f}"  # noqa: E731
-                           + ("" if x["standard_error"] is None else f" +- {x['standard_error']:.3f}"))
-            lines.append(f"| {t} | {c('rademacher_vs_rademacher0')} | {c('sketch_vs_rademacher0')} | "
-                         f"{c('rademacher_vs_exact')} | {c('sketch_vs_exact')} | "
-                         f"{w['rademacher_spearman_vs_exact']['mean']:.4f} / {w['sketch_spearman_vs_exact']['mean']:.4f} | "
-                         f"{d(w['difference_vs_rademacher0'])} / {d(w['difference_vs_exact'])} |")
+            d = lambda x: (
+                f"{x['sketch_minus_rademacher']:+.3f}"  # noqa: E731
+                + ("" if x["standard_error"] is None else f" +- {x['standard_error']:.3f}")
+            )
+            lines.append(
+                f"| {t} | {c('rademacher_vs_rademacher0')} | {c('sketch_vs_rademacher0')} | "
+                f"{c('rademacher_vs_exact')} | {c('sketch_vs_exact')} | "
+                f"{w['rademacher_spearman_vs_exact']['mean']:.4f} / {w['sketch_spearman_vs_exact']['mean']:.4f} | "
+                f"{d(w['difference_vs_rademacher0'])} / {d(w['difference_vs_exact'])} |"
+            )
         lines.append("")
     checks = [f"{t} {n}: {c['jaccard']:.3f}" for t, v in T.items() for n, c in v["self_check"].items()]
     lines.append("Self-checks (must be 1.000): " + "; ".join(checks))
     m = {k: v for k, v in report["methods"].items() if k in MAIN_METHODS}
-    lines.append("Projection of the pool, matrix build included (s): " + ", ".join(
-        f"{k} {v['build_seconds'] + v['project_pool_seconds']:.2f}" for k, v in m.items()))
+    lines.append(
+        "Projection of the pool, matrix build included (s): "
+        + ", ".join(f"{k} {v['build_seconds'] + v['project_pool_seconds']:.2f}" for k, v in m.items())
+    )
     s = report["summary"]
-    lines.append(f"Verdict: sketch overlaps rademacher0 at least as much as rademacher1 does (Jaccard, both sketch "
-                 f"seeds) on {s['targets_holding']} of {s['targets_informative']} informative targets"
-                 + (f" ({s['targets'] - s['targets_informative']} uninformative)" if s['targets'] > s['targets_informative'] else ""))
+    lines.append(
+        f"Verdict: sketch overlaps rademacher0 at least as much as rademacher1 does (Jaccard, both sketch "
+        f"seeds) on {s['targets_holding']} of {s['targets_informative']} informative targets"
+        + (
+            f" ({s['targets'] - s['targets_informative']} uninformative)"
+            if s['targets'] > s['targets_informative']
+            else ""
+        )
+    )
     if K > 2:
-        lines.append(f"Seed-averaged (K = {K}): sketch mean >= Rademacher mean on {s['targets_holding_sweep_vs_rademacher0']} "
-                     f"targets against rademacher0, on {s['targets_holding_sweep_vs_exact']} against the exact selection; "
-                     f"the difference is within 2 standard errors on {s['targets_within_2se_vs_rademacher0']} and "
-                     f"{s['targets_within_2se_vs_exact']} of {s['targets_informative']}")
+        lines.append(
+            f"Seed-averaged (K = {K}): sketch mean >= Rademacher mean on {s['targets_holding_sweep_vs_rademacher0']} "
+            f"targets against rademacher0, on {s['targets_holding_sweep_vs_exact']} against the exact selection; "
+            f"the difference is within 2 standard errors on {s['targets_within_2se_vs_rademacher0']} and "
+            f"{s['targets_within_2se_vs_exact']} of {s['targets_informative']}"
+        )
     return "\n".join(lines)
 
 
@@ -515,8 +604,14 @@ def versions() -> dict:
 
     import lessctl
 
-    out = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-           "transformers": transformers.__version__, "scipy": scipy.__version__, "lessctl": lessctl.__version__}
+    out = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scipy": scipy.__version__,
+        "lessctl": lessctl.__version__,
+    }
     try:
         import peft
 
@@ -527,21 +622,36 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "lessctl-projection-quality",
-                    help="workspace folder, built or reused (default: %(default)s); never inside the repository")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "lessctl-projection-quality",
+        help="workspace folder, built or reused (default: %(default)s); never inside the repository",
+    )
     ap.add_argument("--cot-lines", type=int, default=3000, help="first lines of cot in the pool (default 3000)")
     ap.add_argument("--dim", type=int, default=1024, help="projection dimension (default 1024)")
     ap.add_argument("--lora-r", type=int, default=64, help="LoRA rank (alpha 4r; default 64: P = 65,536)")
     ap.add_argument("--epochs", type=int, default=1, help="warmup epochs (default 1)")
-    ap.add_argument("--max-seq-length", type=int, default=4096,
-                    help="token limit of an example (default 4096: with the tiny tokenizer, shorter limits cut the "
-                         "completions of many target examples, whose features are then zero)")
-    ap.add_argument("--seeds", type=int, default=8,
-                    help="seeds per projection in the sweep (default 8; 2: only the seeds 0 and 1 comparison)")
+    ap.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=4096,
+        help="token limit of an example (default 4096: with the tiny tokenizer, shorter limits cut the "
+        "completions of many target examples, whose features are then zero)",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=8,
+        help="seeds per projection in the sweep (default 8; 2: only the seeds 0 and 1 comparison)",
+    )
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--json", type=Path, default=None, help="write every figure here (default: OUT/projection_quality.json)")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="write every figure here (default: OUT/projection_quality.json)"
+    )
     args = ap.parse_args(argv)
     t_start = time.time()
 
@@ -562,9 +672,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, changed = build_workspace(out, data_dir, args)
     warm = warmup(cfg, changed, device)
     feats = unprojected_features(cfg, device)
-    print(f"P = {feats['P']:,} (LoRA gradient dimension), N = {len(feats['pool_names']):,} pool examples "
-          f"({', '.join(f'{k} {v}' for k, v in feats['pool_sizes'].items())}) + "
-          f"{sum(len(v['subtasks']) for v in feats['targets'].values())} target examples", flush=True)
+    print(
+        f"P = {feats['P']:,} (LoRA gradient dimension), N = {len(feats['pool_names']):,} pool examples "
+        f"({', '.join(f'{k} {v}' for k, v in feats['pool_sizes'].items())}) + "
+        f"{sum(len(v['subtasks']) for v in feats['targets'].values())} target examples",
+        flush=True,
+    )
     log("projecting and scoring")
     t0 = time.time()
     if args.seeds < 2:
@@ -578,37 +691,69 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": versions(),
         "device": device,
         "settings": {
-            "out": str(out), "data_dir": str(data_dir), "cot_lines": args.cot_lines, "dim": args.dim,
-            "lora_r": args.lora_r, "lora_alpha": 4 * args.lora_r, "epochs": args.epochs, "seeds": args.seeds,
-            "max_seq_length": args.max_seq_length, "warmup_percentage": cfg.warmup.percentage,
-            "percentage": PERCENTAGE, "checkpoint_step": feats["step"], "checkpoint": feats["checkpoint"],
-            "pool": {k: str(v) for k, v in cfg.train_files().items()}, "targets": list(TARGETS),
+            "out": str(out),
+            "data_dir": str(data_dir),
+            "cot_lines": args.cot_lines,
+            "dim": args.dim,
+            "lora_r": args.lora_r,
+            "lora_alpha": 4 * args.lora_r,
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "max_seq_length": args.max_seq_length,
+            "warmup_percentage": cfg.warmup.percentage,
+            "percentage": PERCENTAGE,
+            "checkpoint_step": feats["step"],
+            "checkpoint": feats["checkpoint"],
+            "pool": {k: str(v) for k, v in cfg.train_files().items()},
+            "targets": list(TARGETS),
             "normalization": "L2 rows rounded to float16 (as the gradient store keeps them)",
-            "pool_grad_type": "adam", "target_grad_type": "sgd",
+            "pool_grad_type": "adam",
+            "target_grad_type": "sgd",
         },
-        "sizes": {"P": feats["P"], "N_pool": len(feats["pool_names"]), "pool": feats["pool_sizes"],
-                  "targets": {t: len(v["subtasks"]) for t, v in feats["targets"].items()},
-                  "feature_bytes": feats["feature_bytes"], "zero_label_rows": feats["zero_label_rows"],
-                  "effective_coordinates": feats["effective_coordinates"]},
+        "sizes": {
+            "P": feats["P"],
+            "N_pool": len(feats["pool_names"]),
+            "pool": feats["pool_sizes"],
+            "targets": {t: len(v["subtasks"]) for t, v in feats["targets"].items()},
+            "feature_bytes": feats["feature_bytes"],
+            "zero_label_rows": feats["zero_label_rows"],
+            "effective_coordinates": feats["effective_coordinates"],
+        },
         "warmup": warm,
         "seconds": {"features": feats["seconds"], "evaluate": round(time.time() - t0, 2)},
         **ev,
-        "summary": {"targets": len(ev["targets"]), "targets_informative": informative, "targets_holding": holding,
-                    "holds_all": informative == len(ev["targets"]) and holding == informative,
-                    "targets_holding_sweep_vs_rademacher0": sum(
-                        1 for v in ev["targets"].values() if v["seed_sweep"]["holds_vs_rademacher0"]),
-                    "targets_holding_sweep_vs_exact": sum(
-                        1 for v in ev["targets"].values() if v["seed_sweep"]["holds_vs_exact"]),
-                    **{f"targets_within_2se_vs_{ref}": sum(
-                        1 for v in ev["targets"].values() if v["sketch_at_least_yardstick"]["informative"]
-                        and v["seed_sweep"][f"difference_vs_{ref}"]["within_2_se"]) for ref in ("rademacher0", "exact")},
-                    "self_checks_pass": all(c["jaccard"] == 1.0 for v in ev["targets"].values()
-                                            for c in v["self_check"].values())},
+        "summary": {
+            "targets": len(ev["targets"]),
+            "targets_informative": informative,
+            "targets_holding": holding,
+            "holds_all": informative == len(ev["targets"]) and holding == informative,
+            "targets_holding_sweep_vs_rademacher0": sum(
+                1 for v in ev["targets"].values() if v["seed_sweep"]["holds_vs_rademacher0"]
+            ),
+            "targets_holding_sweep_vs_exact": sum(
+                1 for v in ev["targets"].values() if v["seed_sweep"]["holds_vs_exact"]
+            ),
+            **{
+                f"targets_within_2se_vs_{ref}": sum(
+                    1
+                    for v in ev["targets"].values()
+                    if v["sketch_at_least_yardstick"]["informative"]
+                    and v["seed_sweep"][f"difference_vs_{ref}"]["within_2_se"]
+                )
+                for ref in ("rademacher0", "exact")
+            },
+            "self_checks_pass": all(
+                c["jaccard"] == 1.0 for v in ev["targets"].values() for c in v["self_check"].values()
+            ),
+        },
     }
     report["seconds"]["total"] = round(time.time() - t_start, 2)
     print(table(report), flush=True)
-    print(f"Run time: {report['seconds']['total']:.1f} s (warmup {warm['seconds']:.1f} s, features "
-          f"{feats['seconds']:.1f} s, projections and scores {report['seconds']['evaluate']:.1f} s)", flush=True)
+    print(
+        f"Run time: {report['seconds']['total']:.1f} s (warmup {warm['seconds']:.1f} s, features "
+        f"{feats['seconds']:.1f} s, projections and scores {report['seconds']['evaluate']:.1f} s)",
+        flush=True,
+    )
     path = args.json or (out / "projection_quality.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

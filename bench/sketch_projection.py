@@ -44,9 +44,14 @@ def main() -> None:
 
     chunk = 1 << 24
     gen = torch.Generator(device=dev).manual_seed(0)
-    old = [(s, torch.randint(0, D, (min(chunk, P - s),), device=dev, generator=gen),
-            torch.randint(0, 2, (min(chunk, P - s),), device=dev, generator=gen).float() * 2 - 1)
-           for s in range(0, P, chunk)]
+    old = [
+        (
+            s,
+            torch.randint(0, D, (min(chunk, P - s),), device=dev, generator=gen),
+            torch.randint(0, 2, (min(chunk, P - s),), device=dev, generator=gen).float() * 2 - 1,
+        )
+        for s in range(0, P, chunk)
+    ]
 
     def scatter_add():
         out = torch.zeros(B, D, device=dev)
@@ -79,8 +84,11 @@ def main() -> None:
     ref = sketch.project_torch(x[:, :n].contiguous(), small.seg, small.code, n, D)
     res["best_vs_torch_gather_rel"] = float((got - ref).abs().max() / ref.abs().max())
     read = ms["read (x.sum(0), float32)"]
-    res["ratios"] = {"scatter_add_over_best": ms["scatter-add (previous sketch)"] / best[0],
-                     "best_over_read": best[0] / read, "default_over_read": ms["gather (default launch)"] / read}
+    res["ratios"] = {
+        "scatter_add_over_best": ms["scatter-add (previous sketch)"] / best[0],
+        "best_over_read": best[0] / read,
+        "default_over_read": ms["gather (default launch)"] / read,
+    }
     print(json.dumps(res, indent=1))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -50,11 +50,20 @@ def main() -> None:
         for cfg in json.loads(args.configs):
             t_tr, got = timed(lambda: rm.project(xb, D, tr.fast_jl_seed, tr.n_tiles, **cfg), args.reps)
             err = ((got - ref).abs().max() / ref.abs().max()).item()
-            run = {"rows": rows, "config": cfg, "fast_jl_ms_per_row": 1e3 * t_fj / rows,
-                   "triton_ms_per_row": 1e3 * t_tr / rows, "ratio": t_fj / t_tr, "max_rel_diff": err}
+            run = {
+                "rows": rows,
+                "config": cfg,
+                "fast_jl_ms_per_row": 1e3 * t_fj / rows,
+                "triton_ms_per_row": 1e3 * t_tr / rows,
+                "ratio": t_fj / t_tr,
+                "max_rel_diff": err,
+            }
             report["runs"].append(run)
-            print(f"rows {rows:3d} {cfg}: fast_jl {run['fast_jl_ms_per_row']:7.2f} ms/row  triton "
-                  f"{run['triton_ms_per_row']:7.2f} ms/row  x{run['ratio']:.1f}  max rel diff {err:.1e}", flush=True)
+            print(
+                f"rows {rows:3d} {cfg}: fast_jl {run['fast_jl_ms_per_row']:7.2f} ms/row  triton "
+                f"{run['triton_ms_per_row']:7.2f} ms/row  x{run['ratio']:.1f}  max rel diff {err:.1e}",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

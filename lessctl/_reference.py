@@ -18,8 +18,6 @@ from lessctl.grads.projection.sketch import source_index
 log = logging.getLogger(__name__)
 
 
-
-
 def naive_gradients(model, seqs, labels, pad_id: int = 0):
     """The reference: one example at a time, autograd on the trainable parameters. [B, P] float32."""
     import torch
@@ -31,8 +29,11 @@ def naive_gradients(model, seqs, labels, pad_id: int = 0):
         ids, lab, att = pad_batch([s], [l], pad_id, dev)
         loss, _ = per_example_loss(model(input_ids=ids, attention_mask=att).logits, lab)
         grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                               for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
+            )
+        )
     return torch.stack(rows)
 
 

@@ -39,7 +39,9 @@ class ExperimentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str = _f("meta-llama/Llama-2-7b-hf", "Base model: a local folder or a hub name (offline: must be cached).")
+    name_or_path: str = _f(
+        "meta-llama/Llama-2-7b-hf", "Base model: a local folder or a hub name (offline: must be cached)."
+    )
     dtype: str = _f("auto", "Training dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
     max_seq_length: int = _f(2048, "Tokens per example; longer examples are truncated.")
     chat_format: str = _f("tulu", "Chat format of the training text: tulu or llama2.")
@@ -61,7 +63,9 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "Share of optimizer steps with a linear learning-rate warmup.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     batch_size: int = _f(1, "Examples per device per forward pass.")
-    gradient_accumulation_steps: int = _f(32, "Forward passes per optimizer step (effective batch = batch_size x this x devices).")
+    gradient_accumulation_steps: int = _f(
+        32, "Forward passes per optimizer step (effective batch = batch_size x this x devices)."
+    )
     lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup (transformers name).")
     logging_steps: int = _f(1, "Log the loss every this many optimizer steps.")
 
@@ -74,19 +78,36 @@ class FinetuneConfig(TrainConfig):
 @dataclass(frozen=True)
 class DataConfig:
     train: dict = _f({}, "Training pool: {name = path to a jsonl file}.")
-    targets: dict = _f({}, 'Targets: {name = "mmlu"|"bbh"|"tydiqa"} or {name = {file = "path.jsonl", eval_file = "held-out.jsonl"}}.')
-    data_dir: str = _f("data", "LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa (for built-in targets).")
+    targets: dict = _f(
+        {}, 'Targets: {name = "mmlu"|"bbh"|"tydiqa"} or {name = {file = "path.jsonl", eval_file = "held-out.jsonl"}}.'
+    )
+    data_dir: str = _f(
+        "data", "LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa (for built-in targets)."
+    )
 
 
 @dataclass(frozen=True)
 class GradsConfig:
     dims: list = _f([8192], "Projection dimensions.")
-    projector: str = _f("auto", "Projector: auto (cuda on a GPU with fast_jl, else basic), cuda, basic, or sketch (a count sketch: much cheaper, not LESS's matrix).")
+    projector: str = _f(
+        "auto",
+        "Projector: auto (cuda on a GPU with fast_jl, else basic), cuda, basic, or sketch (a count sketch: much "
+        "cheaper, not LESS's matrix).",
+    )
     batch_tokens: int = _f(8192, "Token budget of one batch of per-example gradients.")
     block_size: int = _f(128, "BasicProjector block size (LESS uses 128).")
     projection_seed: int = _f(0, "Seed of the random projection (LESS uses 0).")
-    compile: bool = _f(False, "torch.compile the decoder layers for the gradient pass (model time 29.5 -> 19.5 ms per example at 7B on an H100; the first batch waits ~35 s for the compilation).")
-    merge: bool = _f(True, "Merge the LoRA adapter into the base weights for the gradient pass: the model then runs without its LoRA branch (faster on a GPU); the per-example LoRA gradients are unchanged up to the rounding of the merged weights (bench/RESULTS.md measures it against float32 ground truth).")
+    compile: bool = _f(
+        False,
+        "torch.compile the decoder layers for the gradient pass (model time 29.5 -> 19.5 ms per example at 7B on an "
+        "H100; the first batch waits ~35 s for the compilation).",
+    )
+    merge: bool = _f(
+        True,
+        "Merge the LoRA adapter into the base weights for the gradient pass: the model then runs without its LoRA "
+        "branch (faster on a GPU); the per-example LoRA gradients are unchanged up to the rounding of the merged "
+        "weights (bench/RESULTS.md measures it against float32 ground truth).",
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +188,14 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "path"}
 
 
-_TYPE_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false", list: "a list",
-               dict: "a table"}
+_TYPE_WORDS = {
+    float: "a number",
+    int: "an integer",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
 
 
 def type_problem(key: str, value: Any, typ: Any) -> str | None:
@@ -335,10 +362,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None, requ
 def describe_fields() -> dict[str, dict[str, str]]:
     """{section: {key: one-line doc}}: for `lessctl config show --docs` and the README."""
     hints = typing.get_type_hints(Config)
-    return {
-        sec: {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(hints[sec])}
-        for sec in SECTIONS
-    }
+    return {sec: {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(hints[sec])} for sec in SECTIONS}
 
 
 def to_toml(d: dict[str, Any]) -> str:

@@ -20,8 +20,14 @@ def selection_precision(selected_file: Path, family: str) -> float:
     return sum(r.get("family") == family for r in rows) / max(1, len(rows))
 
 
-def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = None, train: bool = True,
-             step: Callable[[str], None] | None = None) -> dict:
+def run_demo(
+    folder: Path,
+    *,
+    epochs: int | None = None,
+    device: str | None = None,
+    train: bool = True,
+    step: Callable[[str], None] | None = None,
+) -> dict:
     """init --preset tiny (once), warmup, grads at every checkpoint, match with each method, and (train=True)
     finetune on each selection and evaluate the target's held-out set before and after; returns the report."""
     from lessctl.data.records import read_jsonl
@@ -58,8 +64,11 @@ def run_demo(folder: Path, *, epochs: int | None = None, device: str | None = No
         entry: dict = {"random_expected_precision": round(expected, 4)}
         for method in METHODS:
             res = run_match(cfg, target, method=method)
-            entry[method] = {"precision": round(selection_precision(res.file, target), 4), "selected": res.n_selected,
-                             "file": str(res.file)}
+            entry[method] = {
+                "precision": round(selection_precision(res.file, target), 4),
+                "selected": res.n_selected,
+                "file": str(res.file),
+            }
         report["targets"][target] = entry
     timings["match"] = round(time.time() - t, 1)
     if train:
@@ -85,9 +94,18 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
             res = json.loads(p.read_text())
         else:
             eval_file = cfg.resolve(cfg.data.targets[target]["eval_file"])
-            res = run_custom_evaluation(spec, target, eval_file, cfg.output_dir, dtype=cfg.model.dtype, device=device,
-                                        chat_format=cfg.model.chat_format, limit=EVAL_LIMIT,
-                                        max_new_tokens=24, batch_size=12).result
+            res = run_custom_evaluation(
+                spec,
+                target,
+                eval_file,
+                cfg.output_dir,
+                dtype=cfg.model.dtype,
+                device=device,
+                chat_format=cfg.model.chat_format,
+                limit=EVAL_LIMIT,
+                max_new_tokens=24,
+                batch_size=12,
+            ).result
         return {"exact_match": round(res["exact_match"], 2), "f1": round(res["f1"], 2)}
 
     base = cfg.model_ref()
@@ -99,6 +117,11 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
             out = paths.finetune_dir(cfg.output_dir, name)
             if not is_adapter_dir(out):
                 say(f"finetune: {name}")
-                run_finetune(cfg, selection_file(cfg, target, method), name,
-                             meta={"target": target, "method": method}, device=device)
+                run_finetune(
+                    cfg,
+                    selection_file(cfg, target, method),
+                    name,
+                    meta={"target": target, "method": method},
+                    device=device,
+                )
             entry[method].update(evaluate(describe_model(out, output_dir=cfg.output_dir), target))

@@ -118,13 +118,23 @@ def check_fast_jl(device: Any = "cuda", grad_dim: int = CHECK_GRAD_DIM, proj_dim
     res.sm_count = int(n_sms)
     try:
         eye = torch.eye(grad_dim, device=dev, dtype=torch.float16)
-        M = torch.cat([fast_jl.project_rademacher_8(eye[i : i + CHECK_ROWS].contiguous(), proj_dim, 0, n_sms)
-                       for i in range(0, grad_dim, CHECK_ROWS)])  # [grad_dim, proj_dim] float32
+        M = torch.cat(
+            [
+                fast_jl.project_rademacher_8(eye[i : i + CHECK_ROWS].contiguous(), proj_dim, 0, n_sms)
+                for i in range(0, grad_dim, CHECK_ROWS)
+            ]
+        )  # [grad_dim, proj_dim] float32
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(32, grad_dim, generator=gen).to(dev, torch.float16)
-        y8 = torch.cat([fast_jl.project_rademacher_8(x[i : i + 8].contiguous(), proj_dim, 0, n_sms) for i in range(0, 32, 8)])
-        y8_again = torch.cat([fast_jl.project_rademacher_8(x[i : i + 8].contiguous(), proj_dim, 0, n_sms) for i in range(0, 32, 8)])
-        y16 = torch.cat([fast_jl.project_rademacher_16(x[i : i + 16].contiguous(), proj_dim, 0, n_sms) for i in range(0, 32, 16)])
+        y8 = torch.cat(
+            [fast_jl.project_rademacher_8(x[i : i + 8].contiguous(), proj_dim, 0, n_sms) for i in range(0, 32, 8)]
+        )
+        y8_again = torch.cat(
+            [fast_jl.project_rademacher_8(x[i : i + 8].contiguous(), proj_dim, 0, n_sms) for i in range(0, 32, 8)]
+        )
+        y16 = torch.cat(
+            [fast_jl.project_rademacher_16(x[i : i + 16].contiguous(), proj_dim, 0, n_sms) for i in range(0, 32, 16)]
+        )
         y32 = fast_jl.project_rademacher_32(x.contiguous(), proj_dim, 0, n_sms)
         torch.cuda.synchronize(dev)
     except Exception as exc:  # noqa: BLE001 - RuntimeError from the kernel (e.g. no kernel image for this GPU)
@@ -139,10 +149,14 @@ def check_fast_jl(device: Any = "cuda", grad_dim: int = CHECK_GRAD_DIM, proj_dim
     ref = x.float() @ M
     res.linearity_rel_err = float((y8 - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
     res.deterministic = bool(torch.equal(y8, y8_again))
-    res.batch_kernels_agree = bool(torch.allclose(y8, y16, rtol=1e-5, atol=1e-3) and torch.allclose(y8, y32, rtol=1e-5, atol=1e-3))
+    res.batch_kernels_agree = bool(
+        torch.allclose(y8, y16, rtol=1e-5, atol=1e-3) and torch.allclose(y8, y32, rtol=1e-5, atol=1e-3)
+    )
     failures = []
     if not equal:
-        failures.append(f"the matrix entries are not all of one magnitude (max {res.entry_magnitude:g}, min {float(mag.min()):g})")
+        failures.append(
+            f"the matrix entries are not all of one magnitude (max {res.entry_magnitude:g}, min {float(mag.min()):g})"
+        )
     if not 0.45 <= res.positive_share <= 0.55:
         failures.append(f"{res.positive_share:.1%} of the matrix entries are positive (expected about 50%)")
     if not res.linearity_rel_err < 1e-3:
@@ -232,8 +246,10 @@ def run_doctor(device: str | None = None) -> DoctorReport:
         rep.sm_count = int(props.multi_processor_count)
         rep.gpu_memory_gib = round(props.total_memory / 2**30, 1)
         rep.bf16_supported = bool(torch.cuda.is_bf16_supported())
-        rep.notes.append(f"fast_jl's random matrix depends on the SM count ({rep.sm_count} here): "
-                         "features made on GPUs with other SM counts are not comparable")
+        rep.notes.append(
+            f"fast_jl's random matrix depends on the SM count ({rep.sm_count} here): "
+            "features made on GPUs with other SM counts are not comparable"
+        )
     else:
         rep.notes.append("no CUDA GPU is visible: gradients run on the CPU with TRAK's BasicProjector")
         if rep.torch_cuda_build is None:
@@ -254,19 +270,24 @@ def run_doctor(device: str | None = None) -> DoctorReport:
         rep.problems.append(f"fast_jl: {rep.fast_jl.detail}")
     rep.triton_projection = check_triton_projection(device or "cuda", rep.sm_count, rep.fast_jl.ok)
     if rep.triton_projection.ok is False or (rep.fast_jl.ok and not rep.triton_projection.imports):
-        rep.notes.append("--projector cuda projects with fast_jl, 32 rows per call, instead of lessctl's Triton "
-                         f"kernel ({rep.triton_projection.detail})")
+        rep.notes.append(
+            "--projector cuda projects with fast_jl, 32 rows per call, instead of lessctl's Triton "
+            f"kernel ({rep.triton_projection.detail})"
+        )
     rep.sketch_kernel = check_sketch_kernel(device or "cuda", rep.cuda_available)
     if rep.sketch_kernel.ok is False:
-        rep.notes.append(f"--projector sketch projects with torch gathers, slower, instead of lessctl's Triton kernel "
-                         f"({rep.sketch_kernel.detail})")
+        rep.notes.append(
+            f"--projector sketch projects with torch gathers, slower, instead of lessctl's Triton kernel "
+            f"({rep.sketch_kernel.detail})"
+        )
 
     if rep.traker:
         from lessctl.grads.projection.choose import choose_projector_kind
 
         try:
             rep.projector_auto, rep.projector_auto_reason = choose_projector_kind(
-                "auto", str(device or ("cuda" if rep.cuda_available else "cpu")))
+                "auto", str(device or ("cuda" if rep.cuda_available else "cpu"))
+            )
         except Exception as exc:  # noqa: BLE001
             rep.projector_auto, rep.projector_auto_reason = "none", f"cannot choose ({exc})"
             rep.problems.append(f"--projector auto fails: {exc}")
@@ -283,5 +304,6 @@ def _fast_jl_import_only() -> FastJLCheck:
         res.imports = True
         res.detail = "not run: no CUDA GPU is visible"
     except Exception as exc:  # noqa: BLE001
-        res.detail = f"not installed or not importable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); only needed on a GPU"
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        res.detail = f"not installed or not importable ({why}); only needed on a GPU"
     return res

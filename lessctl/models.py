@@ -106,7 +106,11 @@ def adapter_base(adapter_dir: str | Path) -> str:
 
 
 def load_adapter_model(
-    adapter_dir: str | Path, base: str | None = None, dtype: str = "auto", device: str | None = None, trainable: bool = False
+    adapter_dir: str | Path,
+    base: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    trainable: bool = False,
 ):
     """Base model + the LoRA adapter saved in `adapter_dir` (a checkpoint or a finetune folder).
 

@@ -1,14 +1,14 @@
 """The output folder's layout (ARCHITECTURE.md, a contract): every path under `[experiment] output_dir`.
 
-    <output_dir>/
-      warmup/checkpoint-<step>/            adapter, optimizer state, trainer state
-      warmup/checkpoints.json              [{"step", "epoch", "lr_mean"}]: the matching weights
-      grads/<name>-ckpt<step>-<type>.h5    one store per data set, checkpoint and gradient type
-      selected/<target>/<method>/          sorted.csv, top_p<pct>.jsonl, summary.json
-      finetune/<target>-<method>/          adapter
-      eval/<model>/<task>.json
-      results.jsonl                        one line per evaluation
-      slurm/                               scripts/, logs/, jobs.json
+<output_dir>/
+  warmup/checkpoint-<step>/            adapter, optimizer state, trainer state
+  warmup/checkpoints.json              [{"step", "epoch", "lr_mean"}]: the matching weights
+  grads/<name>-ckpt<step>-<type>.h5    one store per data set, checkpoint and gradient type
+  selected/<target>/<method>/          sorted.csv, top_p<pct>.jsonl, summary.json
+  finetune/<target>-<method>/          adapter
+  eval/<model>/<task>.json
+  results.jsonl                        one line per evaluation
+  slurm/                               scripts/, logs/, jobs.json
 """
 
 from __future__ import annotations

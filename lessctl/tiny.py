@@ -17,9 +17,22 @@ WORDS = (
     "violet castle bridge desert winter yellow orange falcon pepper marble summer shadow"
 ).split()
 ANTONYMS = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
-    "open": "closed", "up": "down", "full": "empty", "strong": "weak", "old": "new", "high": "low",
-    "rich": "poor", "hard": "soft", "long": "short", "wet": "dry",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "early": "late",
+    "open": "closed",
+    "up": "down",
+    "full": "empty",
+    "strong": "weak",
+    "old": "new",
+    "high": "low",
+    "rich": "poor",
+    "hard": "soft",
+    "long": "short",
+    "wet": "dry",
 }
 
 
@@ -132,15 +145,27 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600, max_
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         model_max_length=max_length,
     )
     fast.save_pretrained(str(out_dir))
     return fast
 
 
-def build_tiny_model(out_dir: Path, texts: list[str], seed: int = 0, hidden_size: int = 64, layers: int = 2, *,
-                     vocab_size: int = 600, max_positions: int = 512) -> Path:
+def build_tiny_model(
+    out_dir: Path,
+    texts: list[str],
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    *,
+    vocab_size: int = 600,
+    max_positions: int = 512,
+) -> Path:
     """Trains the tokenizer and saves a randomly initialised small Llama beside it in `out_dir`.
 
     `max_positions` is the model's context and the tokenizer's `model_max_length`.

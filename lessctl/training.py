@@ -49,7 +49,9 @@ def read_checkpoints(cfg: Config) -> list[dict]:
     """The manifest written by warmup; a user error naming `lessctl warmup` when it is missing."""
     p = checkpoints_path(cfg)
     if not p.is_file():
-        raise MissingArtifactError(f"no warmup checkpoints in {warmup_dir(cfg)} ({MANIFEST} missing); run `lessctl warmup` first")
+        raise MissingArtifactError(
+            f"no warmup checkpoints in {warmup_dir(cfg)} ({MANIFEST} missing); run `lessctl warmup` first"
+        )
     return json.loads(p.read_text())
 
 
@@ -233,12 +235,14 @@ def _manifest(out: Path, history: list[float]) -> list[dict]:
         lrs = history[prev:step]
         if not lrs:
             continue
-        entries.append({
-            "step": step,
-            "epoch": int(round(state.get("epoch", len(entries) + 1))),
-            "lr_mean": sum(lrs) / len(lrs),
-            "path": d.name,
-        })
+        entries.append(
+            {
+                "step": step,
+                "epoch": int(round(state.get("epoch", len(entries) + 1))),
+                "lr_mean": sum(lrs) / len(lrs),
+                "path": d.name,
+            }
+        )
         prev = step
     return entries
 
@@ -248,7 +252,10 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
     out = warmup_dir(cfg)
     files = cfg.train_files()
     if not files:
-        raise InputError(f"{cfg.path or 'config'}: [data] train is empty; add training files, e.g. train = {{dolly = \"dolly.jsonl\"}}")
+        raise InputError(
+            f"{cfg.path or 'config'}: [data] train is empty; add training files, e.g. train = {{dolly = "
+            f"\"dolly.jsonl\"}}"
+        )
     manifest = out / MANIFEST
     if manifest.is_file():
         if not force:
@@ -282,18 +289,34 @@ def run_finetune(
     if not Path(train_file).is_file():
         raise MissingArtifactError(f"{train_file}: no such training file")
     res = train_lora(
-        cfg, cfg.finetune, {Path(train_file).stem: Path(train_file)}, out,
-        base_model=base_model, save_each_epoch=False, resume=False, device=device, on_log=on_log,
+        cfg,
+        cfg.finetune,
+        {Path(train_file).stem: Path(train_file)},
+        out,
+        base_model=base_model,
+        save_each_epoch=False,
+        resume=False,
+        device=device,
+        on_log=on_log,
     )
     base, selector = cfg.model_ref(base_model), cfg.model_ref()
-    _write_run_file(out, cfg, {
-        "kind": "finetune", "train_file": str(train_file), "base_model": base, "selection_model": selector,
-        "transfer": base != selector, "counts": res.counts, "seconds": res.seconds, **(meta or {}),
-    })
+    _write_run_file(
+        out,
+        cfg,
+        {
+            "kind": "finetune",
+            "train_file": str(train_file),
+            "base_model": base,
+            "selection_model": selector,
+            "transfer": base != selector,
+            "counts": res.counts,
+            "seconds": res.seconds,
+            **(meta or {}),
+        },
+    )
     return res
 
 
 def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:
     rec = {"lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "config": cfg.to_dict()}
     (out / RUN_FILE).write_text(json.dumps(rec, indent=2, default=str))
-

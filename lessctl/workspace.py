@@ -43,8 +43,12 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
                 "data_dir": data_dir,
             },
             "warmup": {
-                "percentage": 0.5, "epochs": 4, "learning_rate": 2e-3, "warmup_ratio": 0.03,
-                "batch_size": 4, "gradient_accumulation_steps": 2,
+                "percentage": 0.5,
+                "epochs": 4,
+                "learning_rate": 2e-3,
+                "warmup_ratio": 0.03,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 2,
             },
             "grads": {"dims": [128], "projector": "auto", "batch_tokens": 4096},
             "select": {"percentage": 0.05, "method": "less"},
@@ -60,8 +64,14 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
             "targets": {"mmlu": "mmlu", "bbh": "bbh", "tydiqa": "tydiqa"},
             "data_dir": data_dir,
         },
-        "warmup": {"percentage": 0.05, "epochs": 4, "learning_rate": 2e-5, "warmup_ratio": 0.03,
-                   "batch_size": 1, "gradient_accumulation_steps": 32},
+        "warmup": {
+            "percentage": 0.05,
+            "epochs": 4,
+            "learning_rate": 2e-5,
+            "warmup_ratio": 0.03,
+            "batch_size": 1,
+            "gradient_accumulation_steps": 32,
+        },
         "grads": {"dims": [8192], "projector": "auto", "batch_tokens": 16384},
         "select": {"percentage": 0.05, "method": "less"},
         "finetune": {"epochs": 4, "learning_rate": 2e-5, "batch_size": 1, "gradient_accumulation_steps": 32},
@@ -76,7 +86,12 @@ def _tiny_ir_config(beir_root: str) -> dict[str, Any]:
     (pool, _), targets = tiny_ir_layout(beir_root)
     return {
         "experiment": {"name": "tiny-ir", "output_dir": "out", "seed": 3},
-        "model": {"name_or_path": "model", "dtype": "auto", "max_seq_length": TINY_IR_MAX_SEQ_LENGTH, "chat_format": "tulu"},
+        "model": {
+            "name_or_path": "model",
+            "dtype": "auto",
+            "max_seq_length": TINY_IR_MAX_SEQ_LENGTH,
+            "chat_format": "tulu",
+        },
         "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {
             "train": {pool: f"data/{pool}_data.jsonl"},
@@ -84,8 +99,12 @@ def _tiny_ir_config(beir_root: str) -> dict[str, Any]:
             "data_dir": "data",
         },
         "warmup": {
-            "percentage": 0.5, "epochs": 4, "learning_rate": 2e-3, "warmup_ratio": 0.03,
-            "batch_size": 4, "gradient_accumulation_steps": 2,
+            "percentage": 0.5,
+            "epochs": 4,
+            "learning_rate": 2e-3,
+            "warmup_ratio": 0.03,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 2,
         },
         "grads": {"dims": [128], "projector": "auto", "batch_tokens": 8192},
         "select": {"percentage": 0.25, "method": "less"},  # a quarter of a ~40-example pool: ~10 examples

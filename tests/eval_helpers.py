@@ -17,8 +17,10 @@ def tokenizer_texts(data: Path) -> list[str]:
         texts.append(p.read_text(encoding="utf-8"))
     for p in sorted((data / "eval/bbh/cot-prompts").glob("*.txt"))[:5]:
         texts.append(p.read_text(encoding="utf-8"))
-    for lang, exs in json.loads((data / "eval/tydiqa/tydiqa-one-shot.json").read_text(encoding="utf-8")).items():
-        texts.append(f"<|user|>\n{exs[0]['context']}\n{exs[0]['question']}\n<|assistant|>\n{exs[0]['answers'][0]['text']}")
+    for _lang, exs in json.loads((data / "eval/tydiqa/tydiqa-one-shot.json").read_text(encoding="utf-8")).items():
+        texts.append(
+            f"<|user|>\n{exs[0]['context']}\n{exs[0]['question']}\n<|assistant|>\n{exs[0]['answers'][0]['text']}"
+        )
     return texts
 
 

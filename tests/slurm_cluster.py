@@ -116,8 +116,12 @@ class LocalSlurm:
         out = open(self.logs / f"{name}.out", "wb")
         env = {**os.environ, **self.env()}
         proc = subprocess.Popen(
-            [_which(name), *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            [_which(name), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         out.close()
         self._procs.append(proc)
@@ -140,11 +144,18 @@ class LocalSlurm:
 
     def start(self, timeout_s: float = 60) -> "LocalSlurm":
         self._write_config()
-        self._spawn("munged", [
-            "--foreground", "--force", f"--socket={self.munge_socket}",
-            f"--key-file={self.root / 'munge' / 'munge.key'}", f"--pid-file={self.root / 'munge' / 'munged.pid'}",
-            f"--seed-file={self.root / 'munge' / 'munged.seed'}", f"--log-file={self.logs / 'munged.log'}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={self.root / 'munge' / 'munge.key'}",
+                f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+                f"--log-file={self.logs / 'munged.log'}",
+            ],
+        )
         self._wait("munged's socket", self.munge_socket.exists, timeout_s)
         # -i: ignore (missing) state files; -D: stay in the foreground, a child we can kill.
         self._spawn("slurmctld", ["-D", "-i", "-f", str(self.conf)])

@@ -27,14 +27,20 @@ def _features(ws: Path, name: str, step: int, gtype: str, dim: int) -> np.ndarra
         return f[f"dim{dim}/features"][:].astype(np.float64)
 
 
-def _hand_scores(ws: Path, target: str, steps: list[int], weights: list[float], dim: int) -> dict[tuple[str, int], float]:
+def _hand_scores(
+    ws: Path, target: str, steps: list[int], weights: list[float], dim: int
+) -> dict[tuple[str, int], float]:
     """score = sum_c w_c <x, y>, mean over each subtask's target rows, max over subtasks; by (train set, line)."""
     subtasks = [json.loads(l)["subtask"] for l in (ws / "data" / f"{target}_target.jsonl").read_text().splitlines()]
     out = {}
     for name in ("synth_a", "synth_b"):
-        s = sum(w * _features(ws, name, st, "adam", dim) @ _features(ws, target, st, "sgd", dim).T
-                for w, st in zip(weights, steps))
-        per_sub = np.stack([s[:, [j for j, t in enumerate(subtasks) if t == u]].mean(1) for u in dict.fromkeys(subtasks)], 1)
+        s = sum(
+            w * _features(ws, name, st, "adam", dim) @ _features(ws, target, st, "sgd", dim).T
+            for w, st in zip(weights, steps)
+        )
+        per_sub = np.stack(
+            [s[:, [j for j, t in enumerate(subtasks) if t == u]].mean(1) for u in dict.fromkeys(subtasks)], 1
+        )
         out.update({(name, i): float(v) for i, v in enumerate(per_sub.max(1))})
     return out
 
@@ -90,8 +96,14 @@ def test_parse_subsets():
     assert parse_subsets(None, 2) == [(1,), (2,), (1, 2)]
     assert parse_subsets(" 21, 12 ,2", 2) == [(1, 2), (2,)]  # order inside a subset does not matter
     assert parse_subsets("1+10,3", 10) == [(1, 10), (3,)]
-    for bad, where in (("3", "beyond the 2 checkpoints"), ("0", "beyond"), ("1x", "not a subset"), ("1,,2", "not a subset"),
-                       ("11", "twice"), ("1+", "not a subset")):
+    for bad, where in (
+        ("3", "beyond the 2 checkpoints"),
+        ("0", "beyond"),
+        ("1x", "not a subset"),
+        ("1,,2", "not a subset"),
+        ("11", "twice"),
+        ("1+", "not a subset"),
+    ):
         with pytest.raises(ConfigError, match="--subsets") as exc:
             parse_subsets(bad, 2)
         assert where in str(exc.value)
@@ -125,7 +137,18 @@ def test_ablate_figures_equal_a_hand_computation_without_computing_gradients(tin
     ckpt_dirs = sorted((ws / "out" / "warmup").glob("checkpoint-*"))
     for d in ckpt_dirs:
         d.rename(d.with_name("away-" + d.name))
-    res = cli("--config", ws / "lessctl.toml", "ablate", "--target", "arithmetic", "--subsets", "1,2,12", "--dim", "64", "--json")
+    res = cli(
+        "--config",
+        ws / "lessctl.toml",
+        "ablate",
+        "--target",
+        "arithmetic",
+        "--subsets",
+        "1,2,12",
+        "--dim",
+        "64",
+        "--json",
+    )
     assert res.code == 0, res
     assert {p.name: p.stat().st_mtime_ns for p in grads.iterdir()} == before
     (ws / "model.away").rename(ws / "model")
@@ -143,12 +166,16 @@ def test_ablate_figures_equal_a_hand_computation_without_computing_gradients(tin
     lr = np.array([c["lr_mean"] for c in manifest])
     # single checkpoints weigh 1; the pair keeps its lr_mean ratio, renormalized to sum 1
     assert subsets["1"]["weights"] == [1.0] and subsets["2"]["weights"] == [1.0]
-    assert subsets["12"]["weights"] == pytest.approx(list(lr / lr.sum())) and sum(subsets["12"]["weights"]) == pytest.approx(1.0)
+    assert subsets["12"]["weights"] == pytest.approx(list(lr / lr.sum())) and sum(
+        subsets["12"]["weights"]
+    ) == pytest.approx(1.0)
     assert [subsets[l]["checkpoints"] for l in ("1", "2", "12")] == [[steps[0]], [steps[1]], steps]
 
-    hand = {"1": _hand_scores(ws, "arithmetic", [steps[0]], [1.0], 64),
-            "2": _hand_scores(ws, "arithmetic", [steps[1]], [1.0], 64),
-            "12": _hand_scores(ws, "arithmetic", steps, list(lr / lr.sum()), 64)}
+    hand = {
+        "1": _hand_scores(ws, "arithmetic", [steps[0]], [1.0], 64),
+        "2": _hand_scores(ws, "arithmetic", [steps[1]], [1.0], 64),
+        "12": _hand_scores(ws, "arithmetic", steps, list(lr / lr.sum()), 64),
+    }
     total = len(hand["12"])
     k = int(0.05 * total)
     chosen = {l: _top(s, k) for l, s in hand.items()}
@@ -167,7 +194,9 @@ def test_ablate_figures_equal_a_hand_computation_without_computing_gradients(tin
         summary = json.loads((ws / "out" / e["selection"] / "summary.json").read_text())
         assert summary["checkpoint_positions"] == e["subset"] and summary["checkpoints"] == e["checkpoints"]
         assert len(Path(e["file"]).read_text().splitlines()) == k
-    assert subsets["12"]["overlap"] == {"jaccard": 1.0, "kept": 1.0, "shared": k} and subsets["12"]["spearman"] == pytest.approx(1.0)
+    assert subsets["12"]["overlap"] == {"jaccard": 1.0, "kept": 1.0, "shared": k} and subsets["12"][
+        "spearman"
+    ] == pytest.approx(1.0)
     assert subsets["1"]["overlap"]["jaccard"] < 1.0 or subsets["2"]["overlap"]["jaccard"] < 1.0  # the subsets differ
 
     matrix = report["overlap_matrix"]
@@ -232,9 +261,24 @@ def test_ablate_renders_as_a_slurm_job(tiny_ws, cli):
 def test_ablate_finetunes_and_evaluates_each_subset_and_reuses_them(tiny_grads_ws, cli):
     ws = tiny_grads_ws
     _set_finetune_epochs(ws, 1)
-    _set_targets(ws, 'targets = {sorting = {file = "data/sorting_target.jsonl", eval_file = "data/sorting_eval.jsonl"}}')
+    _set_targets(
+        ws, 'targets = {sorting = {file = "data/sorting_target.jsonl", eval_file = "data/sorting_eval.jsonl"}}'
+    )
     cfg = ("--config", ws / "lessctl.toml")
-    args = ("ablate", "--target", "sorting", "--subsets", "1", "--dim", "64", "--finetune", "--eval", "--device", "cpu", "--json")
+    args = (
+        "ablate",
+        "--target",
+        "sorting",
+        "--subsets",
+        "1",
+        "--dim",
+        "64",
+        "--finetune",
+        "--eval",
+        "--device",
+        "cpu",
+        "--json",
+    )
     res = cli(*cfg, *args)
     assert res.code == 0, res
     entries = {e["label"]: e for e in json.loads(res.out)["subsets"]}
@@ -247,12 +291,16 @@ def test_ablate_finetunes_and_evaluates_each_subset_and_reuses_them(tiny_grads_w
         assert (run["target"], run["method"], run["transfer"]) == ("sorting", f"less-ckpt{label}", False)
         assert run["train_file"] == e["file"] and run["checkpoint_positions"] == e["subset"]
         ev = e["eval"]
-        assert (ev["status"], ev["task"], ev["metric"]) == ("done", "sorting", "exact_match") and 0 <= ev["score"] <= 100
+        assert (ev["status"], ev["task"], ev["metric"]) == ("done", "sorting", "exact_match") and 0 <= ev[
+            "score"
+        ] <= 100
         assert Path(ev["eval_json"]) == ws / "out" / "eval" / f"sorting-less-ckpt{label}" / "sorting.json"
     res = cli(*cfg, "results", "--json")
     recs = json.loads(res.out)["results"]
     assert sorted((r["model"], r["method"], r["task"]) for r in recs) == [
-        ("sorting-less-ckpt1", "less-ckpt1", "sorting"), ("sorting-less-ckpt12", "less-ckpt12", "sorting")]
+        ("sorting-less-ckpt1", "less-ckpt1", "sorting"),
+        ("sorting-less-ckpt12", "less-ckpt12", "sorting"),
+    ]
 
     res = cli(*cfg, *args)  # the same selections: nothing is trained or evaluated again
     assert res.code == 0, res
@@ -261,7 +309,9 @@ def test_ablate_finetunes_and_evaluates_each_subset_and_reuses_them(tiny_grads_w
     assert [again[l]["eval"]["score"] for l in again] == [entries[l]["eval"]["score"] for l in entries]
     assert len(json.loads(cli(*cfg, "results", "--json").out)["results"]) == 2
 
-    res = cli(*cfg, "ablate", "--target", "sorting", "--subsets", "1", "--dim", "64", "--percentage", "0.1", "--finetune")
+    res = cli(
+        *cfg, "ablate", "--target", "sorting", "--subsets", "1", "--dim", "64", "--percentage", "0.1", "--finetune"
+    )
     assert res.code == 2 and "--force" in res.err, res  # another selection would silently mismatch the adapter
 
     _set_targets(ws, 'targets = {sorting = {file = "data/sorting_target.jsonl"}}')
@@ -269,12 +319,29 @@ def test_ablate_finetunes_and_evaluates_each_subset_and_reuses_them(tiny_grads_w
     assert res.code == 0, res
     for e in json.loads(res.out)["subsets"]:  # a custom target without eval_file: reported, not failed
         assert e["eval"]["status"] == "not applicable" and "eval_file" in e["eval"]["reason"]
-    res = cli(*cfg, "ablate", "--target", "sorting", "--subsets", "1", "--dim", "64", "--percentage", "0.1", "--finetune",
-              "--force", "--device", "cpu", "--json")
+    res = cli(
+        *cfg,
+        "ablate",
+        "--target",
+        "sorting",
+        "--subsets",
+        "1",
+        "--dim",
+        "64",
+        "--percentage",
+        "0.1",
+        "--finetune",
+        "--force",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert res.code == 0, res
     for e in json.loads(res.out)["subsets"]:
         assert e["finetune"]["reused"] is False and e["finetune"]["examples"] == e["selected"] == 36
-        assert json.loads((Path(e["finetune"]["output_dir"]) / "lessctl_run.json").read_text())["train_file"] == e["file"]
+        assert (
+            json.loads((Path(e["finetune"]["output_dir"]) / "lessctl_run.json").read_text())["train_file"] == e["file"]
+        )
 
 
 @pytest.mark.slow
@@ -286,16 +353,38 @@ def test_ablate_under_torchrun_matches_on_rank_zero_and_trains_on_all(tiny_grads
     ws = tiny_grads_ws
     _set_finetune_epochs(ws, 1)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
-           "-m", "lessctl.cli", "--config", str(ws / "lessctl.toml"), "ablate", "--target", "antonyms", "--subsets", "2",
-           "--dim", "64", "--finetune", "--device", "cpu", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "-m",
+        "lessctl.cli",
+        "--config",
+        str(ws / "lessctl.toml"),
+        "ablate",
+        "--target",
+        "antonyms",
+        "--subsets",
+        "2",
+        "--dim",
+        "64",
+        "--finetune",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # one report: rank 1 prints nothing
     assert [e["label"] for e in report["subsets"]] == ["2", "12"]
     for e in report["subsets"]:
         assert (Path(e["finetune"]["output_dir"]) / "adapter_config.json").is_file()
-    assert not list((ws / "out" / "selected" / "antonyms").rglob("*.tmp")) and not list((ws / "out" / "selected" / "antonyms").rglob("*.part"))
+    assert not list((ws / "out" / "selected" / "antonyms").rglob("*.tmp")) and not list(
+        (ws / "out" / "selected" / "antonyms").rglob("*.part")
+    )
 
 
 # ----------------------------------------------------------------------------- transfer (LESS-T)

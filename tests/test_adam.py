@@ -67,8 +67,13 @@ def test_gpu_fast_paths_equal_the_torch_ops():
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     P, n, off = 5000, 3000, 1500
-    adam = AdamState(torch.randn(P, device="cuda", generator=gen) * 1e-4,
-                     torch.rand(P, device="cuda", generator=gen) * 1e-6, 0.9, 0.999, 1e-8)
+    adam = AdamState(
+        torch.randn(P, device="cuda", generator=gen) * 1e-4,
+        torch.rand(P, device="cuda", generator=gen) * 1e-6,
+        0.9,
+        0.999,
+        1e-8,
+    )
     g = torch.randn(6, n, device="cuda", generator=gen) * 1e-3
     fused = torch.zeros(6, P, dtype=torch.float16, device="cuda")
     transform_into(g.clone(), "adam", adam, off, fused[:, off : off + n])

@@ -12,8 +12,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "grads_throughput.py"
-PATH_KEYS = {"path", "projector", "examples", "seconds", "examples_per_s", "tokens_per_s", "times_s", "shares",
-             "mfu", "fwd_bwd_mfu", "peak_memory_gib", "ratio_to_baseline", "cosine"}
+PATH_KEYS = {
+    "path",
+    "projector",
+    "examples",
+    "seconds",
+    "examples_per_s",
+    "tokens_per_s",
+    "times_s",
+    "shares",
+    "mfu",
+    "fwd_bwd_mfu",
+    "peak_memory_gib",
+    "ratio_to_baseline",
+    "cosine",
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +34,22 @@ def bench_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "grads.json"
     # one CPU thread: a multi-threaded BLAS on a shared, busy machine is many times slower on these tiny matrices
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--examples", "8", "--dims", "512", "--projectors", "basic",
-           "--fp32-check", "4", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--shape",
+        "tiny",
+        "--examples",
+        "8",
+        "--dims",
+        "512",
+        "--projectors",
+        "basic",
+        "--fp32-check",
+        "4",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "baseline" in proc.stdout and "lessctl-basic" in proc.stdout, proc.stdout
@@ -32,7 +59,18 @@ def bench_report(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_bench_json_has_every_figure(bench_report):
     r = bench_report
-    for key in ("command", "date", "device", "versions", "settings", "model", "data", "paths", "fp32_check", "flops_note"):
+    for key in (
+        "command",
+        "date",
+        "device",
+        "versions",
+        "settings",
+        "model",
+        "data",
+        "paths",
+        "fp32_check",
+        "flops_note",
+    ):
         assert key in r, key
     assert "--shape tiny" in r["command"]
     assert r["device"]["type"] == "cpu"
@@ -48,7 +86,8 @@ def test_bench_json_has_every_figure(bench_report):
         assert p["peak_memory_gib"] is None  # CPU
     assert r["paths"][0]["ratio_to_baseline"] == 1.0
     assert r["paths"][1]["ratio_to_baseline"] == pytest.approx(
-        r["paths"][1]["examples_per_s"] / r["paths"][0]["examples_per_s"])
+        r["paths"][1]["examples_per_s"] / r["paths"][0]["examples_per_s"]
+    )
 
 
 @pytest.mark.slow
@@ -83,8 +122,16 @@ def test_token_batches_respect_budget_and_cap_and_examples_are_seeded():
 
 # ----------------------------------------------------------------------------- bench/match_throughput.py
 
-MATCH_PASSES = ["plain-cold", "plain-warm", "plain-parallel-cold", "h5py-cold", "lessctl-cold", "lessctl-warm",
-                "read-only-cold", "legacy-cold"]
+MATCH_PASSES = [
+    "plain-cold",
+    "plain-warm",
+    "plain-parallel-cold",
+    "h5py-cold",
+    "lessctl-cold",
+    "lessctl-warm",
+    "read-only-cold",
+    "legacy-cold",
+]
 
 
 def _load_match_bench():
@@ -107,13 +154,41 @@ def test_match_bench_figures_and_scores(tmp_path):
 
     mt = _load_match_bench()
     stores, out = tmp_path / "stores", tmp_path / "match.json"
-    argv = ["--rows", "2000", "--dim", "256", "--ckpts", "2", "--chunk-rows", "512", "--device", "cpu",
-            "--dir", str(stores), "--json", str(out)]
+    argv = [
+        "--rows",
+        "2000",
+        "--dim",
+        "256",
+        "--ckpts",
+        "2",
+        "--chunk-rows",
+        "512",
+        "--device",
+        "cpu",
+        "--dir",
+        str(stores),
+        "--json",
+        str(out),
+    ]
     r = mt.main(argv)
     assert selection.CHUNK_ROWS == 16384  # restored
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
-    for key in ("command", "date", "settings", "chunk_rows", "read_ahead", "weights", "device", "versions", "stores",
-                "data", "passes", "summary", "check", "sample"):
+    for key in (
+        "command",
+        "date",
+        "settings",
+        "chunk_rows",
+        "read_ahead",
+        "weights",
+        "device",
+        "versions",
+        "stores",
+        "data",
+        "passes",
+        "summary",
+        "check",
+        "sample",
+    ):
         assert key in r, key
     assert r["chunk_rows"] == 512 and r["device"]["type"] == "cpu"
     assert r["stores"]["written"] == 4 and r["data"]["feature_bytes"] == 2 * 2000 * 256 * 2
@@ -122,8 +197,15 @@ def test_match_bench_figures_and_scores(tmp_path):
         assert p["seconds"] > 0 and p["gb_per_s"] == pytest.approx(r["data"]["feature_bytes"] / 1e9 / p["seconds"])
         assert p["x_plain_cold"] == pytest.approx(p["gb_per_s"] / r["passes"][0]["gb_per_s"])
     s = r["summary"]
-    for key in ("lessctl_vs_plain_cold", "lessctl_vs_h5py_cold", "h5py_vs_plain_cold", "read_share",
-                "compute_bound_gb_per_s", "legacy_vs_plain_cold", "speedup_over_legacy"):
+    for key in (
+        "lessctl_vs_plain_cold",
+        "lessctl_vs_h5py_cold",
+        "h5py_vs_plain_cold",
+        "read_share",
+        "compute_bound_gb_per_s",
+        "legacy_vs_plain_cold",
+        "speedup_over_legacy",
+    ):
         assert s[key] > 0, key
     assert {"warm_over_cold_plain", "resident_after_evict", "resident_warm", "worked"} <= set(s["eviction"])
     c = r["check"]
@@ -136,7 +218,10 @@ def test_match_bench_figures_and_scores(tmp_path):
     S = 0.0
     for w, step in zip(r["weights"], (100, 200)):
         assert verify_store(stores / f"pool-ckpt{step}-adam.h5") == []
-        with h5py.File(stores / f"pool-ckpt{step}-adam.h5") as fx, h5py.File(stores / f"target-ckpt{step}-sgd.h5") as fy:
+        with (
+            h5py.File(stores / f"pool-ckpt{step}-adam.h5") as fx,
+            h5py.File(stores / f"target-ckpt{step}-sgd.h5") as fy,
+        ):
             X = fx["dim256/features"][:].astype(np.float64)[rows]
             Y = fy["dim256/features"][:].astype(np.float64)
         assert Y.shape == (15, 256)
@@ -157,9 +242,28 @@ def test_profile_compiled_runs_every_step_on_cpu(tmp_path):
     """bench/profile_compiled.py end to end on the tiny shape (its --device cpu smoke run): every step timed, the
     kernel table summed by kind, the JSON written."""
     out = tmp_path / "pc.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "profile_compiled.py"), "--shape", "tiny", "--examples", "6",
-                           "--device", "cpu", "--reps", "1", "--rows", "3", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "profile_compiled.py"),
+            "--shape",
+            "tiny",
+            "--examples",
+            "6",
+            "--device",
+            "cpu",
+            "--reps",
+            "1",
+            "--rows",
+            "3",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["ms_per_example"]) == {"floor", "probes", "products", "features"}

@@ -43,13 +43,17 @@ def tiny_model(tiny_template) -> Path:
 BAD_LINES = [
     ('{"messages": [{"role": "user", "content": "hi"}, ', "invalid JSON"),
     ('{"id": "x1", "text": "no messages here"}', "expected 'messages' or 'prompt' and 'completion'"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}',
-     "messages[1] has unknown role 'robot'"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}',
+        "messages[1] has unknown role 'robot'",
+    ),
     ('{"messages": []}', "'messages' must be a non-empty list"),
 ]
 
 
-@pytest.mark.parametrize("bad, message", BAD_LINES, ids=["malformed-json", "no-messages", "unknown-role", "empty-messages"])
+@pytest.mark.parametrize(
+    "bad, message", BAD_LINES, ids=["malformed-json", "no-messages", "unknown-role", "empty-messages"]
+)
 def test_bad_training_line_names_file_and_line(tmp_path, cli, tiny_model, bad, message):
     f = tmp_path / "pool.jsonl"
     f.write_text(f"{GOOD}\n{GOOD}\n\n{GOOD}\n{bad}\n{GOOD}\n")  # line 5, counting the blank one
@@ -69,7 +73,9 @@ def test_bad_line_in_the_second_file(tmp_path, cli, tiny_model):
 
 def test_missing_training_file(tmp_path, cli, tiny_model):
     cfg = workspace(tmp_path, tiny_model, {"pool": "nope.jsonl"})
-    assert_user_error(cli("--config", cfg, "warmup", "--device", "cpu"), str(tmp_path / "nope.jsonl"), "no such data file")
+    assert_user_error(
+        cli("--config", cfg, "warmup", "--device", "cpu"), str(tmp_path / "nope.jsonl"), "no such data file"
+    )
 
 
 def test_missing_workspace_file(tmp_path, cli):
@@ -84,7 +90,9 @@ def test_no_workspace_file_found(tmp_path, cli):
 def test_unknown_config_key(tmp_path, cli):
     p = tmp_path / CONFIG_NAME
     p.write_text("[warmup]\nepochs = 2\nlearing_rate = 1e-4\n")
-    assert_user_error(cli("--config", p, "config", "show"), str(p), "warmup.learing_rate", "did you mean 'learning_rate'?")
+    assert_user_error(
+        cli("--config", p, "config", "show"), str(p), "warmup.learing_rate", "did you mean 'learning_rate'?"
+    )
 
 
 def test_invalid_toml(tmp_path, cli):

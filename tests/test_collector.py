@@ -23,9 +23,12 @@ def test_feature_collector_equals_per_batch_projection(tiny_template):
     adam = load_adam_state(ckpt, peg.params, "cpu")
     proj = {64: TrakBasicProjector(peg.grad_dim, 64, "cpu")}
     try:
-        small = FeatureCollector(peg, proj, "adam", adam, pad_id=tok.pad_token_id, batch_tokens=120, project_rows=1)(seqs, labels)
-        big = FeatureCollector(peg, proj, "adam", adam, pad_id=tok.pad_token_id, batch_tokens=120, project_rows=1000,
-                               max_batch_examples=3)(seqs, labels)
+        small = FeatureCollector(peg, proj, "adam", adam, pad_id=tok.pad_token_id, batch_tokens=120, project_rows=1)(
+            seqs, labels
+        )
+        big = FeatureCollector(
+            peg, proj, "adam", adam, pad_id=tok.pad_token_id, batch_tokens=120, project_rows=1000, max_batch_examples=3
+        )(seqs, labels)
         naive = naive_gradients(model, seqs, labels, tok.pad_token_id)
     finally:
         peg.remove()

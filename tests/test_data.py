@@ -135,7 +135,9 @@ def test_tulu_golden_encoding(tok):
 
 def test_tulu_truncated_inside_the_second_answer(tok):
     full_ids, full_labels = encode_messages(CONVERSATION, tok, 2048, "tulu")
-    second_start = max(i for i in range(1, len(full_labels)) if full_labels[i - 1] == IGNORE_INDEX and full_labels[i] != IGNORE_INDEX)
+    second_start = max(
+        i for i in range(1, len(full_labels)) if full_labels[i - 1] == IGNORE_INDEX and full_labels[i] != IGNORE_INDEX
+    )
     max_len = second_start + 2
     ids, labels = encode_messages(CONVERSATION, tok, max_len, "tulu")
     assert len(ids) == max_len and ids == full_ids[:max_len]
@@ -159,8 +161,12 @@ def test_tulu_truncated_before_the_answer_has_no_labels(tok):
 
 def test_fully_masked_examples_are_dropped_and_counted(tok, tmp_path):
     short = {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
-    long = {"messages": [{"role": "user", "content": "Count the words: " + "apple " * 60},
-                         {"role": "assistant", "content": "There are 60 words."}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "Count the words: " + "apple " * 60},
+            {"role": "assistant", "content": "There are 60 words."},
+        ]
+    }
     f = tmp_path / "pool.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in (short, long, short)) + "\n")
     out, counts = build_training_set({"pool": f}, tok, 24, "tulu", 1.0, 3)
@@ -265,7 +271,13 @@ def test_read_jsonl_names_file_and_line(tmp_path, bad, message):
 
 def test_read_jsonl_keeps_raw_lines_and_extra_keys(tmp_path):
     lines = [
-        json.dumps({"dataset": "d", "id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        json.dumps(
+            {
+                "dataset": "d",
+                "id": "a",
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            }
+        ),
         json.dumps({"prompt": "p", "completion": "c", "extra": [1, 2]}),
     ]
     f = tmp_path / "x.jsonl"

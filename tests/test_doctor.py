@@ -11,8 +11,22 @@ import torch
 
 from lessctl import doctor as doc
 
-KEYS = {"python", "torch", "torch_cuda_build", "cuda_available", "gpu_name", "sm_count", "bf16_supported", "traker",
-        "fast_jl", "fast_jl_fix", "projector_auto", "projector_auto_reason", "problems", "notes"}
+KEYS = {
+    "python",
+    "torch",
+    "torch_cuda_build",
+    "cuda_available",
+    "gpu_name",
+    "sm_count",
+    "bf16_supported",
+    "traker",
+    "fast_jl",
+    "fast_jl_fix",
+    "projector_auto",
+    "projector_auto_reason",
+    "problems",
+    "notes",
+}
 
 
 def test_doctor_json_reports_cpu_cleanly(cli, monkeypatch):
@@ -53,7 +67,9 @@ def _fake_gpu(monkeypatch, project):
         setattr(fake, f"project_rademacher_{b}", project)
     monkeypatch.setitem(sys.modules, "fast_jl", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132)
+    )
     monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
 
 
@@ -67,14 +83,20 @@ def test_known_answer_test_accepts_a_rademacher_projection(monkeypatch):
     assert 0.45 < res.positive_share < 0.55 and res.linearity_rel_err < 1e-5 and res.deterministic
 
 
-SIGNS = torch.randint(0, 2, (doc.CHECK_GRAD_DIM, doc.CHECK_PROJ_DIM), generator=torch.Generator().manual_seed(2)) * 2.0 - 1
+SIGNS = (
+    torch.randint(0, 2, (doc.CHECK_GRAD_DIM, doc.CHECK_PROJ_DIM), generator=torch.Generator().manual_seed(2)) * 2.0 - 1
+)
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    (lambda x, n, s, m: x.float() @ torch.ones(x.shape[1], n), "positive"),
-    (lambda x, n, s, m: x.float().abs() @ SIGNS[:, :n], "differs from x @ M"),
-    (lambda x, n, s, m: x.float() @ SIGNS[:, :n] + 0.01 * torch.rand(x.shape[0], n), "one magnitude"),
-], ids=["all-plus", "not-linear", "noisy"])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (lambda x, n, s, m: x.float() @ torch.ones(x.shape[1], n), "positive"),
+        (lambda x, n, s, m: x.float().abs() @ SIGNS[:, :n], "differs from x @ M"),
+        (lambda x, n, s, m: x.float() @ SIGNS[:, :n] + 0.01 * torch.rand(x.shape[0], n), "one magnitude"),
+    ],
+    ids=["all-plus", "not-linear", "noisy"],
+)
 def test_known_answer_test_rejects_wrong_kernels(monkeypatch, bad, fragment):
     _fake_gpu(monkeypatch, bad)
     res = doc.check_fast_jl("cpu")
@@ -106,15 +128,23 @@ def test_doctor_on_a_gpu(cli):
 
 def test_doctor_prints_the_fix_verbatim(cli, monkeypatch):
     """The fix names `pip install lessctl[cuda]`: brackets must survive the console's markup."""
+
     def boom(x, n, seed, sms):
         raise RuntimeError("no kernel image is available")
 
     _fake_gpu(monkeypatch, boom)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(
-        multi_processor_count=132, name="Fake H100", major=9, minor=0, total_memory=80 * 2**30))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda dev: types.SimpleNamespace(
+            multi_processor_count=132, name="Fake H100", major=9, minor=0, total_memory=80 * 2**30
+        ),
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr("lessctl.grads.projection.trak.fast_jl_status", lambda device="cuda": (False, "its kernel failed"))
+    monkeypatch.setattr(
+        "lessctl.grads.projection.trak.fast_jl_status", lambda device="cuda": (False, "its kernel failed")
+    )
     r = cli("doctor", "--strict", "--device", "cpu")
     assert r.code == 1, r
     assert "lessctl[cuda]" in r.err and "'9.0' on this GPU" in " ".join(r.err.split()), r.err

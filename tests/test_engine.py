@@ -46,7 +46,7 @@ def test_fully_masked_example_gives_zero_gradient(tiny_template):
 
 
 def test_lora_engine_generic_engine_and_merged_pass_agree_with_batch_of_one(tiny_template):
-    """The three ways of hooking a model give the naive per-example gradients; merging restores the weights bit for bit."""
+    """The three ways of hooking a model give the naive per-example gradients; merging restores the weights exactly."""
     model, tok = _model(tiny_template)
     enc = _encoded(tiny_template, tok, 9)
     seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
@@ -118,8 +118,9 @@ def test_features_are_the_transform_of_the_gradients_in_float16(tiny_template):
     try:
         raw, _, _ = peg(seqs, labels, tok.pad_token_id)
         for kind in ("adam", "sgd", "sign"):
-            f16, r16, _, _ = peg.features(seqs, labels, tok.pad_token_id, kind, adam if kind == "adam" else None,
-                                          keep_raw=True)
+            f16, r16, _, _ = peg.features(
+                seqs, labels, tok.pad_token_id, kind, adam if kind == "adam" else None, keep_raw=True
+            )
             assert f16.dtype == r16.dtype == torch.float16
             expected = transform(raw.clone(), kind, adam).to(torch.float16)
             assert torch.allclose(f16.float(), expected.float(), rtol=2e-3, atol=1e-5), kind

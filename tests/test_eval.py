@@ -284,7 +284,9 @@ def test_mmlu_plumbing_with_a_stub_that_always_says_c(tiny):
     n = sum(len(v) for v in answers.values())
     assert res["n"] == n
     assert res["accuracy"] == pytest.approx(100 * sum(a.count("C") for a in answers.values()) / n)
-    assert res["subjects"]["anatomy"]["accuracy"] == pytest.approx(100 * answers["anatomy"].count("C") / len(answers["anatomy"]))
+    assert res["subjects"]["anatomy"]["accuracy"] == pytest.approx(
+        100 * answers["anatomy"].count("C") / len(answers["anatomy"])
+    )
     assert set(res["categories"]) == {"STEM", "other"}
     assert all(p["prediction"] == "C" for p in res["predictions"])
     assert res["settings"]["prompts_with_fewer_shots"] == 0
@@ -293,7 +295,9 @@ def test_mmlu_plumbing_with_a_stub_that_always_says_c(tiny):
 @needs_data
 def test_mmlu_drops_shots_when_too_long(tiny):
     model, tok = tiny
-    res = mmlu.evaluate_mmlu(model, tok, DATA, limit=2, subjects=["high_school_european_history"], max_prompt_tokens=400)
+    res = mmlu.evaluate_mmlu(
+        model, tok, DATA, limit=2, subjects=["high_school_european_history"], max_prompt_tokens=400
+    )
     assert res["n"] == 2 and res["settings"]["prompts_with_fewer_shots"] == 2
 
 
@@ -416,7 +420,11 @@ def test_adapter_is_merged_and_run_is_recorded(tiny_dir, tmp_path):
     saved = json.loads(outcome.path.read_text())
     assert list(saved)[0] == "f1" and saved["languages"] and saved["model"]["name"] == "tydiqa-less"
     assert {k: rec[k] for k in ("model", "method", "target", "task", "metric")} == {
-        "model": "tydiqa-less", "method": "less", "target": "tydiqa", "task": "tydiqa", "metric": "f1"
+        "model": "tydiqa-less",
+        "method": "less",
+        "target": "tydiqa",
+        "task": "tydiqa",
+        "metric": "f1",
     }
     assert rec["score"] == pytest.approx(saved["f1"], abs=1e-3) and rec["lessctl_version"] and rec["time"]
     assert read_results(out) == [rec]
@@ -454,7 +462,11 @@ def test_eval_and_results_commands(workspace, capsys):
     out = json.loads(capsys.readouterr().out)
     [rec, rec_mmlu] = out["results"]
     assert (rec["model"], rec["method"], rec["target"], rec["task"], rec["metric"]) == (
-        "tydiqa-less", "less", "tydiqa", "tydiqa", "f1"
+        "tydiqa-less",
+        "less",
+        "tydiqa",
+        "tydiqa",
+        "f1",
     )
     assert (rec_mmlu["task"], rec_mmlu["metric"], rec_mmlu["n"], rec_mmlu["limit"]) == ("mmlu", "accuracy", 57, 1)
     assert (workspace.parent / "out/eval/tydiqa-less/tydiqa.json").is_file()
@@ -467,7 +479,11 @@ def test_eval_and_results_commands(workspace, capsys):
 
     assert _lessctl([*cfg, "results", "--json"]) == 0
     recs = json.loads(capsys.readouterr().out)["results"]
-    assert [(r["model"], r["task"]) for r in recs] == [("tydiqa-less", "tydiqa"), ("tydiqa-less", "mmlu"), ("base", "tydiqa")]
+    assert [(r["model"], r["task"]) for r in recs] == [
+        ("tydiqa-less", "tydiqa"),
+        ("tydiqa-less", "mmlu"),
+        ("base", "tydiqa"),
+    ]
     assert recs[2]["method"] is None and recs[2]["target"] is None
 
     assert _lessctl([*cfg, "results"]) == 0

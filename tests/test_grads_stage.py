@@ -24,8 +24,13 @@ def test_store_schema_and_verify(tiny_grads_ws, cli):
     assert res.code == 0, res
     res = cli("--config", tiny_grads_ws / "lessctl.toml", "store", "ls", "--json")
     stores = json.loads(res.out)["stores"]
-    assert {(s["name"], s["grad_type"]) for s in stores} >= {("synth_a", "adam"), ("synth_b", "adam"),
-                                                              ("arithmetic", "sgd"), ("antonyms", "sgd"), ("sorting", "sgd")}
+    assert {(s["name"], s["grad_type"]) for s in stores} >= {
+        ("synth_a", "adam"),
+        ("synth_b", "adam"),
+        ("arithmetic", "sgd"),
+        ("antonyms", "sgd"),
+        ("sorting", "sgd"),
+    }
     assert all(s["complete"] and s["dims"] == [64, 128] for s in stores)
     _, step = _checkpoint(tiny_grads_ws)
     p = store_path(tiny_grads_ws / "out" / "grads", "synth_a", step, "adam")
@@ -48,7 +53,20 @@ def test_complete_store_is_skipped_unless_force(tiny_grads_ws, cli):
     res = cli("--config", cfgp, "grads", "--dims", "64", "128", "--target", "sorting", "--json")
     assert res.code == 0, res
     assert {s["status"] for s in json.loads(res.out)["stores"]} == {"skipped"}
-    res = cli("--config", cfgp, "grads", "--dims", "64", "128", "--target", "sorting", "--ckpt-index", "1", "--force", "--json")
+    res = cli(
+        "--config",
+        cfgp,
+        "grads",
+        "--dims",
+        "64",
+        "128",
+        "--target",
+        "sorting",
+        "--ckpt-index",
+        "1",
+        "--force",
+        "--json",
+    )
     assert res.code == 0, res
     assert [s["status"] for s in json.loads(res.out)["stores"]] == ["written"]
 
@@ -60,8 +78,13 @@ def test_kill_9_then_resume_equals_uninterrupted(tiny_ws, tmp_path, cli):
     _, step = _checkpoint(tiny_ws)
     args = ["grads", "--ckpt", str(step), "--train", "synth_a", "--dims", "64", "--batch-tokens", "256"]
     env = {**os.environ, "LESSCTL_FLUSH_ROWS": "8"}
-    proc = subprocess.Popen([sys.executable, "-m", "lessctl.cli", "--config", str(tiny_ws / "lessctl.toml"), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lessctl.cli", "--config", str(tiny_ws / "lessctl.toml"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     final = store_path(tiny_ws / "out" / "grads", "synth_a", step, "adam")
     part = final.with_name(final.name + ".part")
     done = _wait_rows(part, 16, proc)
@@ -83,8 +106,10 @@ def test_kill_9_then_resume_equals_uninterrupted(tiny_ws, tmp_path, cli):
     finally:
         collect.FLUSH_ROWS = old
         os.environ.pop("LESSCTL_FLUSH_ROWS", None)
-    with open_store(tiny_ws / "out" / "grads", "synth_a", step, "adam") as a, \
-         open_store(other / "out" / "grads", "synth_a", step, "adam") as b:
+    with (
+        open_store(tiny_ws / "out" / "grads", "synth_a", step, "adam") as a,
+        open_store(other / "out" / "grads", "synth_a", step, "adam") as b,
+    ):
         np.testing.assert_array_equal(a.index, b.index)
         np.testing.assert_array_equal(a.read(64), b.read(64))
         np.testing.assert_array_equal(a.norms(64), b.norms(64))
@@ -94,8 +119,23 @@ def test_three_shards_read_as_one(tiny_grads_ws, cli):
     cfgp = tiny_grads_ws / "lessctl.toml"
     _, step = _checkpoint(tiny_grads_ws)
     for k in (1, 2, 3):
-        res = cli("--config", cfgp, "grads", "--ckpt", str(step), "--train", "synth_b", "--dims", "64", "128",
-                  "--shard", f"{k}/3", "--device", "cpu", "--json")  # as the template's stores were made
+        res = cli(
+            "--config",
+            cfgp,
+            "grads",
+            "--ckpt",
+            str(step),
+            "--train",
+            "synth_b",
+            "--dims",
+            "64",
+            "128",
+            "--shard",
+            f"{k}/3",
+            "--device",
+            "cpu",
+            "--json",
+        )  # as the template's stores were made
         assert res.code == 0, res
     grads = tiny_grads_ws / "out" / "grads"
     whole = store_path(grads, "synth_b", step, "adam")
@@ -118,15 +158,36 @@ def test_changed_source_refuses_to_resume(tiny_ws, cli):
     cfgp = tiny_ws / "lessctl.toml"
     _, step = _checkpoint(tiny_ws)
     # make a partial store by killing a subprocess early
-    proc = subprocess.Popen([sys.executable, "-m", "lessctl.cli", "--config", str(cfgp), "grads", "--ckpt", str(step),
-                             "--train", "synth_a", "--dims", "64", "--batch-tokens", "256"],
-                            env={**os.environ, "LESSCTL_FLUSH_ROWS": "8"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lessctl.cli",
+            "--config",
+            str(cfgp),
+            "grads",
+            "--ckpt",
+            str(step),
+            "--train",
+            "synth_a",
+            "--dims",
+            "64",
+            "--batch-tokens",
+            "256",
+        ],
+        env={**os.environ, "LESSCTL_FLUSH_ROWS": "8"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     final = store_path(tiny_ws / "out" / "grads", "synth_a", step, "adam")
     _wait_rows(final.with_name(final.name + ".part"), 8, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with open(tiny_ws / "data" / "synth_a.jsonl", "a") as fh:
-        fh.write(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+        fh.write(
+            json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+        )
     res = cli("--config", cfgp, "grads", "--ckpt", str(step), "--train", "synth_a", "--dims", "64")
     assert res.code == 2 and res.err.count("error:") == 1 and "source" in res.err and "--force" in res.err, res
 
@@ -175,8 +236,21 @@ def test_grads_without_warmup_names_the_command(tmp_path, cli):
 def test_sketch_stores_are_recorded_and_not_matched_with_rademacher(tiny_grads_ws, cli):
     ws = tiny_grads_ws
     step = json.loads((ws / "out" / "warmup" / "checkpoints.json").read_text())[0]["step"]
-    res = cli("--config", ws / "lessctl.toml", "grads", "--ckpt", str(step), "--target", "sorting", "--dims", "64", "128",
-              "--projector", "sketch", "--force")
+    res = cli(
+        "--config",
+        ws / "lessctl.toml",
+        "grads",
+        "--ckpt",
+        str(step),
+        "--target",
+        "sorting",
+        "--dims",
+        "64",
+        "128",
+        "--projector",
+        "sketch",
+        "--force",
+    )
     assert res.code == 0, res
     assert "projector: sketch" in res.out + res.err
     assert "TRAK's CUDA projection" not in res.out + res.err  # the engine line is the CUDA projector's only
@@ -195,8 +269,25 @@ def test_merged_and_unmerged_passes_write_the_same_stores(tiny_grads_ws, cli):
         merged_train = r.read(64)
     with open_store(grads, "sorting", step, "sgd") as r:
         merged_target = r.read(64)
-    res = cli("--config", ws / "lessctl.toml", "grads", "--no-merge", "--force", "--ckpt", str(step), "--dims", "64",
-              "--train", "synth_a", "--target", "sorting", "--projector", "basic", "--device", "cpu")
+    res = cli(
+        "--config",
+        ws / "lessctl.toml",
+        "grads",
+        "--no-merge",
+        "--force",
+        "--ckpt",
+        str(step),
+        "--dims",
+        "64",
+        "--train",
+        "synth_a",
+        "--target",
+        "sorting",
+        "--projector",
+        "basic",
+        "--device",
+        "cpu",
+    )
     assert res.code == 0, res.err
     with open_store(grads, "synth_a", step, "adam") as r:
         np.testing.assert_allclose(r.read(64), merged_train, rtol=1e-3, atol=1e-3)

@@ -147,7 +147,9 @@ def test_pool_examples_hold_relevant_docs_and_hard_negatives(ws, beir):
 def write_beir(root: Path) -> Path:
     """A 40-document collection where query q1's relevant documents rank low in BM25."""
     root.mkdir(parents=True)
-    docs = [{"_id": f"d{i}", "title": "", "text": f"apple banana cherry filler{i} " + "word " * (i % 7)} for i in range(40)]
+    docs = [
+        {"_id": f"d{i}", "title": "", "text": f"apple banana cherry filler{i} " + "word " * (i % 7)} for i in range(40)
+    ]
     docs[30]["text"] = "zebra stripes"  # relevant to q1 but shares no term with it
     docs[31]["text"] = "zebra apple"
     (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -244,7 +246,9 @@ def test_prompt_is_the_section7_format():
 
 def test_prepare_cli_done_criterion(beir, tmp_path, cli):
     out = tmp_path / "d"
-    r = cli("ir", "prepare", "--beir", beir / "scifact", "--name", "scifact", "--out", out, "--dev-queries", "10", "--json")
+    r = cli(
+        "ir", "prepare", "--beir", beir / "scifact", "--name", "scifact", "--out", out, "--dev-queries", "10", "--json"
+    )
     assert r.code == 0, r
     summary = json.loads(r.out)
     assert summary["counts"]["dev"] == 10 and summary["counts"]["eval"] == len(lines(out / "scifact_eval.jsonl"))
@@ -279,28 +283,34 @@ def test_prepare_cli_errors(tmp_path, cli, beir):
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text,order", [
-    ("[B] > [A] > [C] > [E] > [D]", "BACED"),
-    ("[B]>[A]>[C]>[E]>[D]", "BACED"),
-    ("  [ B ]  >[A] >  [C]>[ E]  > [D ]\n", "BACED"),
-    ("Ranking: [b] > [a] > [c] > [e] > [d]. [B] is the most relevant.", "BACED"),
-    ("Sure! Here it is:\n[E] > [D] > [C] > [B] > [A]", "EDCBA"),
-])
+@pytest.mark.parametrize(
+    "text,order",
+    [
+        ("[B] > [A] > [C] > [E] > [D]", "BACED"),
+        ("[B]>[A]>[C]>[E]>[D]", "BACED"),
+        ("  [ B ]  >[A] >  [C]>[ E]  > [D ]\n", "BACED"),
+        ("Ranking: [b] > [a] > [c] > [e] > [d]. [B] is the most relevant.", "BACED"),
+        ("Sure! Here it is:\n[E] > [D] > [C] > [B] > [A]", "EDCBA"),
+    ],
+)
 def test_parse_well_formed(text, order):
     assert parse_ranking(text, LABELS) == ParsedRanking(tuple(order))
 
 
-@pytest.mark.parametrize("text,error", [
-    ("[B] > [A] > [C] > [B] > [D]", "repeated identifier [B]"),
-    ("[B] > [A] > [C] > [E]", "missing [D]"),
-    ("[B] > [A]", "missing [C], [D], [E]"),
-    ("[B] > [A] > [C] > [E] > [D] > [F]", "unknown identifier [F]"),
-    ("[1] > [2] > [3] > [4] > [5]", "unknown identifier [1]"),
-    ("B > A > C > E > D", "no ranking"),
-    ("> > > > [ [ [", "no ranking"),
-    ("", "no ranking"),
-    ("[B], [A], [C], [E], [D]", "missing"),
-])
+@pytest.mark.parametrize(
+    "text,error",
+    [
+        ("[B] > [A] > [C] > [B] > [D]", "repeated identifier [B]"),
+        ("[B] > [A] > [C] > [E]", "missing [D]"),
+        ("[B] > [A]", "missing [C], [D], [E]"),
+        ("[B] > [A] > [C] > [E] > [D] > [F]", "unknown identifier [F]"),
+        ("[1] > [2] > [3] > [4] > [5]", "unknown identifier [1]"),
+        ("B > A > C > E > D", "no ranking"),
+        ("> > > > [ [ [", "no ranking"),
+        ("", "no ranking"),
+        ("[B], [A], [C], [E], [D]", "missing"),
+    ],
+)
 def test_parse_malformed(text, error):
     parsed = parse_ranking(text, LABELS)
     assert parsed.malformed and parsed.order is None and error in parsed.error
@@ -328,14 +338,19 @@ def test_ndcg_and_mrr_by_hand():
 
 def test_score_ranking_and_malformed_answers_count_as_zero():
     cands = [{"label": lab, "grade": g, "bm25_rank": i + 1} for i, (lab, g) in enumerate(zip(LABELS, [0, 2, 0, 1, 0]))]
-    rec = {"id": "x", "query_id": "1", "messages": [{"role": "user", "content": "q"},
-                                                    {"role": "assistant", "content": "[B] > [D] > [A] > [C] > [E]"}],
-           "candidates": cands}
+    rec = {
+        "id": "x",
+        "query_id": "1",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "[B] > [D] > [A] > [C] > [E]"}],
+        "candidates": cands,
+    }
     assert score_ranking(parse_ranking("[B] > [D] > [A] > [C] > [E]", LABELS), cands) == (1.0, 1.0)
     nd, rr = score_ranking(parse_ranking("[A] > [B] > [C] > [D] > [E]", LABELS), cands)
     assert nd == pytest.approx((3 / math.log2(3) + 1 / math.log2(5)) / (3 + 1 / math.log2(3))) and rr == 0.5
     assert score_ranking(parse_ranking("[A] > [A]", LABELS), cands) == (0.0, 0.0)
-    res = score_answers([rec, rec, rec, rec], ["[B] > [D] > [A] > [C] > [E]", "garbage", "[B] > [D]", "[B]>[D]>[A]>[C]>[E]"])
+    res = score_answers(
+        [rec, rec, rec, rec], ["[B] > [D] > [A] > [C] > [E]", "garbage", "[B] > [D]", "[B]>[D]>[A]>[C]>[E]"]
+    )
     assert res["n"] == 4 and res["malformed"] == 2 and res["malformed_rate"] == 50.0
     assert res["ndcg@5"] == pytest.approx(50.0) and res["mrr@5"] == pytest.approx(50.0)
     assert [p["error"] is None for p in res["predictions"]] == [True, False, False, True]
@@ -359,8 +374,22 @@ def test_bm25_baseline_is_a_real_figure(ws):
 
 def test_ir_eval_end_to_end_with_the_tiny_model(ws, cli, monkeypatch):
     data = ws / "data" / "scifact_eval.jsonl"
-    r = cli("ir", "eval", "--model", ws / "model", "--dataset", data, "--limit", "3", "--max-new-tokens", "12",
-            "--device", "cpu", "--json", cwd=ws)
+    r = cli(
+        "ir",
+        "eval",
+        "--model",
+        ws / "model",
+        "--dataset",
+        data,
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--json",
+        cwd=ws,
+    )
     assert r.code == 0, r
     rec = json.loads(r.out)["results"][0]
     assert rec["model"] == "base" and rec["task"] == "ir-scifact" and rec["metric"] == "ndcg@5" and rec["n"] == 3
@@ -415,8 +444,22 @@ def test_tiny_ir_workspace_runs_the_less_pipeline(ws, tmp_path, cli):
     for m in ("less", "random", "bm25"):
         sel = lines(next((w / "out" / "selected" / "scifact" / m).glob("top_p*.jsonl")))
         assert len(sel) == int(0.25 * 43) and all(s["dataset"] == "msmarco" for s in sel)
-    r = cli("ir", "eval", "--model", w / "out" / "finetune" / "scifact-less", "--dataset",
-            w / "data" / "scifact_eval.jsonl", "--limit", "2", "--max-new-tokens", "8", "--device", "cpu", "--json", cwd=w)
+    r = cli(
+        "ir",
+        "eval",
+        "--model",
+        w / "out" / "finetune" / "scifact-less",
+        "--dataset",
+        w / "data" / "scifact_eval.jsonl",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+        cwd=w,
+    )
     assert r.code == 0, r
     rec = json.loads(r.out)["results"][0]
     assert rec["method"] == "less" and rec["target"] == "scifact" and rec["n"] == 2

@@ -46,9 +46,13 @@ def test_less_scores_equal_direct_numpy(tiny_grads_ws, cli):
     assert len(set(subtasks)) == 2
     expected = []
     for name in ("synth_a", "synth_b"):  # config order
-        s = sum(wc * _features(ws, name, st, "adam", 64) @ _features(ws, "arithmetic", st, "sgd", 64).T
-                for wc, st in zip(w, steps))
-        per_sub = np.stack([s[:, [j for j, t in enumerate(subtasks) if t == u]].mean(1) for u in dict.fromkeys(subtasks)], 1)
+        s = sum(
+            wc * _features(ws, name, st, "adam", 64) @ _features(ws, "arithmetic", st, "sgd", 64).T
+            for wc, st in zip(w, steps)
+        )
+        per_sub = np.stack(
+            [s[:, [j for j, t in enumerate(subtasks) if t == u]].mean(1) for u in dict.fromkeys(subtasks)], 1
+        )
         lines = [i for i, l in enumerate((ws / "data" / f"{name}.jsonl").read_text().splitlines())]
         expected += [(name, i, v) for i, v in zip(lines, per_sub.max(1))]
     rows = read_sorted_csv(Path(sel["file"]).parent / "sorted.csv")
@@ -80,7 +84,9 @@ def test_ckpt_subset_and_explicit_weights(tiny_grads_ws, cli):
 
 
 def test_max_samples_and_summary(tiny_grads_ws, cli):
-    res = cli("--config", tiny_grads_ws / "lessctl.toml", "match", "--target", "antonyms", "--max-samples", "7", "--json")
+    res = cli(
+        "--config", tiny_grads_ws / "lessctl.toml", "match", "--target", "antonyms", "--max-samples", "7", "--json"
+    )
     sel = json.loads(res.out)["selections"][0]
     assert sel["selected"] == 7 and Path(sel["file"]).name == "top_n7.jsonl"
     assert len(Path(sel["file"]).read_text().splitlines()) == 7
@@ -92,7 +98,10 @@ def test_bm25_scores_equal_rank_bm25(tiny_ws):
 
     from lessctl.select.baselines import bm25_scores
 
-    texts = {"a": [(0, "the cat sat on the mat"), (1, "dogs chase cats")], "b": [(4, "a mat for the dog"), (7, "nothing here")]}
+    texts = {
+        "a": [(0, "the cat sat on the mat"), (1, "dogs chase cats")],
+        "b": [(4, "a mat for the dog"), (7, "nothing here")],
+    }
     queries = ["cat on mat", "dog", "the mat"]
     subtasks = ["s1", "s1", "s2"]
     got = bm25_scores(texts, queries, subtasks)
@@ -105,8 +114,18 @@ def test_bm25_scores_equal_rank_bm25(tiny_ws):
 
 
 def test_bm25_and_random_through_the_cli(tiny_ws, cli):
-    res = cli("--config", tiny_ws / "lessctl.toml", "match", "--target", "arithmetic", "--method", "bm25",
-              "--method", "random", "--json")
+    res = cli(
+        "--config",
+        tiny_ws / "lessctl.toml",
+        "match",
+        "--target",
+        "arithmetic",
+        "--method",
+        "bm25",
+        "--method",
+        "random",
+        "--json",
+    )
     assert res.code == 0, res
     sels = {s["method"]: s for s in json.loads(res.out)["selections"]}
     assert sels["bm25"]["selected"] == sels["random"]["selected"] == 18

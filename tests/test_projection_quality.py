@@ -88,10 +88,33 @@ def test_identity_projector_is_a_no_op(pq):
 def report(data_dir, tmp_path_factory) -> tuple[dict, str, Path]:
     tmp = tmp_path_factory.mktemp("projection_quality")
     out, js = tmp / "ws", tmp / "report.json"
-    env = {**os.environ, "LESSCTL_TEST_DATA": str(data_dir),
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--cot-lines", "200", "--dim", "256", "--lora-r", "16",
-           "--epochs", "1", "--max-seq-length", "512", "--seeds", "3", "--device", "cpu", "--json", str(js)]
+    env = {
+        **os.environ,
+        "LESSCTL_TEST_DATA": str(data_dir),
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--cot-lines",
+        "200",
+        "--dim",
+        "256",
+        "--lora-r",
+        "16",
+        "--epochs",
+        "1",
+        "--max-seq-length",
+        "512",
+        "--seeds",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+        str(js),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(js.read_text()), proc.stdout, out
@@ -104,8 +127,19 @@ def _unit(x) -> bool:
 @pytest.mark.slow
 def test_report_structure_and_figures(report):
     r, stdout, out = report
-    for key in ("command", "date", "versions", "device", "settings", "sizes", "warmup", "seconds", "methods",
-                "targets", "summary"):
+    for key in (
+        "command",
+        "date",
+        "versions",
+        "device",
+        "settings",
+        "sizes",
+        "warmup",
+        "seconds",
+        "methods",
+        "targets",
+        "summary",
+    ):
         assert key in r, key
     s = r["settings"]
     assert (s["cot_lines"], s["dim"], s["lora_r"], s["lora_alpha"], s["epochs"], s["seeds"]) == (200, 256, 16, 64, 1, 3)
@@ -127,8 +161,15 @@ def test_report_structure_and_figures(report):
             assert _unit(o["jaccard"]) and _unit(o["kept"]), (name, comp, o)
             assert 0 <= o["intersection"] <= t["n_selected"]
             assert o["kept"] == pytest.approx(o["intersection"] / t["n_selected"])
-        for comp in ("rademacher1_vs_rademacher0", "sketch0_vs_rademacher0", "sketch1_vs_rademacher0",
-                     "exact_vs_rademacher0", "rademacher0_vs_exact", "sketch0_vs_exact", "sketch1_vs_exact"):
+        for comp in (
+            "rademacher1_vs_rademacher0",
+            "sketch0_vs_rademacher0",
+            "sketch1_vs_rademacher0",
+            "exact_vs_rademacher0",
+            "rademacher0_vs_exact",
+            "sketch0_vs_exact",
+            "sketch1_vs_exact",
+        ):
             assert comp in t["overlap"], comp
         # Jaccard is symmetric
         assert t["overlap"]["exact_vs_rademacher0"]["jaccard"] == t["overlap"]["rademacher0_vs_exact"]["jaccard"]
@@ -151,15 +192,18 @@ def test_report_structure_and_figures(report):
         assert w["seeds"] == 3
         assert len(w["rademacher_vs_rademacher0"]["values"]) == 2 and len(w["sketch_vs_rademacher0"]["values"]) == 3
         assert w["rademacher_vs_rademacher0"]["values"][0] == yard
-        assert w["sketch_vs_exact"]["values"][:2] == [t["overlap"]["sketch0_vs_exact"]["jaccard"],
-                                                      t["overlap"]["sketch1_vs_exact"]["jaccard"]]
+        assert w["sketch_vs_exact"]["values"][:2] == [
+            t["overlap"]["sketch0_vs_exact"]["jaccard"],
+            t["overlap"]["sketch1_vs_exact"]["jaccard"],
+        ]
         for key in ("rademacher_vs_rademacher0", "sketch_vs_rademacher0", "rademacher_vs_exact", "sketch_vs_exact"):
             assert all(_unit(x) for x in w[key]["values"])
             assert w[key]["min"] <= w[key]["mean"] <= w[key]["max"]
         for ref in ("rademacher0", "exact"):
             dd = w[f"difference_vs_{ref}"]
             assert dd["sketch_minus_rademacher"] == pytest.approx(
-                w[f"sketch_vs_{ref}"]["mean"] - w[f"rademacher_vs_{ref}"]["mean"])
+                w[f"sketch_vs_{ref}"]["mean"] - w[f"rademacher_vs_{ref}"]["mean"]
+            )
             assert dd["standard_error"] >= 0
     for name in ("dolly", "oasst1", "cot", *TARGETS):
         e = r["sizes"]["effective_coordinates"][name]

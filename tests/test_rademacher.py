@@ -84,7 +84,9 @@ def slow_fast_jl_matrix(F: int, N: int, seed: int, num_feature_tiles: int) -> np
                                     p = 16 * chunk + row
                                     f = block_y * tile + p
                                     if p < tile and f < F:
-                                        R[f, 512 * block_x + 32 * tz + col] = 1.0 if (bits >> (2 * x + half)) & 1 else -1.0
+                                        R[f, 512 * block_x + 32 * tz + col] = (
+                                            1.0 if (bits >> (2 * x + half)) & 1 else -1.0
+                                        )
     return R
 
 
@@ -114,15 +116,21 @@ def test_vectorised_xorwow_equals_the_scalar_one():
         assert [int(w) for w in words[:, j]] == [rng() for _ in range(40)], seed
     # fast_jl's per-thread seeds wrap modulo 2**32
     got = rm.thread_seeds(2**32 - 3, 131, 1024)
-    assert [int(s) for s in got[[0, 1, 1023]]] == [(2**32 - 3 + 658105236 * c + 359124577 * 131) & M32 for c in (0, 1, 1023)]
+    assert [int(s) for s in got[[0, 1, 1023]]] == [
+        (2**32 - 3 + 658105236 * c + 359124577 * 131) & M32 for c in (0, 1, 1023)
+    ]
 
 
-@pytest.mark.parametrize("F, N, seed, tiles", [
-    (1000, 512, 0, 7),  # 143 features per tile: not a multiple of 16, and F is not a multiple of the tiles
-    (1000, 512, 2**32 - 1, 7),
-    (333, 1024, 12345, 132),  # more requested tiles than features/3: tiles of 3, the last ones empty
-    (200, 512, 7, 1000),  # more tiles than features: fast_jl uses F tiles of one feature
-], ids=["tiles7", "seed-max", "wide", "tiles>F"])
+@pytest.mark.parametrize(
+    "F, N, seed, tiles",
+    [
+        (1000, 512, 0, 7),  # 143 features per tile: not a multiple of 16, and F is not a multiple of the tiles
+        (1000, 512, 2**32 - 1, 7),
+        (333, 1024, 12345, 132),  # more requested tiles than features/3: tiles of 3, the last ones empty
+        (200, 512, 7, 1000),  # more tiles than features: fast_jl uses F tiles of one feature
+    ],
+    ids=["tiles7", "seed-max", "wide", "tiles>F"],
+)
 def test_emulated_matrix_equals_fast_jl_loops(F, N, seed, tiles):
     ref = slow_fast_jl_matrix(F, N, seed, tiles)
     got = reference.fast_jl_matrix(F, N, seed, tiles)
@@ -181,14 +189,22 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the dev extra installs it on Linux x86_64)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the compiled kernel is tested against fast_jl "
-                    "instead (and older Triton interpreters, such as 3.6's, cannot run a loop bound loaded from memory)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a GPU is here: the compiled kernel is tested against fast_jl "
+    "instead (and older Triton interpreters, such as 3.6's, cannot run a loop bound loaded from memory)",
+)
 def test_triton_kernel_under_the_interpreter_equals_the_emulation():
     """The kernel, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set before triton is
     imported, hence the subprocess), gives the emulated fast_jl projection."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for (B, F, dim, *_), (shape, err) in zip(INTERPRETER_CASES, results):
@@ -228,8 +244,15 @@ def test_cuda_projector_uses_the_triton_kernel_when_its_check_passes(monkeypatch
     proj = TrakCudaProjector(2**27, 1024, "cpu", seed=3, model_id=1)
     assert proj.engine == "triton" and proj.max_rows == TRITON_MAX_ROWS
     assert seen == [("cpu", 1024, 10003, 132, TRITON_MAX_ROWS)]  # its own dim, TRAK's seed, the tile count
-    assert proj.attrs == {"kind": "cuda", "type": "rademacher", "seed": 3, "model_id": 1, "grad_dim": 2**27,
-                          "dtype": "float16", "sm_count": 132}  # the same store attributes as with fast_jl
+    assert proj.attrs == {
+        "kind": "cuda",
+        "type": "rademacher",
+        "seed": 3,
+        "model_id": 1,
+        "grad_dim": 2**27,
+        "dtype": "float16",
+        "sm_count": 132,
+    }  # the same store attributes as with fast_jl
     out = proj.project(torch.zeros(64, 600).t())  # float32, not contiguous: rows go as contiguous float16
     assert out.shape == (600, 1024) and out[-1, 0] == 3
     assert [c[0] for c in calls] == [256, 256, 88]
@@ -274,8 +297,9 @@ def test_emulation_equals_fast_jl():
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for F, N, seed, tiles in ((1000, 512, 0, n_sms), (3000, 1024, 2**32 - 7, 2), (2051, 512, 12345, 5)):
         eye = torch.eye(F, device="cuda", dtype=torch.float16)
-        got = torch.cat([fast_jl.project_rademacher_32(eye[i : i + 32].contiguous(), N, seed, tiles)
-                         for i in range(0, F, 32)]).cpu()
+        got = torch.cat(
+            [fast_jl.project_rademacher_32(eye[i : i + 32].contiguous(), N, seed, tiles) for i in range(0, F, 32)]
+        ).cpu()
         assert torch.equal(got, reference.fast_jl_matrix(F, N, seed, tiles)), (F, N, seed, tiles)
     x = torch.randn(7, 2000, device="cuda").half()
     ref = fast_jl.project_rademacher_8(x, 512, 99, n_sms).cpu()
@@ -301,13 +325,16 @@ def test_triton_kernel_equals_fast_jl():
     ref = torch.cat([fast_jl.project_rademacher_32(x[i : i + 32].contiguous(), D, 0, n_sms) for i in (0, 32, 64)])
     assert _rel(got, ref) < 1e-5
     assert _rel(rm.project(x[:32].contiguous(), D, 0, n_sms), ref[:32]) < 1e-5
-    trak = CudaProjector(grad_dim=F, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda",
-                         max_batch_size=32)
+    trak = CudaProjector(
+        grad_dim=F, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda", max_batch_size=32
+    )
     assert _rel(got[:32], trak.project(x[:32], model_id=0)) < 1e-5
     # another seed, an aligned width (vectorised loads), several row blocks and column widths
     F2 = 2**20 + 4096
     x2 = torch.randn(70, F2, device="cuda", generator=gen).half()
-    ref2 = torch.cat([fast_jl.project_rademacher_32(x2[i : i + 32].contiguous(), 512, 10000, n_sms) for i in (0, 32, 64)])
+    ref2 = torch.cat(
+        [fast_jl.project_rademacher_32(x2[i : i + 32].contiguous(), 512, 10000, n_sms) for i in (0, 32, 64)]
+    )
     for cfg in ({}, {"block_m": 32}, {"block_n": 256, "num_warps": 8}, {"unroll": 1}):
         assert _rel(rm.project(x2, 512, 10000, n_sms, **cfg), ref2) < 1e-5, cfg
     ok, detail = rm.check_against_fast_jl("cuda", 8192, 0, n_sms)
@@ -328,8 +355,9 @@ def test_cuda_projector_triton_engine_equals_trak():
     ours = TrakCudaProjector(P, D, "cuda", model_id=1)
     assert ours.engine == "triton" and ours.max_rows == TRITON_MAX_ROWS
     got = ours.project(x)
-    trak = CudaProjector(grad_dim=P, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda",
-                         max_batch_size=16)
+    trak = CudaProjector(
+        grad_dim=P, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda", max_batch_size=16
+    )
     ref = torch.cat([trak.project(x[i : i + 16], model_id=1) for i in (0, 16, 32)])  # 16 x 2**27 fits fast_jl
     assert _rel(got, ref) < 1e-5
     fj = TrakCudaProjector(P, D, "cuda", model_id=1, engine="fast_jl")
@@ -347,7 +375,10 @@ def test_doctor_reports_the_triton_kernel_without_a_gpu(cli, monkeypatch):
     assert tp["ok"] is None and tp["imports"] is HAS_TRITON
     assert ("not run: no CUDA GPU" in tp["detail"]) if HAS_TRITON else ("cannot import triton" in tp["detail"])
     assert rep["problems"] == [] and not any("Triton" in n for n in rep["notes"])
-    assert rep["sketch_kernel"] == {"ok": None, "detail": "not run: no CUDA GPU is visible (the CPU uses torch gathers)"}
+    assert rep["sketch_kernel"] == {
+        "ok": None,
+        "detail": "not run: no CUDA GPU is visible (the CPU uses torch gathers)",
+    }
     out = cli("doctor").out
     assert "Triton projection" in out and "count sketch kernel" in out
 
@@ -356,15 +387,23 @@ def _fake_gpu_with_fast_jl(monkeypatch):
     """A CPU stand-in for an H100 whose fake fast_jl passes doctor's fast_jl test."""
     from lessctl import doctor as doc
 
-    R = torch.randint(0, 2, (doc.CHECK_GRAD_DIM, doc.CHECK_PROJ_DIM), generator=torch.Generator().manual_seed(1)) * 2.0 - 1
+    R = (
+        torch.randint(0, 2, (doc.CHECK_GRAD_DIM, doc.CHECK_PROJ_DIM), generator=torch.Generator().manual_seed(1)) * 2.0
+        - 1
+    )
     fake = types.ModuleType("fast_jl")
     for b in (8, 16, 32):
         setattr(fake, f"project_rademacher_{b}", lambda x, n, seed, sms: x.float() @ R[:, :n])
     monkeypatch.setitem(sys.modules, "fast_jl", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(
-        multi_processor_count=132, name="Fake H100", major=9, minor=0, total_memory=80 * 2**30))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda dev: types.SimpleNamespace(
+            multi_processor_count=132, name="Fake H100", major=9, minor=0, total_memory=80 * 2**30
+        ),
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
 

@@ -40,9 +40,20 @@ def test_run_stage_range_errors(tiny_ws, cli):
 
 
 def _complete(ws, words: str) -> list[str]:
-    env = {**os.environ, "_LESSCTL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
-    out = subprocess.run([sys.executable, "-c", "from lessctl.cli import main; main()"], cwd=ws, env=env,
-                         capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "_LESSCTL_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", "from lessctl.cli import main; main()"],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout.split()
 
 
@@ -56,6 +67,11 @@ def test_completion_candidates_from_the_workspace(tiny_ws):
 
 
 def test_show_completion_prints_a_script(tmp_path):
-    out = subprocess.run([sys.executable, "-c", "from lessctl.cli import main; main()", "--show-completion", "bash"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "from lessctl.cli import main; main()", "--show-completion", "bash"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "_LESSCTL_COMPLETE" in out.stdout

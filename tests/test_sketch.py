@@ -98,8 +98,14 @@ def test_sketch_is_deterministic_and_seeded():
     assert torch.equal(p.project(x), make_projector("sketch", P, D, "cpu", seed=5).project(x))
     assert not torch.equal(p.project(x), make_projector("sketch", P, D, "cpu", seed=6).project(x))
     assert not torch.equal(p.project(x), CountSketchProjector(P, D, "cpu", seed=5, model_id=1).project(x))
-    assert p.attrs == {"kind": "sketch", "type": "count-sketch", "hash": "segment-permutation", "seed": 5,
-                       "model_id": 0, "grad_dim": P}
+    assert p.attrs == {
+        "kind": "sketch",
+        "type": "count-sketch",
+        "hash": "segment-permutation",
+        "seed": 5,
+        "model_id": 0,
+        "grad_dim": P,
+    }
 
 
 def test_tables_do_not_depend_on_threads_or_blocking(monkeypatch):
@@ -164,7 +170,10 @@ def test_engine_choice_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(sk, "check_triton", lambda dev, dim: seen.append((str(dev), dim)) or (True, "matches"))
     with caplog.at_level(logging.INFO, logger="lessctl.grads.projection"):
         assert proj.engine_for(torch.device("cpu")) == "torch"
-        assert proj.engine_for(torch.device("cuda", 0)) == "triton" and proj.engine_for(torch.device("cuda", 0)) == "triton"
+        assert (
+            proj.engine_for(torch.device("cuda", 0)) == "triton"
+            and proj.engine_for(torch.device("cuda", 0)) == "triton"
+        )
     assert seen == [("cuda:0", 64)]
     assert caplog.text.count("Triton kernel") == 1 and caplog.text.count("torch gathers") == 1
     monkeypatch.setattr(sk, "check_triton", lambda dev, dim: (False, "cannot import triton (no module)"))
@@ -211,14 +220,22 @@ print(json.dumps({"cases": out, "check": [ok, detail]}))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the dev extra installs it on Linux x86_64)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the compiled kernel is tested instead (and older "
-                    "Triton interpreters, such as 3.6's, cannot run a loop bound loaded from memory)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a GPU is here: the compiled kernel is tested instead (and older "
+    "Triton interpreters, such as 3.6's, cannot run a loop bound loaded from memory)",
+)
 def test_triton_kernel_under_the_interpreter_equals_the_torch_gather():
     """The kernel, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set before triton is
     imported, hence the subprocess), gives the torch gather's result and the dense matrix's."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for (B, P, D, *_), (shape, err_torch, err_dense) in zip(INTERPRETER_CASES, res["cases"]):

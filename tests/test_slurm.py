@@ -57,7 +57,8 @@ def run_with_stand_in(text: str, tmp_path: Path, env: dict[str, str] | None = No
     dump = tmp_path / "dump.py"
     dump.write_text(
         "import json, os, sys\n"
-        f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd(), 'env': dict(os.environ)}}, open({str(record)!r}, 'w'))\n"
+        f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd(), 'env': dict(os.environ)}}, open({str(record)!r}, "
+        f"'w'))\n"
     )
     fake = tmp_path / "fake-python"
     fake.write_text(f"#!/bin/sh\nexec {sys.executable} {dump} \"$@\"\n")
@@ -65,7 +66,10 @@ def run_with_stand_in(text: str, tmp_path: Path, env: dict[str, str] | None = No
     script = tmp_path / "job.sh"
     script.write_text(text)
     r = subprocess.run(
-        ["bash", str(script)], capture_output=True, text=True, cwd=tmp_path,
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "LESSCTL_PYTHON": str(fake), **(env or {})},
     )
     assert r.returncode == 0, r.stderr
@@ -83,7 +87,9 @@ def no_pwned(*roots: Path) -> None:
 
 
 def test_every_shipped_template_renders_and_passes_bash_n(tmp_path):
-    cfg = cfg_of(write_ws(tmp_path / "ws", "gpus = 4\nmodules = ['cuda/12.1', 'gcc']\nsetup = ['source venv/bin/activate']\n"))
+    cfg = cfg_of(
+        write_ws(tmp_path / "ws", "gpus = 4\nmodules = ['cuda/12.1', 'gcc']\nsetup = ['source venv/bin/activate']\n")
+    )
     for stage in (*SLURM_STAGES, "config"):
         text = render_script(cfg, stage, ["--x", "1"])
         assert text.startswith("#!/bin/bash\n#SBATCH ")
@@ -100,7 +106,9 @@ def test_every_shipped_template_renders_and_passes_bash_n(tmp_path):
 
 
 def test_rendered_script_runs_lessctl_in_the_workspace(tmp_path):
-    path = write_ws(tmp_path / "ws", "modules = ['cuda/12.1']\nsetup = ['echo setting up']\nenv = {HF_HOME = '/scratch/hf'}\n")
+    path = write_ws(
+        tmp_path / "ws", "modules = ['cuda/12.1']\nsetup = ['echo setting up']\nenv = {HF_HOME = '/scratch/hf'}\n"
+    )
     cfg = cfg_of(path)
     text = render_script(cfg, "match", ["--target", "tydiqa"])
     lines = text.splitlines()
@@ -133,7 +141,10 @@ def test_gpus_per_stage_and_torchrun(tmp_path):
 
 
 def test_stage_overrides_and_precedence(tmp_path):
-    cfg = cfg_of(write_ws(tmp_path / "ws", """\
+    cfg = cfg_of(
+        write_ws(
+            tmp_path / "ws",
+            """\
         partition = "gpu"
         env = {A = "1", B = "2"}
         [slurm.stages.grads]
@@ -142,7 +153,9 @@ def test_stage_overrides_and_precedence(tmp_path):
         memory = "64G"
         env = {B = "3"}
         sbatch_extra = ["--constraint=a100"]
-        """))
+        """,
+        )
+    )
     g = render_script(cfg, "grads", [])
     assert "#SBATCH --time=2-00:00:00" in g and "#SBATCH --partition=big" in g and "#SBATCH --mem=64G" in g
     assert "#SBATCH --constraint=a100" in g
@@ -225,7 +238,9 @@ def test_users_own_templates_folder(tmp_path):
     assert "echo hello 'x $(y)'\n" in text  # macros: quoted inside, printed as is
     assert f'time exec "$LESSCTL_PYTHON" -m lessctl.cli --config {cfg.path} grads --ckpt 1\n' in text
     assert "echo \"custom:\"" not in render_script(cfg, "match", [])  # other stages: shipped ones
-    (root / "tmpl" / "match.sh.j2").write_text('{% extends "base.sh.j2" %}\n{% block launch %}{{ nope }}{% endblock %}\n')
+    (root / "tmpl" / "match.sh.j2").write_text(
+        '{% extends "base.sh.j2" %}\n{% block launch %}{{ nope }}{% endblock %}\n'
+    )
     with pytest.raises(ConfigError, match=r"Slurm template .*match.sh.j2: 'nope' is undefined"):
         render_script(cfg, "match", [])
     (root / "tmpl" / "eval.sh.j2").write_text('{% extends "base.sh.j2" %}\n{% block launch %}{% if %}{% endblock %}\n')
@@ -238,8 +253,23 @@ def test_users_own_templates_folder(tmp_path):
 
 def test_render_command_passes_stage_options_through(cli, tmp_path):
     path = write_ws(tmp_path / "ws")
-    r = cli("--config", path, "slurm", "render", "grads", "--ckpt", "105", "--dims", "8192", "4096",
-            "--time", "1:00:00", "--job-name", "my job", "--projector=basic")
+    r = cli(
+        "--config",
+        path,
+        "slurm",
+        "render",
+        "grads",
+        "--ckpt",
+        "105",
+        "--dims",
+        "8192",
+        "4096",
+        "--time",
+        "1:00:00",
+        "--job-name",
+        "my job",
+        "--projector=basic",
+    )
     assert r.code == 0, r
     assert "#SBATCH --time=1:00:00" in r.out and '#SBATCH --job-name="my job"' in r.out
     # (cli.main reads `--dims 8192 4096` as `--dims 8192 --dims 4096` before render sees it: the same to grads)
@@ -276,20 +306,37 @@ def test_render_command_errors(cli, tmp_path):
 
 def test_submit_dry_run_plans_the_chain(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch needed for a dry run
-    path = write_ws(tmp_path / "ws", extra="""\
+    path = write_ws(
+        tmp_path / "ws",
+        extra="""\
         [warmup]
         epochs = 3
         [data]
         targets = {tydiqa = "tydiqa", mine = {file = "mine.jsonl"}, mmlu = "mmlu"}
-        """)
+        """,
+    )
     r = cli("--config", path, "slurm", "submit", "--dry-run", "--json")
     assert r.code == 0, r
     jobs = json.loads(r.out)["jobs"]
     assert [j["label"] for j in jobs] == [
-        "warmup", "grads", "match", "finetune tydiqa", "finetune mine", "finetune mmlu", "eval tydiqa", "eval mmlu",
+        "warmup",
+        "grads",
+        "match",
+        "finetune tydiqa",
+        "finetune mine",
+        "finetune mmlu",
+        "eval tydiqa",
+        "eval mmlu",
     ]
     assert [j["after"] for j in jobs] == [
-        [], ["warmup"], ["grads"], ["match"], ["match"], ["match"], ["finetune tydiqa"], ["finetune mmlu"],
+        [],
+        ["warmup"],
+        ["grads"],
+        ["match"],
+        ["match"],
+        ["match"],
+        ["finetune tydiqa"],
+        ["finetune mmlu"],
     ]
     assert jobs[4]["script"].rstrip().endswith("finetune --target mine --method less")
     model = tmp_path / "ws" / "out" / "finetune" / "mmlu-less"
@@ -327,13 +374,17 @@ def test_without_slurm_the_errors_say_so(cli, tmp_path, monkeypatch):
 
 
 def test_parsing_squeue_sacct_scontrol():
-    sq = parse_squeue("7|COMPLETED|None\n8_1|COMPLETED|None\n8_2|RUNNING|None\n8_3|PENDING|Resources\n9|PENDING|Dependency\n")
+    sq = parse_squeue(
+        "7|COMPLETED|None\n8_1|COMPLETED|None\n8_2|RUNNING|None\n8_3|PENDING|Resources\n9|PENDING|Dependency\n"
+    )
     assert _aggregate("8", sq["8"], "squeue").state == "RUNNING"
     assert _aggregate("8", sq["8"], "squeue").tasks == {"1": "COMPLETED", "2": "RUNNING", "3": "PENDING"}
     st = _aggregate("9", sq["9"], "squeue")
     assert (st.state, st.reason, st.done) == ("PENDING", "Dependency", False)
-    sa = parse_sacct("10|COMPLETED|0:0\n10.batch|COMPLETED|0:0\n11_1|FAILED|2:0\n11_2|COMPLETED|0:0\n"
-                           "11_[3-4]|PENDING|0:0\n12|CANCELLED by 0|0:0\n")
+    sa = parse_sacct(
+        "10|COMPLETED|0:0\n10.batch|COMPLETED|0:0\n11_1|FAILED|2:0\n11_2|COMPLETED|0:0\n"
+        "11_[3-4]|PENDING|0:0\n12|CANCELLED by 0|0:0\n"
+    )
     assert "10.batch" not in sa and _aggregate("10", sa["10"], "sacct").state == "COMPLETED"
     s11 = _aggregate("11", sa["11"], "sacct")
     assert (s11.state, s11.reason, s11.done) == ("FAILED", "exit 2:0", True)
@@ -493,8 +544,13 @@ def test_pipeline_on_slurm(local_slurm, cli, tmp_path):
     path.write_text(text + '\n[slurm]\ncpus = 1\ngpus = 0\ntime = "10:00"\n')
     cfg = cfg_of(path)
     rows = submit_pipeline(
-        cfg, ["warmup", "grads"], shards=2,
-        extra_args={"warmup": ["--device", "cpu"], "grads": ["--device", "cpu", "--train", "synth_a", "--target", "arithmetic"]},
+        cfg,
+        ["warmup", "grads"],
+        shards=2,
+        extra_args={
+            "warmup": ["--device", "cpu"],
+            "grads": ["--device", "cpu", "--train", "synth_a", "--target", "arithmetic"],
+        },
     )
     assert [r["label"] for r in rows] == ["warmup", "grads ckpt 1"] and rows[1]["array"] == "1-2"
     states = wait([r["job_id"] for r in rows], timeout_s=400)

@@ -31,8 +31,15 @@ def make_rows(n: int, dims=DIMS, seed: int = 0) -> dict[int, np.ndarray]:
 
 
 def make_attrs(sha: str = "ab" * 32, **extra) -> dict:
-    attrs = dict(base_model="tiny", checkpoint="/ckpt/checkpoint-105", step=105, grad_type="sgd",
-                 source="/data/pool.jsonl", source_sha256=sha, projector=dict(PROJECTOR))
+    attrs = dict(
+        base_model="tiny",
+        checkpoint="/ckpt/checkpoint-105",
+        step=105,
+        grad_type="sgd",
+        source="/data/pool.jsonl",
+        source_sha256=sha,
+        projector=dict(PROJECTOR),
+    )
     attrs.update(extra)
     return attrs
 
@@ -92,7 +99,9 @@ def test_round_trip(tmp_path):
             assert norms[3] == 0 and not feats[3].any() and np.isfinite(feats).all()
             np.testing.assert_allclose(np.delete(lengths, 3), 1, atol=1e-2)
             # unnormalized rows are recoverable: features * norms
-            np.testing.assert_allclose(feats.astype(np.float32) * norms[:, None], rows[d], rtol=2e-3, atol=1e-3 * ref.max())
+            np.testing.assert_allclose(
+                feats.astype(np.float32) * norms[:, None], rows[d], rtol=2e-3, atol=1e-3 * ref.max()
+            )
             chunks = list(r.iter_chunks(d, rows=16))
             assert [s for s, _ in chunks] == [0, 16, 32, 48]
             np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), feats)
@@ -132,7 +141,7 @@ def test_size_close_to_payload(tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "big-ckpt1-adam.h5"
     with StoreWriter(path, dims=dims, index=np.arange(n), attrs=make_attrs(grad_type="adam")) as w:
-        for a in range(0, n, 500):
+        for _ in range(0, n, 500):
             w.write({d: rng.standard_normal((500, d)).astype(np.float32) for d in dims})
     payload = sum(2 * n * d + 4 * n for d in dims) + 8 * n
     size = path.stat().st_size
@@ -331,8 +340,9 @@ def test_inconsistent_shards(tmp_path):
     rows, index = make_rows(n), np.arange(n)
     write_shards(tmp_path, rows, index, [0, 10, 20], skip=(2,))
     attrs = make_attrs(shard=2, num_shards=2, row_start=10, total_rows=n, projector={**PROJECTOR, "seed": 9})
-    write_store(store_path(tmp_path, "pool", 105, "sgd", (2, 2)), {d: x[10:] for d, x in rows.items()},
-                index[10:], attrs=attrs)
+    write_store(
+        store_path(tmp_path, "pool", 105, "sgd", (2, 2)), {d: x[10:] for d, x in rows.items()}, index[10:], attrs=attrs
+    )
     with pytest.raises(InputError, match="projector_seed"):
         open_store(tmp_path, "pool", 105, "sgd")
 

@@ -133,7 +133,15 @@ def test_tydiqa_counts_and_languages():
     ex = load_target("tydiqa", DATA, "tydiqa")
     assert len(ex) == 9
     assert subtask_names(ex) == [
-        "finnish", "telugu", "russian", "arabic", "indonesian", "english", "swahili", "korean", "bengali"
+        "finnish",
+        "telugu",
+        "russian",
+        "arabic",
+        "indonesian",
+        "english",
+        "swahili",
+        "korean",
+        "bengali",
     ]
 
 

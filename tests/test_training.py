@@ -160,7 +160,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_template, tmp_pa
     env = {**os.environ, "LESSCTL_TEST_EXIT_AFTER_SAVES": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "lessctl.cli", "--config", str(crashed), "warmup", "--device", "cpu"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 17, proc.stderr[-3000:]  # the hard exit right after the first save
     assert sorted(p.name for p in out_crashed.glob("checkpoint-*")) == ["checkpoint-3"]

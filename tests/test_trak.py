@@ -25,8 +25,16 @@ def test_stored_row_equals_trak_basic_projector_on_fp16_feature(tiny_grads_templ
     feats = transform(g, "adam", adam).to(torch.float16)
     with open_store(ws / "out" / "grads", "synth_a", step, "adam") as r:
         for dim in (64, 128):
-            proj = BasicProjector(grad_dim=g.shape[1], proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
-                                  device=torch.device("cpu"), block_size=128, dtype=torch.float32, model_id=0)
+            proj = BasicProjector(
+                grad_dim=g.shape[1],
+                proj_dim=dim,
+                seed=0,
+                proj_type=ProjectionType.rademacher,
+                device=torch.device("cpu"),
+                block_size=128,
+                dtype=torch.float32,
+                model_id=0,
+            )
             expected = proj.project(feats, model_id=0).float()
             expected = (expected / expected.norm(dim=1, keepdim=True)).numpy()
             stored = r.read(dim)[:3].astype(np.float32)
@@ -46,7 +54,9 @@ def test_basic_projector_records_a_gpu_generator():
     assert "generator" not in cpu.attrs  # as every store made before the key existed
     if torch.cuda.is_available():
         gpu = make_projector("basic", 1000, 64, "cuda")
-        assert gpu.attrs["generator"] == "cuda" and same_projection(cpu.attrs, gpu.attrs) == ["generator: None vs 'cuda'"]
+        assert gpu.attrs["generator"] == "cuda" and same_projection(cpu.attrs, gpu.attrs) == [
+            "generator: None vs 'cuda'"
+        ]
         x = torch.randn(3, 1000)
         assert not torch.allclose(cpu.project(x), gpu.project(x.cuda()).cpu(), atol=1e-2)
 
@@ -60,8 +70,15 @@ def test_cached_blocks_equal_trak_regeneration():
     x = torch.randn(5, 3000)
     ours = TrakBasicProjector(3000, 300, "cpu", block_size=128)
     assert ours.blocks is not None and len(ours.blocks) == 3
-    theirs = BasicProjector(grad_dim=3000, proj_dim=300, seed=0, proj_type=ProjectionType.rademacher,
-                            device=torch.device("cpu"), block_size=128, dtype=torch.float32)
+    theirs = BasicProjector(
+        grad_dim=3000,
+        proj_dim=300,
+        seed=0,
+        proj_type=ProjectionType.rademacher,
+        device=torch.device("cpu"),
+        block_size=128,
+        dtype=torch.float32,
+    )
     assert torch.equal(ours.project(x), theirs.project(x.half(), model_id=0).float())
 
 
@@ -115,7 +132,8 @@ def test_chunked_fast_jl_equals_trak_cuda_projector():
     ours = TrakCudaProjector(P, D, "cuda", engine="fast_jl")  # the chunked fast_jl path itself
     assert ours.max_rows == 32 and len(ours.chunks) > 1
     got = ours.project(x)
-    trak = CudaProjector(grad_dim=P, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda",
-                         max_batch_size=16)
+    trak = CudaProjector(
+        grad_dim=P, proj_dim=D, seed=0, proj_type=ProjectionType.rademacher, device="cuda", max_batch_size=16
+    )
     ref = torch.cat([trak.project(x[i : i + 16], model_id=0) for i in (0, 16)])
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -11,4 +11,18 @@ def register_all(app) -> None:
 
 
 # Each module exposes register(app): app.command(...)(fn) or app.add_typer(sub_app, name=...).
-_MODULES: list[str] = ["init", "config", "train", "grads", "match", "eval", "results", "demo", "run", "slurm", "ir", "ablate", "doctor"]
+_MODULES: list[str] = [
+    "init",
+    "config",
+    "train",
+    "grads",
+    "match",
+    "eval",
+    "results",
+    "demo",
+    "run",
+    "slurm",
+    "ir",
+    "ablate",
+    "doctor",
+]

@@ -96,8 +96,14 @@ class ProgressBar:
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
 
-    def update(self, *, completed: int | None = None, advance: int = 0, total: int | None = None,
-               description: str | None = None) -> None:
+    def update(
+        self,
+        *,
+        completed: int | None = None,
+        advance: int = 0,
+        total: int | None = None,
+        description: str | None = None,
+    ) -> None:
         kw = {}
         if total is not None:
             kw["total"] = total
@@ -129,6 +135,7 @@ class BarCallback:
 # ----------------------------------------------------------------------------- shell completion
 # Each returns the candidates that start with what was typed, read from the current workspace; they
 # never raise (a shell completion must not print errors).
+
 
 def _quiet_config():
     try:

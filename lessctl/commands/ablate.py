@@ -22,17 +22,35 @@ COLUMNS = ["subset", "steps", "weights", "jaccard", "kept", "spearman", "by trai
 
 def ablate(
     target: Annotated[str, typer.Option("--target", autocompletion=complete_targets, help="The target to select for.")],
-    subsets: Annotated[Optional[str], typer.Option(
-        "--subsets",
-        help="Checkpoint subsets, comma-separated; each is 1-based positions in checkpoints.json, e.g. 1,2,3,4,12,34,23,14 "
-             "(default: each checkpoint, each neighbouring pair, first with last).",
-    )] = None,
+    subsets: Annotated[
+        Optional[str],
+        typer.Option(
+            "--subsets",
+            help="Checkpoint subsets, comma-separated; each is 1-based positions in checkpoints.json, e.g. "
+            "1,2,3,4,12,34,23,14 "
+            "(default: each checkpoint, each neighbouring pair, first with last).",
+        ),
+    ] = None,
     method: Annotated[str, typer.Option("--method", help="The checkpoint-based method to ablate (less).")] = "less",
-    percentage: Annotated[Optional[float], typer.Option("--percentage", help="Share of the pool to select (default 0.05).")] = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Projection dimension to match on (default: the largest of the grads dims).")] = None,
+    percentage: Annotated[
+        Optional[float], typer.Option("--percentage", help="Share of the pool to select (default 0.05).")
+    ] = None,
+    dim: Annotated[
+        Optional[int],
+        typer.Option("--dim", help="Projection dimension to match on (default: the largest of the grads dims)."),
+    ] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Train a LoRA on each subset's selection.")] = False,
-    eval_: Annotated[bool, typer.Option("--eval", help="Evaluate each finetuned selection on the target's benchmark or eval_file (needs --finetune).")] = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N for --finetune/--eval (default: cuda if available).")] = None,
+    eval_: Annotated[
+        bool,
+        typer.Option(
+            "--eval",
+            help="Evaluate each finetuned selection on the target's benchmark or eval_file (needs --finetune).",
+        ),
+    ] = False,
+    device: Annotated[
+        Optional[str],
+        typer.Option("--device", help="cpu, cuda or cuda:N for --finetune/--eval (default: cuda if available)."),
+    ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -48,9 +66,20 @@ def ablate(
         def on_log(rec: dict) -> None:
             bar.update(description="finetune", completed=rec["step"], total=rec["max_steps"])
 
-        res = run_ablation(cfg, target, subsets=subsets, method=method, percentage=cfg.select.percentage, dim=dim,
-                           finetune=finetune, evaluate=eval_, force=force, device=device,
-                           progress=on_match, on_log=on_log)
+        res = run_ablation(
+            cfg,
+            target,
+            subsets=subsets,
+            method=method,
+            percentage=cfg.select.percentage,
+            dim=dim,
+            finetune=finetune,
+            evaluate=eval_,
+            force=force,
+            device=device,
+            progress=on_match,
+            on_log=on_log,
+        )
     if not res.report:  # a non-zero rank under torchrun: rank 0 reports
         return
     if json_out:
@@ -58,7 +87,8 @@ def ablate(
         return
     first = res.subsets[0]
     print_table(
-        f"{target}: {first['selected']} of {first['total']} selected; overlap and rank correlation with all checkpoints",
+        f"{target}: {first['selected']} of {first['total']} selected; overlap and rank correlation with all "
+        f"checkpoints",
         COLUMNS + (["eval"] if eval_ else []),
         [_row(e)[: len(COLUMNS) + (1 if eval_ else 0)] for e in res.subsets],
     )
@@ -94,6 +124,7 @@ def _row(e: dict) -> list:
 def register(app: typer.Typer) -> None:
     app.command(
         "ablate",
-        epilog="Examples: lessctl ablate --target tydiqa  |  lessctl ablate --target mmlu --subsets 1,2,3,4,12,34,23,14 "
-               "--finetune --eval --json",
+        epilog="Examples: lessctl ablate --target tydiqa  |  lessctl ablate --target mmlu --subsets "
+        "1,2,3,4,12,34,23,14 "
+        "--finetune --eval --json",
     )(ablate)

@@ -12,11 +12,19 @@ from lessctl.commands._common import JsonOpt, emit_json, err_console, print_tabl
 
 
 def demo(
-    directory: Annotated[Path, typer.Option("--dir", "-d", help="Workspace folder for the demo (reused when it exists).")] = Path("lessctl-demo"),
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Warmup epochs (default: the tiny preset's 4).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cpu for the tiny model).")] = None,
+    directory: Annotated[
+        Path, typer.Option("--dir", "-d", help="Workspace folder for the demo (reused when it exists).")
+    ] = Path("lessctl-demo"),
+    epochs: Annotated[
+        Optional[int], typer.Option("--epochs", help="Warmup epochs (default: the tiny preset's 4).")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="cpu or cuda (default: cpu for the tiny model).")
+    ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the demo folder first and start over.")] = False,
-    train: Annotated[bool, typer.Option("--train/--no-train", help="Also finetune on each selection and evaluate before/after.")] = True,
+    train: Annotated[
+        bool, typer.Option("--train/--no-train", help="Also finetune on each selection and evaluate before/after.")
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Run LESS on the tiny offline workspace and report selection precision per target and method."""
@@ -26,20 +34,33 @@ def demo(
     if fresh and directory.exists():
         shutil.rmtree(directory)
     con = err_console()
-    report = run_demo(directory, epochs=epochs, device=device or "cpu", train=train,
-                      step=None if json_out else (lambda s: con.print(f"[bold]>[/] {s}")))
+    report = run_demo(
+        directory,
+        epochs=epochs,
+        device=device or "cpu",
+        train=train,
+        step=None if json_out else (lambda s: con.print(f"[bold]>[/] {s}")),
+    )
     if json_out:
         emit_json(report)
         return
     rows = []
     for t, e in report["targets"].items():
         rows.append([t, f"{e['random_expected_precision']:.2f}"] + [f"{e[m]['precision']:.2f}" for m in METHODS])
-    print_table("selection precision (share of the selected 5% from the target's own family)",
-                ["target", "random (expected)"] + list(METHODS), rows)
+    print_table(
+        "selection precision (share of the selected 5% from the target's own family)",
+        ["target", "random (expected)"] + list(METHODS),
+        rows,
+    )
     if train:
-        rows = [[t, f"{e['base']['f1']:.1f}"] + [f"{e[m]['f1']:.1f}" for m in METHODS] for t, e in report["targets"].items()]
-        print_table("held-out F1 of the target family: base model, and after finetuning on each selection",
-                    ["target", "base"] + list(METHODS), rows)
+        rows = [
+            [t, f"{e['base']['f1']:.1f}"] + [f"{e[m]['f1']:.1f}" for m in METHODS] for t, e in report["targets"].items()
+        ]
+        print_table(
+            "held-out F1 of the target family: base model, and after finetuning on each selection",
+            ["target", "base"] + list(METHODS),
+            rows,
+        )
     con.print(f"done in {report['seconds']:.0f}s; workspace: {report['workspace']}")
 
 

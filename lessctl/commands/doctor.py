@@ -10,11 +10,14 @@ from lessctl.commands._common import JsonOpt, emit_json, err_console, print_tabl
 
 
 def doctor(
-    device: Annotated[Optional[str], typer.Option("--device", help="The GPU to check, e.g. cuda:1 (default: cuda).")] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="The GPU to check, e.g. cuda:1 (default: cuda).")
+    ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when something is broken.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check the environment: torch, CUDA, the GPU, traker, known-answer tests of fast_jl and lessctl's Triton kernel."""
+    """Check the environment: torch, CUDA, the GPU, traker, known-answer tests of fast_jl and lessctl's
+    Triton kernel."""
     from rich.markup import escape
 
     from lessctl.doctor import run_doctor
@@ -35,8 +38,14 @@ def doctor(
             tp_text = f"ok ({tp.detail})" if tp.ok else f"not used: {tp.detail}"
         sk = rep.sketch_kernel
         sk_text = sk.detail if sk.ok is None else (f"ok ({sk.detail})" if sk.ok else f"not used: {sk.detail}")
-        gpu = (f"{rep.gpu_name}, {rep.sm_count} SMs, sm_{(rep.gpu_capability or '').replace('.', '')}, {rep.gpu_memory_gib} GiB"
-               + (f" (x{rep.gpu_count})" if rep.gpu_count > 1 else "")) if rep.cuda_available else "none visible"
+        gpu = (
+            (
+                f"{rep.gpu_name}, {rep.sm_count} SMs, sm_{(rep.gpu_capability or '').replace('.', '')}, "
+                f"{rep.gpu_memory_gib} GiB" + (f" (x{rep.gpu_count})" if rep.gpu_count > 1 else "")
+            )
+            if rep.cuda_available
+            else "none visible"
+        )
         rows = [
             ["python", rep.python],
             ["lessctl", rep.lessctl],

@@ -13,13 +13,33 @@ COLUMNS = ["model", "method", "target", "task", "metric", "score", "n", "seconds
 
 
 def eval_(
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="mmlu, bbh or tydiqa (repeat for several).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="A model folder, a LoRA adapter folder (merged into its base) or 'base' (default: every finetuned model of the workspace).")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Examples per subject/task/language, for quick runs (0: all).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per forward pass / generation batch.")] = None,
-    examples_per_task: Annotated[Optional[int], typer.Option("--bbh-examples", help="Seeded sample per BBH task (0: all; LESS: 40).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    task: Annotated[
+        Optional[list[str]], typer.Option("--task", help="mmlu, bbh or tydiqa (repeat for several).")
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="A model folder, a LoRA adapter folder (merged into its base) or 'base' (default: every finetuned "
+            "model of the workspace).",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Optional[Path],
+        typer.Option("--data-dir", help="LESS-layout data folder holding eval/mmlu, eval/bbh, eval/tydiqa."),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", help="Examples per subject/task/language, for quick runs (0: all).")
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Prompts per forward pass / generation batch.")
+    ] = None,
+    examples_per_task: Annotated[
+        Optional[int], typer.Option("--bbh-examples", help="Seeded sample per BBH task (0: all; LESS: 40).")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
@@ -33,13 +53,15 @@ def eval_(
     for t in tasks:
         if t not in EVAL_TASKS:
             raise ConfigError(f"--task: unknown task {t!r}; expected one of {', '.join(EVAL_TASKS)}")
-    cfg = load_config({
-        # Paths given on the command line are relative to the current folder, not the workspace.
-        "eval.data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
-        "eval.limit": limit,
-        "eval.batch_size": batch_size,
-        "eval.bbh_examples_per_task": examples_per_task,
-    })
+    cfg = load_config(
+        {
+            # Paths given on the command line are relative to the current folder, not the workspace.
+            "eval.data_dir": str(data_dir.expanduser().resolve()) if data_dir else None,
+            "eval.limit": limit,
+            "eval.batch_size": batch_size,
+            "eval.bbh_examples_per_task": examples_per_task,
+        }
+    )
     data = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
     specs = models_to_evaluate(model, cfg.output_dir, cfg.model_ref())
 
@@ -58,7 +80,9 @@ def eval_(
                 )
             records.append(outcome.record)
             if not json_out:
-                con.print(f"{spec.name} {t}: {outcome.record['metric']} {outcome.record['score']:.2f} -> {outcome.path}")
+                con.print(
+                    f"{spec.name} {t}: {outcome.record['metric']} {outcome.record['score']:.2f} -> {outcome.path}"
+                )
         del loaded
     if json_out:
         emit_json({"results": records})
@@ -67,12 +91,21 @@ def eval_(
 
 
 def _row(r: dict) -> list:
-    return [r.get("model"), r.get("method"), r.get("target"), r.get("task"), r.get("metric"),
-            f"{r['score']:.2f}", r.get("n"), r.get("elapsed_s")]
+    return [
+        r.get("model"),
+        r.get("method"),
+        r.get("target"),
+        r.get("task"),
+        r.get("metric"),
+        f"{r['score']:.2f}",
+        r.get("n"),
+        r.get("elapsed_s"),
+    ]
 
 
 def register(app: typer.Typer) -> None:
     app.command(
         "eval",
-        epilog="Examples: lessctl eval --task tydiqa  |  lessctl eval --task mmlu --model out/finetune/mmlu-less --limit 5",
+        epilog="Examples: lessctl eval --task tydiqa  |  lessctl eval --task mmlu --model out/finetune/mmlu-less "
+        "--limit 5",
     )(eval_)

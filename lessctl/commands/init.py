@@ -12,9 +12,18 @@ from lessctl.workspace import EXTRA_PRESETS, PRESETS
 
 
 def init(
-    preset: Annotated[str, typer.Option("--preset", "-p", help=f"One of: {', '.join(PRESETS + EXTRA_PRESETS)} (tiny-ir: --data-dir is a folder of BEIR collections).")] = "tiny",
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            "-p",
+            help=f"One of: {', '.join(PRESETS + EXTRA_PRESETS)} (tiny-ir: --data-dir is a folder of BEIR collections).",
+        ),
+    ] = "tiny",
     directory: Annotated[Path, typer.Option("--dir", "-d", help="Workspace folder (created if missing).")] = Path("."),
-    data_dir: Annotated[str, typer.Option("--data-dir", help="LESS-layout data folder for real presets; BEIR folders for tiny-ir.")] = "data",
+    data_dir: Annotated[
+        str, typer.Option("--data-dir", help="LESS-layout data folder for real presets; BEIR folders for tiny-ir.")
+    ] = "data",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing lessctl.toml.")] = False,
 ) -> None:
     """Create lessctl.toml for a preset (tiny builds an offline model and synthetic data too)."""

@@ -16,18 +16,52 @@ app = typer.Typer(
 
 
 def prepare(
-    beir: Annotated[Path, typer.Option("--beir", help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")],
-    name: Annotated[str, typer.Option("--name", help="Name of the collection; files are NAME_dev/_eval.jsonl or NAME_data.jsonl.")],
-    role: Annotated[str, typer.Option("--role", help="target (a dev file for LESS and an eval file) or pool (training data).")] = "target",
-    split: Annotated[str, typer.Option("--split", help="qrels split of the eval queries (target) or the examples (pool).")] = "test",
-    dev_split: Annotated[Optional[str], typer.Option("--dev-split", help="qrels split of the dev queries (default: train when the collection has it, else --split; never overlapping the eval queries).")] = None,
-    dev_queries: Annotated[Optional[int], typer.Option("--dev-queries", help="Dev queries: the LESS target (target role; default 10).")] = None,
-    eval_queries: Annotated[int, typer.Option("--eval-queries", help="A seeded sample of this many eval queries (0: all).")] = 0,
+    beir: Annotated[
+        Path, typer.Option("--beir", help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    ],
+    name: Annotated[
+        str, typer.Option("--name", help="Name of the collection; files are NAME_dev/_eval.jsonl or NAME_data.jsonl.")
+    ],
+    role: Annotated[
+        str, typer.Option("--role", help="target (a dev file for LESS and an eval file) or pool (training data).")
+    ] = "target",
+    split: Annotated[
+        str, typer.Option("--split", help="qrels split of the eval queries (target) or the examples (pool).")
+    ] = "test",
+    dev_split: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dev-split",
+            help="qrels split of the dev queries (default: train when the collection has it, else --split; never "
+            "overlapping the eval queries).",
+        ),
+    ] = None,
+    dev_queries: Annotated[
+        Optional[int], typer.Option("--dev-queries", help="Dev queries: the LESS target (target role; default 10).")
+    ] = None,
+    eval_queries: Annotated[
+        int, typer.Option("--eval-queries", help="A seeded sample of this many eval queries (0: all).")
+    ] = 0,
     candidates: Annotated[int, typer.Option("--candidates", help="Passages per example, labelled [A], [B], ...")] = 5,
-    max_relevant: Annotated[int, typer.Option("--max-relevant", help="Pool: relevant passages per example (0: candidates - 1, leaving room for a hard negative).")] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the passage order, the dev queries and pool sampling.")] = 0,
-    max_passage_tokens: Annotated[int, typer.Option("--max-passage-tokens", help="Passages are cut to this many tokens.")] = 100,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer (folder or hub name) counting passage tokens (default: whitespace tokens).")] = None,
+    max_relevant: Annotated[
+        int,
+        typer.Option(
+            "--max-relevant",
+            help="Pool: relevant passages per example (0: candidates - 1, leaving room for a hard negative).",
+        ),
+    ] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the passage order, the dev queries and pool sampling.")
+    ] = 0,
+    max_passage_tokens: Annotated[
+        int, typer.Option("--max-passage-tokens", help="Passages are cut to this many tokens.")
+    ] = 100,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tokenizer", help="Tokenizer (folder or hub name) counting passage tokens (default: whitespace tokens)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder (default: the current folder).")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="Replace files prepared with other settings.")] = False,
     json_out: JsonOpt = False,
@@ -40,10 +74,20 @@ def prepare(
         raise ConfigError("--dev-queries applies to --role target only (a pool has no dev file)")
     with ProgressBar(f"{name}", unit="items", quiet=json_out) as bar:
         summary = prepare_ir(
-            beir, name, out, role=role, split=split, dev_split=dev_split,
-            dev_queries=10 if dev_queries is None else dev_queries, eval_queries=eval_queries,
-            candidates=candidates, max_relevant=max_relevant, seed=seed, max_passage_tokens=max_passage_tokens,
-            tokenizer=tokenizer, force=force,
+            beir,
+            name,
+            out,
+            role=role,
+            split=split,
+            dev_split=dev_split,
+            dev_queries=10 if dev_queries is None else dev_queries,
+            eval_queries=eval_queries,
+            candidates=candidates,
+            max_relevant=max_relevant,
+            seed=seed,
+            max_passage_tokens=max_passage_tokens,
+            tokenizer=tokenizer,
+            force=force,
             progress=lambda what, done, total: bar.update(description=f"{name}: {what}", completed=done, total=total),
         )
     if json_out:
@@ -59,12 +103,23 @@ def prepare(
 
 def eval_(
     dataset: Annotated[Path, typer.Option("--dataset", help="A prepared NAME_eval.jsonl (from `lessctl ir prepare`).")],
-    model: Annotated[Optional[str], typer.Option("--model", help="A model folder, a LoRA adapter folder (merged into its base) or 'base' (default: every finetuned model of the workspace).")] = None,
-    bm25: Annotated[bool, typer.Option("--bm25", help="Score the BM25 first-stage order itself (no model): the baseline to beat.")] = False,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="A model folder, a LoRA adapter folder (merged into its base) or 'base' (default: every finetuned "
+            "model of the workspace).",
+        ),
+    ] = None,
+    bm25: Annotated[
+        bool, typer.Option("--bm25", help="Score the BM25 first-stage order itself (no model): the baseline to beat.")
+    ] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N queries (0: all).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per generation batch.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated (greedy).")] = 64,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Rerank the eval queries' candidates with a model (or BM25): NDCG@5, MRR@5 and malformed answers."""
@@ -95,20 +150,42 @@ def eval_(
         label = spec.name if spec else "bm25"
         with ProgressBar(f"ir {label}", unit="queries", quiet=json_out) as bar:
             progress = None if spec is None else BarCallback(bar)
-            outcome = run_ir_evaluation(spec, dataset, cfg.output_dir, dtype=cfg.model.dtype, device=device,
-                                        **options, **({"progress": progress} if progress else {}))
+            outcome = run_ir_evaluation(
+                spec,
+                dataset,
+                cfg.output_dir,
+                dtype=cfg.model.dtype,
+                device=device,
+                **options,
+                **({"progress": progress} if progress else {}),
+            )
         records.append(outcome.record)
         if not json_out:
             m = outcome.record["metrics"]
-            con.print(f"{outcome.record['model']} {outcome.record['task']}: ndcg@5 {m['ndcg@5']:.2f}, "
-                      f"mrr@5 {m['mrr@5']:.2f}, malformed {m['malformed']} -> {outcome.path}")
+            con.print(
+                f"{outcome.record['model']} {outcome.record['task']}: ndcg@5 {m['ndcg@5']:.2f}, "
+                f"mrr@5 {m['mrr@5']:.2f}, malformed {m['malformed']} -> {outcome.path}"
+            )
     if json_out:
         emit_json({"results": records})
         return
-    print_table("reranking (percent)", ["model", "method", "target", "task", "ndcg@5", "mrr@5", "malformed", "n"],
-                [[r["model"], r.get("method"), r.get("target"), r["task"], f"{r['metrics']['ndcg@5']:.2f}",
-                  f"{r['metrics']['mrr@5']:.2f}",
-                  f"{r['metrics']['malformed']} ({r['metrics']['malformed_rate']:.1f}%)", r["n"]] for r in records])
+    print_table(
+        "reranking (percent)",
+        ["model", "method", "target", "task", "ndcg@5", "mrr@5", "malformed", "n"],
+        [
+            [
+                r["model"],
+                r.get("method"),
+                r.get("target"),
+                r["task"],
+                f"{r['metrics']['ndcg@5']:.2f}",
+                f"{r['metrics']['mrr@5']:.2f}",
+                f"{r['metrics']['malformed']} ({r['metrics']['malformed_rate']:.1f}%)",
+                r["n"],
+            ]
+            for r in records
+        ],
+    )
 
 
 app.command(

@@ -21,14 +21,46 @@ from lessctl.commands._common import (
 
 
 def match(
-    target: Annotated[Optional[list[str]], typer.Option("--target", autocompletion=complete_targets, help="Target name(s) from data.targets in lessctl.toml (default: all).")] = None,
-    method: Annotated[Optional[list[str]], typer.Option("--method", autocompletion=complete_methods, help="less, random or bm25 (repeat for several).")] = None,
-    ckpts: Annotated[Optional[list[int]], typer.Option("--ckpts", autocompletion=complete_ckpts, help="Use only these checkpoint steps (weights renormalized).")] = None,
-    weights: Annotated[Optional[list[float]], typer.Option("--weights", help="Checkpoint weights (default: lr_mean from checkpoints.json).")] = None,
-    percentage: Annotated[Optional[float], typer.Option("--percentage", help="Share of the pool to select (default 0.05).")] = None,
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Select this many examples instead of a share.")] = None,
-    train: Annotated[Optional[list[str]], typer.Option("--train", autocompletion=complete_train, help="Training set name(s) to select from (default: all).")] = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Projection dimension to match on (default: the largest of grads.dims in lessctl.toml).")] = None,
+    target: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--target",
+            autocompletion=complete_targets,
+            help="Target name(s) from data.targets in lessctl.toml (default: all).",
+        ),
+    ] = None,
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option("--method", autocompletion=complete_methods, help="less, random or bm25 (repeat for several)."),
+    ] = None,
+    ckpts: Annotated[
+        Optional[list[int]],
+        typer.Option(
+            "--ckpts", autocompletion=complete_ckpts, help="Use only these checkpoint steps (weights renormalized)."
+        ),
+    ] = None,
+    weights: Annotated[
+        Optional[list[float]],
+        typer.Option("--weights", help="Checkpoint weights (default: lr_mean from checkpoints.json)."),
+    ] = None,
+    percentage: Annotated[
+        Optional[float], typer.Option("--percentage", help="Share of the pool to select (default 0.05).")
+    ] = None,
+    max_samples: Annotated[
+        Optional[int], typer.Option("--max-samples", help="Select this many examples instead of a share.")
+    ] = None,
+    train: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--train", autocompletion=complete_train, help="Training set name(s) to select from (default: all)."
+        ),
+    ] = None,
+    dim: Annotated[
+        Optional[int],
+        typer.Option(
+            "--dim", help="Projection dimension to match on (default: the largest of grads.dims in lessctl.toml)."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score every pool example against a target and write the top 5% as jsonl."""
@@ -42,20 +74,43 @@ def match(
         for t in targets:
             for m in methods:
                 bar.update(description=f"{t} ({m})", completed=0)
-                res = run_match(cfg, t, method=m, ckpts=ckpts, weights=weights, percentage=cfg.select.percentage,
-                                max_samples=max_samples, train=train, dim=dim,
-                                progress=lambda done, total: bar.update(completed=done, total=total))
+                res = run_match(
+                    cfg,
+                    t,
+                    method=m,
+                    ckpts=ckpts,
+                    weights=weights,
+                    percentage=cfg.select.percentage,
+                    max_samples=max_samples,
+                    train=train,
+                    dim=dim,
+                    progress=lambda done, total: bar.update(completed=done, total=total),
+                )
                 results.append(res)
     if json_out:
         emit_json({"selections": [{**r.summary, "file": str(r.file)} for r in results]})
         return
-    print_table("selections", ["target", "method", "selected", "of", "by training set", "file"],
-                [[r.target, r.method, r.n_selected, r.total,
-                  ", ".join(f"{k}: {v}" for k, v in r.summary["by_train_set"].items()), str(r.file)] for r in results])
+    print_table(
+        "selections",
+        ["target", "method", "selected", "of", "by training set", "file"],
+        [
+            [
+                r.target,
+                r.method,
+                r.n_selected,
+                r.total,
+                ", ".join(f"{k}: {v}" for k, v in r.summary["by_train_set"].items()),
+                str(r.file),
+            ]
+            for r in results
+        ],
+    )
     for r in results:
         if "weights" in r.summary:
-            err_console().print(f"{r.target}: checkpoints {r.summary['checkpoints']} weights "
-                                + ", ".join(f"{w:.4f}" for w in r.summary["weights"]))
+            err_console().print(
+                f"{r.target}: checkpoints {r.summary['checkpoints']} weights "
+                + ", ".join(f"{w:.4f}" for w in r.summary["weights"])
+            )
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,9 @@ COLUMNS = ["model", "method", "target", "score", "n", "limit", "time", "version"
 
 def results(
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these tasks (repeat for several).")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="Only these model names (repeat for several).")] = None,
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", help="Only these model names (repeat for several).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the recorded evaluation results, grouped by task."""
@@ -22,7 +24,8 @@ def results(
 
     cfg = load_config()
     records = [
-        r for r in read_results(cfg.output_dir)
+        r
+        for r in read_results(cfg.output_dir)
         if (not task or r.get("task") in task) and (not model or r.get("model") in model)
     ]
     if json_out:
@@ -41,9 +44,21 @@ def results(
         print_table(
             f"{t} ({metric})",
             COLUMNS + (["transfer to"] if transfer else []) + extra,
-            [[r.get("model"), r.get("method"), r.get("target"), _score(r.get("score")), r.get("n"), r.get("limit"),
-              r.get("time"), r.get("lessctl_version")] + ([_transfer(r)] if transfer else [])
-             + [_metric_cell((r.get("metrics") or {}).get(c)) for c in extra] for r in rows],
+            [
+                [
+                    r.get("model"),
+                    r.get("method"),
+                    r.get("target"),
+                    _score(r.get("score")),
+                    r.get("n"),
+                    r.get("limit"),
+                    r.get("time"),
+                    r.get("lessctl_version"),
+                ]
+                + ([_transfer(r)] if transfer else [])
+                + [_metric_cell((r.get("metrics") or {}).get(c)) for c in extra]
+                for r in rows
+            ],
         )
 
 

@@ -70,7 +70,9 @@ def _known_commands() -> Optional[set[str]]:
 )
 def render(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Argument(help="The stage (a lessctl command: warmup, grads, match, finetune, eval, ...).")],
+    stage: Annotated[
+        str, typer.Argument(help="The stage (a lessctl command: warmup, grads, match, finetune, eval, ...).")
+    ],
     job_name: JobNameOpt = None,
     array: ArrayOpt = None,
     shards: ShardsOpt = None,
@@ -102,12 +104,26 @@ def render(
         array, task_args = f"1-{shards}", ["--shard", f"{TASK}/{shards}"]
     elif array is not None and stage == "grads":
         if any(a.split("=")[0] in ("--ckpt", "--ckpt-index", "--shard") for a in stage_args):
-            raise ConfigError("--array: grads takes its checkpoint from the array task; drop --ckpt/--ckpt-index/--shard")
+            raise ConfigError(
+                "--array: grads takes its checkpoint from the array task; drop --ckpt/--ckpt-index/--shard"
+            )
         task_args = ["--ckpt-index", TASK]
     cfg = load_config()
     text = render_script(
-        cfg, stage, stage_args, job_name=job_name, array=array, task_args=task_args, dependency=dependency,
-        time=time, partition=partition, account=account, qos=qos, gpus=gpus, cpus=cpus, memory=mem,
+        cfg,
+        stage,
+        stage_args,
+        job_name=job_name,
+        array=array,
+        task_args=task_args,
+        dependency=dependency,
+        time=time,
+        partition=partition,
+        account=account,
+        qos=qos,
+        gpus=gpus,
+        cpus=cpus,
+        memory=mem,
     )
     log_dir(cfg, create=True)  # Slurm opens the log before the script runs
     typer.echo(text, nl=False)
@@ -115,10 +131,12 @@ def render(
 
 @app.command("submit")
 def submit(
-    stages: Annotated[
-        str, typer.Option("--stages", help="Comma-separated stages, run in pipeline order.")
-    ] = ",".join(("warmup", "grads", "match", "finetune", "eval")),
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scripts and sbatch lines; submit nothing.")] = False,
+    stages: Annotated[str, typer.Option("--stages", help="Comma-separated stages, run in pipeline order.")] = ",".join(
+        ("warmup", "grads", "match", "finetune", "eval")
+    ),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the scripts and sbatch lines; submit nothing.")
+    ] = False,
     shards: ShardsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -140,7 +158,10 @@ def submit(
     print_table(
         title,
         ["stage", "job", "array", "after", "log"],
-        [[r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), _short(r["log"], cfg.root)] for r in rows],
+        [
+            [r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), _short(r["log"], cfg.root)]
+            for r in rows
+        ],
     )
 
 
@@ -156,8 +177,14 @@ def status(json_out: JsonOpt = False) -> None:
     rows: list[dict[str, Any]] = []
     for j in jobs:
         st = states.get(str(j.get("job_id")))
-        rows.append({**j, "state": st.state if st else "UNKNOWN", "reason": st.reason if st else "",
-                     "tasks": st.tasks if st else {}})
+        rows.append(
+            {
+                **j,
+                "state": st.state if st else "UNKNOWN",
+                "reason": st.reason if st else "",
+                "tasks": st.tasks if st else {},
+            }
+        )
     if json_out:
         emit_json({"jobs": rows})
         return

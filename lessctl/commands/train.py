@@ -33,7 +33,9 @@ def _progress_logger(bar: ProgressBar):
 
 
 def warmup(
-    percentage: Annotated[Optional[float], typer.Option("--percentage", help="Share of the pool to warm up on (LESS: 0.05).")] = None,
+    percentage: Annotated[
+        Optional[float], typer.Option("--percentage", help="Share of the pool to warm up on (LESS: 0.05).")
+    ] = None,
     epochs: EpochsOpt = None,
     learning_rate: LrOpt = None,
     device: DeviceOpt = None,
@@ -46,16 +48,26 @@ def warmup(
     cfg = load_config({"warmup.percentage": percentage, "warmup.epochs": epochs, "warmup.learning_rate": learning_rate})
     with ProgressBar("warmup", unit="steps", quiet=json_out) as bar:
         res = run_warmup(cfg, force=force, device=device, on_log=_progress_logger(bar))
-    summary = {"output_dir": str(res.output_dir), "checkpoints": res.checkpoints, "counts": res.counts,
-               "seconds": round(res.seconds, 1), "resumed_from": res.resumed_from}
+    summary = {
+        "output_dir": str(res.output_dir),
+        "checkpoints": res.checkpoints,
+        "counts": res.counts,
+        "seconds": round(res.seconds, 1),
+        "resumed_from": res.resumed_from,
+    }
     if json_out:
         emit_json(summary)
         return
     con = err_console()
     if res.counts.get("dropped_no_labels"):
-        con.print(f"[yellow]{res.counts['dropped_no_labels']} examples had no trainable tokens after truncation and were skipped")
-    con.print(f"warmup on {res.counts['subset'] - res.counts['dropped_no_labels']} of {res.counts['pool']} examples "
-              f"in {res.seconds:.0f}s -> {res.output_dir}")
+        con.print(
+            f"[yellow]{res.counts['dropped_no_labels']} examples had no trainable tokens after truncation and were "
+            f"skipped"
+        )
+    con.print(
+        f"warmup on {res.counts['subset'] - res.counts['dropped_no_labels']} of {res.counts['pool']} examples "
+        f"in {res.seconds:.0f}s -> {res.output_dir}"
+    )
     for c in res.checkpoints:
         con.print(f"  checkpoint-{c['step']}  epoch {c['epoch']}  lr_mean {c['lr_mean']:.6g}")
 
@@ -63,9 +75,23 @@ def warmup(
 def finetune(
     train_file: Annotated[Optional[Path], typer.Option("--train-file", help="A jsonl file to train on.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Output folder name under finetune/.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", autocompletion=complete_targets, help="Train on this target's selection (selected/<target>/<method>/).")] = None,
-    method: Annotated[str, typer.Option("--method", autocompletion=complete_methods, help="Which selection of --target: less, random, bm25, ...")] = "less",
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Train another base model on the selection (LESS-T).")] = None,
+    target: Annotated[
+        Optional[str],
+        typer.Option(
+            "--target",
+            autocompletion=complete_targets,
+            help="Train on this target's selection (selected/<target>/<method>/).",
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method", autocompletion=complete_methods, help="Which selection of --target: less, random, bm25, ..."
+        ),
+    ] = "less",
+    base_model: Annotated[
+        Optional[str], typer.Option("--base-model", help="Train another base model on the selection (LESS-T).")
+    ] = None,
     epochs: EpochsOpt = None,
     learning_rate: LrOpt = None,
     device: DeviceOpt = None,
@@ -90,8 +116,16 @@ def finetune(
     if base_model:
         meta["transfer"] = True
     with ProgressBar(f"finetune {name}", unit="steps", quiet=json_out) as bar:
-        res = run_finetune(cfg, Path(train_file), name, base_model=base_model, meta=meta, force=force,
-                           device=device, on_log=_progress_logger(bar))
+        res = run_finetune(
+            cfg,
+            Path(train_file),
+            name,
+            base_model=base_model,
+            meta=meta,
+            force=force,
+            device=device,
+            on_log=_progress_logger(bar),
+        )
     summary = {"output_dir": str(res.output_dir), "counts": res.counts, "seconds": round(res.seconds, 1), **meta}
     if json_out:
         emit_json(summary)

@@ -13,7 +13,6 @@ from lessctl.vocab import CHAT_FORMATS
 log = logging.getLogger(__name__)
 
 
-
 IGNORE_INDEX = -100
 
 
@@ -98,7 +97,9 @@ def _n_tokens(tokenizer: Any, text: str, max_len: int, special: bool = True) -> 
     return len(tokenizer(text, max_length=max_len, truncation=True, add_special_tokens=special)["input_ids"])
 
 
-def encode_messages(messages: Sequence[dict], tokenizer: Any, max_len: int, chat_format: str = "tulu") -> tuple[list[int], list[int]]:
+def encode_messages(
+    messages: Sequence[dict], tokenizer: Any, max_len: int, chat_format: str = "tulu"
+) -> tuple[list[int], list[int]]:
     """Tokenizes the whole conversation once; masks every non-trained span by prefix token lengths."""
     segs = chat_segments(messages, tokenizer, chat_format)
     text = "".join(t for t, _ in segs)

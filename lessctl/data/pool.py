@@ -15,8 +15,6 @@ from lessctl.data.records import Record, read_jsonl
 log = logging.getLogger(__name__)
 
 
-
-
 # --------------------------------------------------------------------------- subsets
 
 

@@ -37,7 +37,9 @@ def iter_json_lines(path: str | Path, expected: str = "one JSON object a line") 
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); expected {expected}") from None
+                raise InputError(
+                    f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); expected {expected}"
+                ) from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object per line ({expected})")
             yield lineno, raw, obj
@@ -49,7 +51,9 @@ def read_jsonl(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
     records: list[Record] = []
-    for lineno, raw, obj in iter_json_lines(path, 'one example a line, {"messages": [...]} or {"prompt", "completion"}'):
+    for lineno, raw, obj in iter_json_lines(
+        path, 'one example a line, {"messages": [...]} or {"prompt", "completion"}'
+    ):
         validate_example(obj, f"{path}:{lineno}")
         records.append(Record(lineno - 1, raw.rstrip("\n"), obj))
     if not records:
@@ -66,7 +70,9 @@ def validate_example(obj: dict, where: str) -> None:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InputError(f"{where}: messages[{j}] needs 'role' and 'content'")
             if m["role"] not in ROLES:
-                raise InputError(f"{where}: messages[{j}] has unknown role {m['role']!r} (expected system, user or assistant)")
+                raise InputError(
+                    f"{where}: messages[{j}] has unknown role {m['role']!r} (expected system, user or assistant)"
+                )
             if not isinstance(m["content"], str):
                 raise InputError(f"{where}: messages[{j}].content must be a string")
     elif "prompt" in obj and "completion" in obj:

@@ -30,8 +30,6 @@ from lessctl.vocab import BUILTIN_TARGETS, PROMPT_FORMATS
 log = logging.getLogger(__name__)
 
 
-
-
 def _target_spec(cfg: Config, name: str):
     spec = cfg.data.targets.get(name)
     if spec is None:
@@ -46,8 +44,15 @@ def load_target_examples(cfg: Config, name: str, tokenizer=None):
     """The target's examples; with the tokenizer, earlier assistant turns of custom targets end with eos."""
     from lessctl.data.targets import load_target
 
-    return load_target(_target_spec(cfg, name), cfg.resolve(cfg.data.data_dir), name, cfg.model.chat_format, cfg.root,
-                       tokenizer=tokenizer)
+    return load_target(
+        _target_spec(cfg, name),
+        cfg.resolve(cfg.data.data_dir),
+        name,
+        cfg.model.chat_format,
+        cfg.root,
+        tokenizer=tokenizer,
+    )
+
 
 MMLU_CHOICES = ("A", "B", "C", "D")
 MMLU_DEV_SHOTS = 5
@@ -57,39 +62,57 @@ MMLU_DEV_SHOTS = 5
 TYDIQA_TEMPLATES: dict[str, tuple[str, str, str, str]] = {
     "english": (
         "Answer the following question based on the information in the given passage.",
-        "Passage:", "Question:", "Answer:",
+        "Passage:",
+        "Question:",
+        "Answer:",
     ),
     "arabic": (
         "أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.",
-        "المقطع:", "السؤال:", "الإجابة:",
+        "المقطع:",
+        "السؤال:",
+        "الإجابة:",
     ),
     "bengali": (
         "প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।",
-        "অধ্যায়:", "প্রশ্ন:", "উত্তর:",
+        "অধ্যায়:",
+        "প্রশ্ন:",
+        "উত্তর:",
     ),
     "finnish": (
         "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
-        "Kappale:", "Kysymys:", "Vastaus:",
+        "Kappale:",
+        "Kysymys:",
+        "Vastaus:",
     ),
     "indonesian": (
         "Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
-        "Bagian:", "Pertanyaan:", "Jawaban:",
+        "Bagian:",
+        "Pertanyaan:",
+        "Jawaban:",
     ),
     "korean": (
         "주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.",
-        "문단:", "질문:", "답변:",
+        "문단:",
+        "질문:",
+        "답변:",
     ),
     "russian": (
         "Ответьте на следующий вопрос на основе информации в данном отрывке.",
-        "Отрывок:", "Вопрос:", "Ответ:",
+        "Отрывок:",
+        "Вопрос:",
+        "Ответ:",
     ),
     "swahili": (
         "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
-        "Kifungu:", "Swali:", "Jibu:",
+        "Kifungu:",
+        "Swali:",
+        "Jibu:",
     ),
     "telugu": (
         "ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.",
-        "పేరా:", "ప్రశ్న:", "సమాధానం:",
+        "పేరా:",
+        "ప్రశ్న:",
+        "సమాధానం:",
     ),
 }
 
@@ -129,8 +152,7 @@ def task_dir(data_dir: str | os.PathLike, task: str) -> Path:
             "and eval/tydiqa (set [data] data_dir or pass --data-dir)"
         )
     raise InputError(
-        f"no {task} data in {base}: expected the folder {base / 'eval' / task} "
-        f"({_LAYOUT.get(task, 'LESS layout')})"
+        f"no {task} data in {base}: expected the folder {base / 'eval' / task} ({_LAYOUT.get(task, 'LESS layout')})"
     )
 
 
@@ -264,7 +286,9 @@ def _bbh_target(data_dir: Path, chat_format: str) -> list[TargetExample]:
                 f"{path}: task {task!r} does not end in three exemplars 'Q: ...\\nA: ...' separated by blank lines"
             )
         for i, exemplar in enumerate(exemplars):
-            icl = "".join(q + "\nA:" + a + "\n\n" for q, a in (e.split("\nA:") for j, e in enumerate(exemplars) if j != i))
+            icl = "".join(
+                q + "\nA:" + a + "\n\n" for q, a in (e.split("\nA:") for j, e in enumerate(exemplars) if j != i)
+            )
             question, answer = exemplar.split("\nA:")
             user = task_prompt.strip() + "\n\n" + icl + question
             prompt = wrap_user_turn(user, "A:", chat_format)

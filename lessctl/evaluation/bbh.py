@@ -111,8 +111,14 @@ def evaluate_bbh(
         em = bbh_exact_match(answer, ex["target"])
         per_task[task].append(em)
         predictions.append(
-            {"task": task, "input": ex["input"], "output": output, "prediction": answer, "target": ex["target"],
-             "correct": bool(em)}
+            {
+                "task": task,
+                "input": ex["input"],
+                "output": output,
+                "prediction": answer,
+                "target": ex["target"],
+                "correct": bool(em),
+            }
         )
     task_scores = {t: {"exact_match": 100.0 * mean(v), "n": len(v)} for t, v in per_task.items()}
     return {

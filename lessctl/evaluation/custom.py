@@ -57,11 +57,18 @@ def evaluate_jsonl(
     eos = tokenizer.eos_token or "</s>"
     hook = ProgressHook(progress, "custom")
     hook.start(len(items))
-    outputs, _ = generate_greedy(model, tokenizer, [p for p, _, _ in items], max_new_tokens=max_new_tokens,
-                                 stop=["\n", eos], batch_size=batch_size, hook=hook)
+    outputs, _ = generate_greedy(
+        model,
+        tokenizer,
+        [p for p, _, _ in items],
+        max_new_tokens=max_new_tokens,
+        stop=["\n", eos],
+        batch_size=batch_size,
+        hook=hook,
+    )
     per: dict[str, list[tuple[float, float]]] = {}
     examples = []
-    for (prompt, ref, sub), out in zip(items, outputs):
+    for (_prompt, ref, sub), out in zip(items, outputs):
         em, f1 = squad_scores(out.strip(), [ref])
         per.setdefault(sub, []).append((em, f1))
         examples.append({"subtask": sub, "reference": ref, "prediction": out.strip(), "exact_match": em, "f1": f1})
@@ -70,8 +77,14 @@ def evaluate_jsonl(
         "exact_match": 100.0 * sum(e["exact_match"] for e in examples) / n,
         "f1": 100.0 * sum(e["f1"] for e in examples) / n,
         "n": len(examples),
-        "per_subtask": {s: {"exact_match": 100.0 * sum(x for x, _ in v) / len(v), "f1": 100.0 * sum(y for _, y in v) / len(v),
-                            "n": len(v)} for s, v in per.items()},
+        "per_subtask": {
+            s: {
+                "exact_match": 100.0 * sum(x for x, _ in v) / len(v),
+                "f1": 100.0 * sum(y for _, y in v) / len(v),
+                "n": len(v),
+            }
+            for s, v in per.items()
+        },
         "examples": examples,
         "settings": {"file": str(path), "limit": limit, "max_new_tokens": max_new_tokens, "chat_format": chat_format},
         "seconds": round(time.time() - start, 2),

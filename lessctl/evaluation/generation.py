@@ -204,7 +204,10 @@ def generate_greedy(
             room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - ids.shape[1]))
             gen_cfg.max_new_tokens = room  # the batch's own room, set on the config (not as a second source)
             seqs = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=gen_cfg, stopping_criteria=criteria,
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=gen_cfg,
+                stopping_criteria=criteria,
             )
             for row, i in enumerate(idx):
                 new = seqs[row, ids.shape[1] :].tolist()

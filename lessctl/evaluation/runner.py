@@ -22,7 +22,6 @@ from lessctl.vocab import EVAL_TASKS
 log = logging.getLogger(__name__)
 
 
-
 HEADLINE = {"mmlu": "accuracy", "bbh": "exact_match", "tydiqa": "f1"}
 RUN_FILE = "lessctl_run.json"  # written by `lessctl finetune` into its output folder
 BASE_NAME = "base"
@@ -54,7 +53,9 @@ def check_data(task: str, data_dir: str | Path) -> None:
     root = task_dir(data_dir, task)
     if task == "mmlu":
         subject = mmlu_subjects(root)[0]
-        require_file(root / "dev" / f"{subject}_dev.csv", "<data_dir>/eval/mmlu/dev/<subject>_dev.csv for every test subject")
+        require_file(
+            root / "dev" / f"{subject}_dev.csv", "<data_dir>/eval/mmlu/dev/<subject>_dev.csv for every test subject"
+        )
     elif task == "bbh":
         from lessctl.evaluation.bbh import PROMPT_LAYOUT, bbh_tasks
 
@@ -108,8 +109,11 @@ def describe_model(
         try:
             run = json.loads(run_file.read_text(encoding="utf-8"))
             method, target = run.get("method"), run.get("target")
-            models = {"base_model": run.get("base_model"), "selection_model": run.get("selection_model"),
-                      "transfer": bool(run.get("transfer", False))}
+            models = {
+                "base_model": run.get("base_model"),
+                "selection_model": run.get("selection_model"),
+                "transfer": bool(run.get("transfer", False)),
+            }
         except (json.JSONDecodeError, AttributeError):
             log.warning("%s is not a JSON object; ignoring it", run_file)
     if (method is None or target is None) and output_dir is not None and "-" in name:

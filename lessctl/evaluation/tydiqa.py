@@ -47,8 +47,13 @@ def read_dev(path: Path) -> list[dict]:
                         )
                     answers = [a["text"] for a in qa["answers"]]
                     out.append(
-                        {"id": qa["id"], "lang": lang, "context": para["context"], "question": qa["question"],
-                         "answers": answers}
+                        {
+                            "id": qa["id"],
+                            "lang": lang,
+                            "context": para["context"],
+                            "question": qa["question"],
+                            "answers": answers,
+                        }
                     )
     except (KeyError, TypeError, AttributeError):
         raise InputError(f"{path}: expected {DEV_LAYOUT}") from None
@@ -62,8 +67,12 @@ def read_shots(path: Path) -> dict[str, dict]:
     data = read_json(path, SHOTS_LAYOUT)
     try:
         return {
-            lang: {"id": ex[0].get("id"), "context": ex[0]["context"], "question": ex[0]["question"],
-                   "answer": ex[0]["answers"][0]["text"]}
+            lang: {
+                "id": ex[0].get("id"),
+                "context": ex[0]["context"],
+                "question": ex[0]["question"],
+                "answer": ex[0]["answers"][0]["text"],
+            }
             for lang, ex in data.items()
         }
     except (KeyError, TypeError, IndexError, AttributeError):
@@ -89,8 +98,18 @@ def build_prompt(lang: str, shot: dict | None, context: str, question: str, chat
     prompt = instruction + "\n\n"
     if shot is not None:
         prompt += (
-            p_word + " " + shot["context"] + "\n" + q_word + " " + shot["question"] + "\n" + a_word + " "
-            + shot["answer"] + "\n\n"
+            p_word
+            + " "
+            + shot["context"]
+            + "\n"
+            + q_word
+            + " "
+            + shot["question"]
+            + "\n"
+            + a_word
+            + " "
+            + shot["answer"]
+            + "\n\n"
         )
     prompt += p_word + " " + context + "\n" + q_word + " " + question + "\n"
     if chat_format == "plain":
@@ -125,7 +144,9 @@ def evaluate_tydiqa(
     if shots:
         missing = sorted({ex["lang"] for ex in dev} - set(shot_by_lang))
         if missing:
-            raise InputError(f"{root / 'tydiqa-one-shot.json'}: no exemplar for {', '.join(missing)}; expected {SHOTS_LAYOUT}")
+            raise InputError(
+                f"{root / 'tydiqa-one-shot.json'}: no exemplar for {', '.join(missing)}; expected {SHOTS_LAYOUT}"
+            )
         for shot in shot_by_lang.values():
             shot["context"] = trim_context(tokenizer, shot["context"], max_context_tokens)
 
@@ -149,7 +170,10 @@ def evaluate_tydiqa(
     if shot_is_question:
         log.warning(
             "%d of %d TydiQA questions are their own one-shot exemplar (%s has only the exemplars): "
-            "scores are not comparable to the full dev set", shot_is_question, len(picked), dev_path.name,
+            "scores are not comparable to the full dev set",
+            shot_is_question,
+            len(picked),
+            dev_path.name,
         )
 
     hook = ProgressHook(progress, "tydiqa")
@@ -165,8 +189,14 @@ def evaluate_tydiqa(
         em, f1 = squad_scores(pred, ex["answers"])
         per_lang.setdefault(ex["lang"], []).append((em, f1))
         predictions.append(
-            {"id": ex["id"], "lang": ex["lang"], "prediction": pred, "answers": ex["answers"], "exact_match": em,
-             "f1": f1}
+            {
+                "id": ex["id"],
+                "lang": ex["lang"],
+                "prediction": pred,
+                "answers": ex["answers"],
+                "exact_match": em,
+                "f1": f1,
+            }
         )
     languages = {
         lang: {

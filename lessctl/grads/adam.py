@@ -17,8 +17,6 @@ from lessctl.vocab import GRAD_TYPES
 log = logging.getLogger(__name__)
 
 
-
-
 # ----------------------------------------------------------------------------- optimizer state
 
 
@@ -62,7 +60,9 @@ def load_adam_state(ckpt_dir: Path, params: list[tuple[str, Any]], device) -> Ad
     for (key, st), (name, p) in zip(entries, params):
         if "exp_avg" not in st or tuple(st["exp_avg"].shape) != tuple(p.shape):
             got = tuple(st["exp_avg"].shape) if "exp_avg" in st else "no exp_avg"
-            raise InputError(f"{path}: optimizer state {key!r} ({got}) does not match parameter {name} {tuple(p.shape)}")
+            raise InputError(
+                f"{path}: optimizer state {key!r} ({got}) does not match parameter {name} {tuple(p.shape)}"
+            )
         m.append(st["exp_avg"].reshape(-1).float())
         v.append(st["exp_avg_sq"].reshape(-1).float())
     g0 = groups[0] if groups else {}

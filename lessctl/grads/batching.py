@@ -8,8 +8,6 @@ from typing import Iterator, Sequence
 log = logging.getLogger(__name__)
 
 
-
-
 # ----------------------------------------------------------------------------- batching
 
 

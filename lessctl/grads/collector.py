@@ -13,8 +13,6 @@ from lessctl.grads.engine import PerExampleGradients, _NullTimer
 log = logging.getLogger(__name__)
 
 
-
-
 class _Staging:
     """Rows waiting for projection in one float16 buffer that grows to what a projection call takes plus a
     batch: each batch writes its rows straight into the buffer (`reserve`), and no concatenation doubles them."""
@@ -63,13 +61,26 @@ class FeatureCollector:
     multiples of `project_rows`, so each projector call is as large as it can be whatever the batch sizes.
     """
 
-    def __init__(self, peg: PerExampleGradients, projectors: dict, grad_type: str, adam: AdamState | None = None, *,
-                 pad_id: int, batch_tokens: int, max_batch_examples: int | None = None,
-                 project_rows: int | None = None, timer=None, keep_raw: bool = False):
+    def __init__(
+        self,
+        peg: PerExampleGradients,
+        projectors: dict,
+        grad_type: str,
+        adam: AdamState | None = None,
+        *,
+        pad_id: int,
+        batch_tokens: int,
+        max_batch_examples: int | None = None,
+        project_rows: int | None = None,
+        timer=None,
+        keep_raw: bool = False,
+    ):
         dev = peg.device
         self.peg, self.projectors, self.grad_type, self.adam = peg, projectors, grad_type, adam
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
-        self.max_batch_examples = max_batch_examples if max_batch_examples is not None else auto_max_batch_examples(peg.grad_dim, dev)
+        self.max_batch_examples = (
+            max_batch_examples if max_batch_examples is not None else auto_max_batch_examples(peg.grad_dim, dev)
+        )
         self.project_rows = project_rows or auto_project_rows(projectors, peg.grad_dim, dev)
         self.timer = timer or _NullTimer()
         self.keep_raw = keep_raw
@@ -104,11 +115,22 @@ class FeatureCollector:
         try:
             for batch in token_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_examples):
                 with self.timer.part("fwd_bwd"):
-                    dst = feats.reserve(len(batch), self.peg.grad_dim, torch.float16, self.peg.device, self.project_rows)
-                    _, r, _, count = self.peg.features([seqs[i] for i in batch], [labels[i] for i in batch], self.pad_id,
-                                                       self.grad_type, self.adam, keep_raw=raw is not None, out=dst)
+                    dst = feats.reserve(
+                        len(batch), self.peg.grad_dim, torch.float16, self.peg.device, self.project_rows
+                    )
+                    _, r, _, count = self.peg.features(
+                        [seqs[i] for i in batch],
+                        [labels[i] for i in batch],
+                        self.pad_id,
+                        self.grad_type,
+                        self.adam,
+                        keep_raw=raw is not None,
+                        out=dst,
+                    )
                     if r is not None:
-                        raws.reserve(len(batch), self.peg.grad_dim, torch.float16, self.peg.device, self.project_rows)[:] = r
+                        raws.reserve(len(batch), self.peg.grad_dim, torch.float16, self.peg.device, self.project_rows)[
+                            :
+                        ] = r
                     del dst, r
                 counts.append(count)
                 log_batches.append((len(batch), max(len(seqs[i]) for i in batch)))

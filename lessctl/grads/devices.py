@@ -44,7 +44,9 @@ def parse_devices(spec: str) -> list[str]:
             raise ConfigError(f"--devices: expected at least one device, got {spec!r}")
         visible = cuda_device_count()
         if n > visible:
-            raise ConfigError(f"--devices {n}: needs {n} CUDA GPUs, but {visible} {'is' if visible == 1 else 'are'} visible")
+            raise ConfigError(
+                f"--devices {n}: needs {n} CUDA GPUs, but {visible} {'is' if visible == 1 else 'are'} visible"
+            )
         return [f"cuda:{i}" for i in range(n)]
     names = [x.strip() for x in text.split(",")]
     bad = [x for x in names if not _DEVICE_RE.match(x)]
@@ -55,7 +57,9 @@ def parse_devices(spec: str) -> list[str]:
         for x in names:
             index = int(x.split(":")[1]) if ":" in x else 0
             if index >= visible:
-                raise ConfigError(f"--devices: {x} is not visible ({visible} CUDA GPU{'' if visible == 1 else 's'} visible)")
+                raise ConfigError(
+                    f"--devices: {x} is not visible ({visible} CUDA GPU{'' if visible == 1 else 's'} visible)"
+                )
     return names
 
 
@@ -98,8 +102,11 @@ def collect_on_devices(
     q = ctx.Queue()
     level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
     procs = {
-        k: ctx.Process(target=_worker, name=f"lessctl-grads-{k}of{n}",
-                       args=(k, n, dev, cfg, kwargs, q, cpu_threads(n) if dev == "cpu" else 0, level))
+        k: ctx.Process(
+            target=_worker,
+            name=f"lessctl-grads-{k}of{n}",
+            args=(k, n, dev, cfg, kwargs, q, cpu_threads(n) if dev == "cpu" else 0, level),
+        )
         for k, dev in enumerate(devices, 1)
     }
     summed = _ProgressSum(progress)
@@ -132,9 +139,11 @@ def collect_on_devices(
             elif kind == "error":
                 _raise_error(*msg[2:])
             elif kind == "crash":
-                raise WorkerError(f"grads worker {k}/{n} on {devices[k - 1]} failed: {msg[2]} (traceback above); "
-                                  f"`lessctl grads --shard {k}/{n} --device {devices[k - 1]}` with the same "
-                                  "options runs that shard alone")
+                raise WorkerError(
+                    f"grads worker {k}/{n} on {devices[k - 1]} failed: {msg[2]} (traceback above); "
+                    f"`lessctl grads --shard {k}/{n} --device {devices[k - 1]}` with the same "
+                    "options runs that shard alone"
+                )
         ok = True
     finally:
         _stop(procs, EXIT_GRACE_S if ok else 0.0)
@@ -195,8 +204,10 @@ def _raise_dead(k: int, n: int, device: str, code: int) -> None:
             how += " (out of memory?)"
     else:
         how = f"exited with code {code}"
-    raise WorkerError(f"grads worker {k}/{n} on {device} {how} without an error message; re-running the command "
-                      f"resumes every shard, `lessctl grads --shard {k}/{n} --device {device}` runs that shard alone")
+    raise WorkerError(
+        f"grads worker {k}/{n} on {device} {how} without an error message; re-running the command "
+        f"resumes every shard, `lessctl grads --shard {k}/{n} --device {device}` runs that shard alone"
+    )
 
 
 def _stop(procs: dict, grace: float) -> None:
@@ -245,14 +256,20 @@ def _worker(k: int, n: int, device: str, cfg, kwargs: dict, q, threads: int, log
         if threads:
             torch.set_num_threads(threads)
         if device.startswith("cuda:"):
-            torch.cuda.set_device(int(device.split(":")[1]))  # kernels that use the current device, and no context on cuda:0
+            torch.cuda.set_device(
+                int(device.split(":")[1])
+            )  # kernels that use the current device, and no context on cuda:0
 
         from lessctl.grads.stage import collect_gradients
 
         results = collect_gradients(
-            cfg, shard=(k, n), device=device,
+            cfg,
+            shard=(k, n),
+            device=device,
             progress=lambda name, step, done, total: q.put(("progress", k, name, step, done, total)),
-            announce=lambda text: q.put(("announce", k, text)), **kwargs)
+            announce=lambda text: q.put(("announce", k, text)),
+            **kwargs,
+        )
         q.put(("done", k, results))
     except LessctlError as e:
         if log_level <= logging.DEBUG:

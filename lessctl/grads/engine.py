@@ -22,9 +22,6 @@ from lessctl.vocab import GRAD_TYPES
 log = logging.getLogger(__name__)
 
 
-
-
-
 def trainable_parameters(model) -> list[tuple[str, Any]]:
     """The parameters whose gradients make the feature, in `named_parameters()` order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -107,14 +104,20 @@ class PerExampleGradients:
         self.lora = _lora_layers(model, self.params)
         self.layers: list[HookedLayer] = []
         if self.lora is not None:
-            for layer, name, a, b, s in self.lora:
+            for layer, _name, a, b, s in self.lora:
                 base = layer.get_base_layer()
-                self.layers.append(HookedLayer(layer, self._lora_products(a, b, s), base.out_features, base.weight.dtype))
+                self.layers.append(
+                    HookedLayer(layer, self._lora_products(a, b, s), base.out_features, base.weight.dtype)
+                )
         else:
             for name, p in self.params:
                 mod_name, _, leaf = name.rpartition(".")
                 mod = model.get_submodule(mod_name)
-                if leaf != "weight" or not isinstance(mod, torch.nn.Linear) or (mod.bias is not None and mod.bias.requires_grad):
+                if (
+                    leaf != "weight"
+                    or not isinstance(mod, torch.nn.Linear)
+                    or (mod.bias is not None and mod.bias.requires_grad)
+                ):
                     raise InputError(f"batched gradients support trainable Linear weights only; {name} is not one")
                 self.layers.append(HookedLayer(mod, self._linear_products(p), mod.out_features, mod.weight.dtype))
         self._emb_out = None
@@ -298,8 +301,11 @@ class PerExampleGradients:
                     lab = torch.cat([lab, torch.full_like(lab, -100)])
                 probes = []
                 for hl in self.layers:
-                    p = torch.zeros((), dtype=hl.dtype, device=self.device).expand(
-                        ids.shape[0], ids.shape[1], hl.out_features).requires_grad_()
+                    p = (
+                        torch.zeros((), dtype=hl.dtype, device=self.device)
+                        .expand(ids.shape[0], ids.shape[1], hl.out_features)
+                        .requires_grad_()
+                    )
                     p.register_post_accumulate_grad_hook(self._probe_done(hl.module, hl.products, B))
                     hl.module._lessctl_probe = p
                     probes.append(p)
@@ -334,8 +340,16 @@ class PerExampleGradients:
         loss, count = self._backward(seqs, labels, pad_id, sink)
         return out, loss, count
 
-    def features(self, seqs, labels, pad_id: int, grad_type: str, adam: "AdamState | None" = None, keep_raw: bool = False,
-                 out=None):
+    def features(
+        self,
+        seqs,
+        labels,
+        pad_id: int,
+        grad_type: str,
+        adam: "AdamState | None" = None,
+        keep_raw: bool = False,
+        out=None,
+    ):
         """Returns (features [B, P] float16: LESS's transform of each row, raw float16 rows or None, loss, counts).
 
         The transform runs per parameter slice as its rows arrive, so no [B, P] float32 matrix is ever held, and

@@ -14,7 +14,6 @@ import logging
 log = logging.getLogger(__name__)
 
 
-
 _state: dict[str, bool | None] = {"triton": None, "bmm_dtype": None}
 _kernel = None
 
@@ -53,14 +52,17 @@ def adam_into(g, m, v, beta1: float, beta2: float, eps: float, out) -> bool:
         triton, kernel = _triton_kernel()
         B, n = g.shape
         block = 2048
-        kernel[(triton.cdiv(n, block), B)](g, m, v, out, n, out.stride(0), float(beta1), float(beta2), float(eps),
-                                           BLOCK=block)
+        kernel[(triton.cdiv(n, block), B)](
+            g, m, v, out, n, out.stride(0), float(beta1), float(beta2), float(eps), BLOCK=block
+        )
         _state["triton"] = True
         return True
     except Exception as exc:  # noqa: BLE001 - no Triton, or it cannot compile here: the torch ops are equivalent
         if _state["triton"] is None:
-            log.warning("the fused Adam transform (Triton) is not available here (%s); using torch ops",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning(
+                "the fused Adam transform (Triton) is not available here (%s); using torch ops",
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
         _state["triton"] = False
         return False
 

@@ -20,7 +20,6 @@ from lessctl.files import source_sha256
 log = logging.getLogger(__name__)
 
 
-
 # Rows computed between two flushes of the store (what a kill -9 can lose at most). They are also the unit
 # that gets sorted by length into batches: more rows, less padding (at 7B on an H100 256 rows take ~10 s).
 FLUSH_ROWS = int(os.environ.get("LESSCTL_FLUSH_ROWS", "256"))
@@ -64,7 +63,11 @@ def data_sets(cfg: Config, train: list[str] | None, targets: list[str] | None, g
         out.append(DataSet(n, "train", grad_type or "adam", [files[n]]))
     for n in targets or []:
         spec = _target_spec(cfg, n)
-        out.append(DataSet(n, "target", grad_type or "sgd", list(target_source_files(spec, cfg.resolve(cfg.data.data_dir))), spec))
+        out.append(
+            DataSet(
+                n, "target", grad_type or "sgd", list(target_source_files(spec, cfg.resolve(cfg.data.data_dir))), spec
+            )
+        )
     return out
 
 
@@ -162,8 +165,9 @@ def collect_gradients(
             peg.compile()
         if not projectors:
             for d in dims:
-                projectors[d] = make_projector(kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed,
-                                               block_size=cfg.grads.block_size)
+                projectors[d] = make_projector(
+                    kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed, block_size=cfg.grads.block_size
+                )
             note = projectors[dims[0]].engine_note()
             if announce and note:
                 announce(note)
@@ -172,19 +176,34 @@ def collect_gradients(
             if ds.grad_type == "adam" and adam is None:
                 adam = load_adam_state(ckpt, peg.params, device)
             enc = ds.encode(cfg, tok)
-            collector = FeatureCollector(peg, projectors, ds.grad_type, adam if ds.grad_type == "adam" else None,
-                                         pad_id=tok.pad_token_id, batch_tokens=batch_tokens)
+            collector = FeatureCollector(
+                peg,
+                projectors,
+                ds.grad_type,
+                adam if ds.grad_type == "adam" else None,
+                pad_id=tok.pad_token_id,
+                batch_tokens=batch_tokens,
+            )
             start, end = shard_rows(len(enc), shard)
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
             attrs = {
-                "base_model": str(base), "checkpoint": str(ckpt), "step": step, "grad_type": ds.grad_type,
-                "source": ";".join(str(f) for f in ds.files), "source_sha256": hashes[ds.name], "role": ds.role,
-                "dataset": ds.name, "total_rows": len(enc), "row_start": start,
-                "max_seq_length": cfg.model.max_seq_length, "chat_format": cfg.model.chat_format,
+                "base_model": str(base),
+                "checkpoint": str(ckpt),
+                "step": step,
+                "grad_type": ds.grad_type,
+                "source": ";".join(str(f) for f in ds.files),
+                "source_sha256": hashes[ds.name],
+                "role": ds.role,
+                "dataset": ds.name,
+                "total_rows": len(enc),
+                "row_start": start,
+                "max_seq_length": cfg.model.max_seq_length,
+                "chat_format": cfg.model.chat_format,
                 "lessctl_version": __version__,
-                "shard": shard[0] if shard else 1, "num_shards": shard[1] if shard else 1,
+                "shard": shard[0] if shard else 1,
+                "num_shards": shard[1] if shard else 1,
                 "projector": {**projectors[dims[0]].attrs, "kind": kind},
             }
             t0 = time.time()
@@ -207,8 +226,19 @@ def collect_gradients(
                 w.finalize()
             secs = time.time() - t0
             n_new = end - start - done0
-            results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, end - start, status, secs,
-                                       n_new / secs if secs > 0 else 0.0, zero))
+            results.append(
+                StoreResult(
+                    store_paths[ds.name],
+                    ds.name,
+                    step,
+                    ds.grad_type,
+                    end - start,
+                    status,
+                    secs,
+                    n_new / secs if secs > 0 else 0.0,
+                    zero,
+                )
+            )
         peg.remove()
         del model
         if str(device).startswith("cuda"):
@@ -232,7 +262,9 @@ def check_steps(cfg: Config, steps: list[int]) -> None:
     manifest = [c["step"] for c in read_checkpoints(cfg)]
     for s in steps:
         if s not in manifest:
-            raise ConfigError(f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})")
+            raise ConfigError(
+                f"--ckpt: no checkpoint {s} in warmup/checkpoints.json (have: {', '.join(map(str, manifest))})"
+            )
 
 
 def resolve_steps(cfg: Config, ckpts: list[int] | None, ckpt_index: int | None) -> list[int]:

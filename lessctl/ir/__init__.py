@@ -1,1 +1,1 @@
-"""The reranking extension (LESS.md section 7): BEIR collections as listwise reranking instructions, and their evaluation."""
+"""The reranking extension (LESS.md section 7): BEIR collections as listwise reranking instructions, evaluated."""

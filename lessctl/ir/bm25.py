@@ -14,7 +14,6 @@ from lessctl.select.baselines import BM25_PARAMS
 log = logging.getLogger(__name__)
 
 
-
 # progress(description, done, total): called now and then during long loops.
 Progress = Callable[[str, int, int], None]
 
@@ -62,8 +61,15 @@ class BM25Index:
     terms, same order of additions); building it reads the corpus once and reports progress.
     """
 
-    def __init__(self, texts: Sequence[str], *, progress: Progress | None = None, k1: float = BM25_PARAMS["k1"],
-                 b: float = BM25_PARAMS["b"], epsilon: float = BM25_PARAMS["epsilon"]):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        *,
+        progress: Progress | None = None,
+        k1: float = BM25_PARAMS["k1"],
+        b: float = BM25_PARAMS["b"],
+        epsilon: float = BM25_PARAMS["epsilon"],
+    ):
         n = len(texts)
         step = max(1, n // 100)
 

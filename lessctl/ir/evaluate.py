@@ -22,7 +22,6 @@ from lessctl.errors import InputError
 log = logging.getLogger(__name__)
 
 
-
 K = 5
 METRIC = "ndcg@5"
 BM25_MODEL = "first-stage-bm25"
@@ -131,11 +130,18 @@ def read_eval_file(path: str | Path) -> list[dict]:
         try:
             msgs, cands = rec["messages"], rec["candidates"]
             ok = (
-                isinstance(msgs, list) and msgs and msgs[-1]["role"] == "assistant"
+                isinstance(msgs, list)
+                and msgs
+                and msgs[-1]["role"] == "assistant"
                 and all(isinstance(m["content"], str) for m in msgs)
-                and isinstance(cands, list) and cands
-                and all(isinstance(c["label"], str) and isinstance(c["grade"], (int, float))
-                        and isinstance(c["bm25_rank"], int) for c in cands)
+                and isinstance(cands, list)
+                and cands
+                and all(
+                    isinstance(c["label"], str)
+                    and isinstance(c["grade"], (int, float))
+                    and isinstance(c["bm25_rank"], int)
+                    for c in cands
+                )
             )
         except (KeyError, TypeError, IndexError):
             ok = False
@@ -166,8 +172,14 @@ def task_name(dataset: str) -> str:
 # ---------------------------------------------------------------------------------------------- harness
 
 
-def score_answers(records: Sequence[dict], answers: Sequence[str], *, settings: dict | None = None,
-                  dataset: str = "", start: float | None = None) -> dict:
+def score_answers(
+    records: Sequence[dict],
+    answers: Sequence[str],
+    *,
+    settings: dict | None = None,
+    dataset: str = "",
+    start: float | None = None,
+) -> dict:
     """Scores answers (model text) against their records: means over all of them, malformed ones as 0."""
     start = time.time() if start is None else start
     settings = settings or {}
@@ -180,11 +192,18 @@ def score_answers(records: Sequence[dict], answers: Sequence[str], *, settings: 
         ndcgs.append(nd)
         mrrs.append(rr)
         bad += parsed.malformed
-        predictions.append({
-            "id": rec.get("id"), "query_id": rec.get("query_id"), "output": answer,
-            "ranking": list(parsed.order) if parsed.order else None, "error": parsed.error,
-            "gold": rec["messages"][-1]["content"], "ndcg@5": round(nd, 6), "mrr@5": round(rr, 6),
-        })
+        predictions.append(
+            {
+                "id": rec.get("id"),
+                "query_id": rec.get("query_id"),
+                "output": answer,
+                "ranking": list(parsed.order) if parsed.order else None,
+                "error": parsed.error,
+                "gold": rec["messages"][-1]["content"],
+                "ndcg@5": round(nd, 6),
+                "mrr@5": round(rr, 6),
+            }
+        )
     n = len(records)
     mean = (lambda xs: sum(xs) / len(xs)) if n else (lambda xs: 0.0)
     return {
@@ -241,12 +260,18 @@ def evaluate_ir(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=STOP, batch_size=batch_size, hook=hook
     )
     settings = {
-        "dataset_file": str(Path(path).expanduser()), "limit": limit, "ranker": "model",
-        "max_new_tokens": max_new_tokens, "stop": list(STOP), "chat_format": chat_format, "decoding": "greedy",
+        "dataset_file": str(Path(path).expanduser()),
+        "limit": limit,
+        "ranker": "model",
+        "max_new_tokens": max_new_tokens,
+        "stop": list(STOP),
+        "chat_format": chat_format,
+        "decoding": "greedy",
         "truncated_prompts": truncated,
     }
-    return score_answers(records, [o.strip() for o in outputs], settings=settings,
-                      dataset=dataset_name(path, records), start=start)
+    return score_answers(
+        records, [o.strip() for o in outputs], settings=settings, dataset=dataset_name(path, records), start=start
+    )
 
 
 # ---------------------------------------------------------------------------------------------- recording

@@ -34,13 +34,17 @@ from lessctl.ir.prompts import labels, make_example, make_truncator
 log = logging.getLogger(__name__)
 
 
-
 ROLES = ("pool", "target")
 FORMAT_VERSION = 1
 
 
 def pool_candidates(
-    index: BM25Index, coll: Collection, query: str, grades: dict[str, int], k: int, max_relevant: int,
+    index: BM25Index,
+    coll: Collection,
+    query: str,
+    grades: dict[str, int],
+    k: int,
+    max_relevant: int,
     rng: random.Random,
 ) -> list[tuple[int, float, int]]:
     """Relevant documents (a seeded sample of max_relevant when there are more) plus the best-ranked
@@ -130,7 +134,8 @@ def _check_outputs(out_dir: Path, name: str, role: str, settings: dict, force: b
         before = None
     if before != settings:
         raise AlreadyExistsError(
-            f"{existing[0]} exists and was prepared with other settings (see {manifest.name}); pass --force to replace it"
+            f"{existing[0]} exists and was prepared with other settings (see {manifest.name}); pass --force to "
+            f"replace it"
         )
 
 
@@ -145,7 +150,9 @@ def _validate(settings: PrepareSettings) -> None:
     if settings.eval_queries < 0:
         raise ConfigError(f"--eval-queries: must be 0 (all) or more, got {settings.eval_queries}")
     if settings.max_relevant < 0 or settings.max_relevant > settings.candidates:
-        raise ConfigError(f"--max-relevant: expected 0 (candidates - 1) to {settings.candidates}, got {settings.max_relevant}")
+        raise ConfigError(
+            f"--max-relevant: expected 0 (candidates - 1) to {settings.candidates}, got {settings.max_relevant}"
+        )
 
 
 def resolve_dev_split(root: Path, split: str, dev_split: str | None) -> str:
@@ -189,10 +196,18 @@ def prepare_ir(
         raise ConfigError("--dev-split and --eval-queries apply to --role target only (a pool has no dev or eval file)")
     dsplit = resolve_dev_split(root, split, dev_split) if role == "target" else ""
     settings = PrepareSettings(
-        source=str(root.resolve()), name=name, role=role, split=split, dev_split=dsplit,
-        dev_queries=dev_queries if role == "target" else 0, eval_queries=eval_queries if role == "target" else 0,
-        candidates=candidates, max_relevant=(max_relevant or candidates - 1) if role == "pool" else 0, seed=seed,
-        max_passage_tokens=max_passage_tokens, tokenizer=str(tokenizer) if tokenizer else "whitespace",
+        source=str(root.resolve()),
+        name=name,
+        role=role,
+        split=split,
+        dev_split=dsplit,
+        dev_queries=dev_queries if role == "target" else 0,
+        eval_queries=eval_queries if role == "target" else 0,
+        candidates=candidates,
+        max_relevant=(max_relevant or candidates - 1) if role == "pool" else 0,
+        seed=seed,
+        max_passage_tokens=max_passage_tokens,
+        tokenizer=str(tokenizer) if tokenizer else "whitespace",
     )
     _validate(settings)
     _check_outputs(out, name, role, asdict(settings), force)
@@ -242,6 +257,7 @@ def prepare_ir(
             notes.append(f"{short} examples have fewer than {k} candidates (the corpus ran out of documents)")
         _write_jsonl(files["data"], records)
     else:
+
         def target_example(qid: str, judged: dict[str, dict[str, int]]) -> dict | None:
             """The first-stage example of a query, or None when no relevant document made the top k."""
             grades = judged.get(qid, {})
@@ -254,7 +270,9 @@ def prepare_ir(
         eval_judged, dev_judged = qrels[split], qrels[dsplit]
         # Dev queries: the first dev_queries of the dev split's judged queries in a seeded order whose
         # BM25 top k holds a relevant document; never an eval query.
-        dev_pool = [q for q in coll.queries if has_relevant(q, dev_judged) and (dsplit == split or q not in eval_judged)]
+        dev_pool = [
+            q for q in coll.queries if has_relevant(q, dev_judged) and (dsplit == split or q not in eval_judged)
+        ]
         random.Random(seed).shuffle(dev_pool)
         dev_records: list[dict] = []
         dev_skipped = 0
@@ -295,11 +313,15 @@ def prepare_ir(
                 f"{root}: no held-out query of split {split!r} has a relevant document in its BM25 top {k}; "
                 "nothing to evaluate on"
             )
-        counts.update({
-            "dev": len(dev_records), "dev_skipped_no_relevant_in_top_k": dev_skipped,
-            "eval_queries": len(eval_ids), "eval": len(eval_records),
-            "eval_skipped_no_relevant_in_top_k": eval_skipped,
-        })
+        counts.update(
+            {
+                "dev": len(dev_records),
+                "dev_skipped_no_relevant_in_top_k": dev_skipped,
+                "eval_queries": len(eval_ids),
+                "eval": len(eval_records),
+                "eval_skipped_no_relevant_in_top_k": eval_skipped,
+            }
+        )
         if eval_skipped:
             notes.append(
                 f"{eval_skipped} of {len(eval_ids)} eval queries have no relevant document in their BM25 top {k} "
@@ -311,13 +333,22 @@ def prepare_ir(
         _write_jsonl(files["eval"], eval_records)
 
     summary = PrepareSummary(
-        name=name, role=role, files={k2: str(p) for k2, p in files.items()}, counts=counts,
-        settings=asdict(settings), notes=notes, seconds=round(time.time() - start, 2),
+        name=name,
+        role=role,
+        files={k2: str(p) for k2, p in files.items()},
+        counts=counts,
+        settings=asdict(settings),
+        notes=notes,
+        seconds=round(time.time() - start, 2),
     )
     from lessctl import __version__
 
-    manifest = {"format_version": FORMAT_VERSION, "lessctl_version": __version__,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "bm25": {"tokens": r"lowercased \w+", **BM25_PARAMS},
-                **summary.to_dict()}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "lessctl_version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "bm25": {"tokens": r"lowercased \w+", **BM25_PARAMS},
+        **summary.to_dict(),
+    }
     _manifest_path(out, name).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary

@@ -13,7 +13,6 @@ from lessctl.ir.beir import Collection, _clean
 log = logging.getLogger(__name__)
 
 
-
 # LESS.md section 7, verbatim (the "numerical identifier" wording included, for comparability).
 PROMPT_HEAD = (
     "You are RankLLM, an intelligent assistant that can rank passages based on their relevancy to the query. "
@@ -82,16 +81,27 @@ def make_truncator(max_tokens: int, tokenizer_path: str | os.PathLike | None = N
 
 
 def make_example(
-    name: str, qid: str, query: str, cand: Sequence[tuple[int, float, int]], coll: Collection,
-    grades: dict[str, int], truncate: PassageTruncator, rng: random.Random,
+    name: str,
+    qid: str,
+    query: str,
+    cand: Sequence[tuple[int, float, int]],
+    coll: Collection,
+    grades: dict[str, int],
+    truncate: PassageTruncator,
+    rng: random.Random,
 ) -> dict:
     """One listwise example; cand = [(doc index, BM25 score, BM25 rank)], shown in a seeded order."""
     shown = list(cand)
     rng.shuffle(shown)
     labs = labels(len(shown))
     candidates = [
-        {"label": lab, "doc_id": coll.doc_ids[d], "grade": int(grades.get(coll.doc_ids[d], 0)),
-         "bm25_rank": int(r), "bm25_score": round(float(s), 4)}
+        {
+            "label": lab,
+            "doc_id": coll.doc_ids[d],
+            "grade": int(grades.get(coll.doc_ids[d], 0)),
+            "bm25_rank": int(r),
+            "bm25_score": round(float(s), 4),
+        }
         for lab, (d, s, r) in zip(labs, shown)
     ]
     prompt = build_prompt(query, [truncate(coll.doc_texts[d]) for d, _, _ in shown])

@@ -13,8 +13,6 @@ from lessctl.ir.prepare import prepare_ir
 log = logging.getLogger(__name__)
 
 
-
-
 # ---------------------------------------------------------------------------------------------- tiny-ir workspace
 
 TINY_IR_PASSAGE_TOKENS = 24  # whitespace tokens: keeps a 5-passage example within the tiny model's context
@@ -51,8 +49,9 @@ def build_tiny_ir_model(out_dir: Path, texts: list[str], seed: int = 0, vocab_si
     return build_tiny_model(out_dir, texts, seed=seed, vocab_size=vocab_size, max_positions=TINY_IR_MAX_SEQ_LENGTH)
 
 
-def build_tiny_ir_workspace(folder: Path, beir_root: str | os.PathLike, *, seed: int = 0,
-                            progress: Progress | None = None) -> dict[str, Path]:
+def build_tiny_ir_workspace(
+    folder: Path, beir_root: str | os.PathLike, *, seed: int = 0, progress: Progress | None = None
+) -> dict[str, Path]:
     """Prepares the pool and every target of `tiny_ir_layout` into `folder/data` and builds the tiny
     model in `folder/model`. Returns {file key: path}."""
     from lessctl.tiny import corpus_texts

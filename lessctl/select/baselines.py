@@ -12,12 +12,12 @@ from lessctl.select.scores import Scored, aggregate, subtask_matrix
 log = logging.getLogger(__name__)
 
 
-
-
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "epsilon": 0.25}  # rank_bm25's defaults (Okapi), as LESS's baseline uses them
 
 
-def bm25_scores(train_texts: dict[str, list[tuple[int, str]]], queries: Sequence[str], subtasks: Sequence[str]) -> Scored:
+def bm25_scores(
+    train_texts: dict[str, list[tuple[int, str]]], queries: Sequence[str], subtasks: Sequence[str]
+) -> Scored:
     """rank_bm25.BM25Okapi over the pooled training texts (whitespace-split), one query per target example."""
     from rank_bm25 import BM25Okapi
 

@@ -28,7 +28,6 @@ from lessctl.vocab import METHODS
 log = logging.getLogger(__name__)
 
 
-
 SUMMARY_KEYS = ("family", "dataset", "source_task")
 
 
@@ -58,7 +57,8 @@ def selection_file(cfg: Config, target: str, method: str) -> Path:
     summary = d / "summary.json"
     if not summary.is_file():
         raise MissingArtifactError(
-            f"no selection for target '{target}' with method '{method}' in {d}; run `lessctl match --target {target} --method {method}` first"
+            f"no selection for target '{target}' with method '{method}' in {d}; run `lessctl match --target {target} "
+            f"--method {method}` first"
         )
     return d / json.loads(summary.read_text())["file"]
 
@@ -120,7 +120,9 @@ def run_match(
     if method not in METHODS:
         raise ConfigError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     if target not in cfg.data.targets:
-        raise ConfigError(f"--target: unknown target {target!r} (the workspace's targets: {', '.join(cfg.data.targets) or 'none'})")
+        raise ConfigError(
+            f"--target: unknown target {target!r} (the workspace's targets: {', '.join(cfg.data.targets) or 'none'})"
+        )
     t0 = time.time()
     files = cfg.train_files()
     train = list(train) if train else list(files)
@@ -140,7 +142,9 @@ def run_match(
         steps = list(ckpts) if ckpts else [c["step"] for c in manifest]
         for s in steps:
             if s not in by_step:
-                raise ConfigError(f"--ckpts: no checkpoint {s} in checkpoints.json (have: {', '.join(map(str, by_step))})")
+                raise ConfigError(
+                    f"--ckpts: no checkpoint {s} in checkpoints.json (have: {', '.join(map(str, by_step))})"
+                )
         if weights:
             if len(weights) != len(steps):
                 raise ConfigError(f"--weights: {len(weights)} weights for {len(steps)} checkpoints")
@@ -155,20 +159,32 @@ def run_match(
             check_compatible(everything, dim)
             for n, rs in train_readers.items():
                 if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
-                    raise InputError(f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
-                                     f"the file changed: recompute with `lessctl grads --train {n} --force`")
+                    raise InputError(
+                        f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
+                        f"the file changed: recompute with `lessctl grads --train {n} --force`"
+                    )
                 sha = sha256_file(files[n])
                 if rs[0].attrs.get("source_sha256") != sha:
-                    raise InputError(f"{files[n]} changed since its gradient store was written; recompute with `lessctl grads --train {n} --force`")
+                    raise InputError(
+                        f"{files[n]} changed since its gradient store was written; recompute with `lessctl grads "
+                        f"--train {n} --force`"
+                    )
             if target_readers[0].n_rows != len(subtasks):
-                raise InputError(f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} examples; "
-                                 f"recompute with `lessctl grads --target {target} --force`")
+                raise InputError(
+                    f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "
+                    f"examples; "
+                    f"recompute with `lessctl grads --target {target} --force`"
+                )
             scored = less_scores(train_readers, target_readers, w, subtasks, dim, progress)
         finally:
             for r in [r for rs in train_readers.values() for r in rs] + target_readers:
                 r.close()
-        info = {"checkpoints": steps, "weights": [float(x) for x in w], "dim": dim,
-                "projector": target_readers[0].projector}
+        info = {
+            "checkpoints": steps,
+            "weights": [float(x) for x in w],
+            "dim": dim,
+            "projector": target_readers[0].projector,
+        }
     elif method == "bm25":
         texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
         scored = bm25_scores(texts, prompts, subtasks)
@@ -189,14 +205,25 @@ def run_match(
     write_atomic(out_dir / fname, "".join(r.raw + "\n" for r in chosen))
     sel_scores = scored.scores[order[:k]]
     summary = {
-        "target": target, "method": method, "file": fname, "selected": k, "total": total,
-        "percentage": percentage if max_samples is None else None, "max_samples": max_samples,
+        "target": target,
+        "method": method,
+        "file": fname,
+        "selected": k,
+        "total": total,
+        "percentage": percentage if max_samples is None else None,
+        "max_samples": max_samples,
         "by_train_set": _count(scored.names[i] for i in order[:k]),
-        **{f"by_{key}": _count(r.data.get(key) for r in chosen) for key in SUMMARY_KEYS
-           if any(key in r.data for r in chosen)},
-        "score": _stats(scored.scores), "selected_score": _stats(sel_scores),
-        "subtasks": len(set(subtasks)), "target_examples": len(subtasks),
-        **info, "seconds": round(time.time() - t0, 3),
+        **{
+            f"by_{key}": _count(r.data.get(key) for r in chosen)
+            for key in SUMMARY_KEYS
+            if any(key in r.data for r in chosen)
+        },
+        "score": _stats(scored.scores),
+        "selected_score": _stats(sel_scores),
+        "subtasks": len(set(subtasks)),
+        "target_examples": len(subtasks),
+        **info,
+        "seconds": round(time.time() - t0, 3),
     }
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary, scored)
@@ -226,5 +253,3 @@ def _stats(x: np.ndarray) -> dict:
     if len(x) == 0:
         return {}
     return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "median": float(np.median(x))}
-
-

@@ -189,7 +189,9 @@ def check_compatible(readers: list[Any], dim: int) -> None:
             raise InputError(f"{r.paths[0]} has no dimension {dim} (it has {r.dims}); run `lessctl grads --dims {dim}`")
         diff = same_projection(first.projector, r.projector)
         if diff:
-            raise InputError(f"{first.paths[0].name} and {r.paths[0].name} were projected differently ({diff[0]}); "
-                             "recompute one of them with the same --projector (and --force)")
+            raise InputError(
+                f"{first.paths[0].name} and {r.paths[0].name} were projected differently ({diff[0]}); "
+                "recompute one of them with the same --projector (and --force)"
+            )
         if r.attrs.get("base_model") != first.attrs.get("base_model"):
             raise InputError(f"{first.paths[0].name} and {r.paths[0].name} come from different base models")

@@ -16,10 +16,21 @@ from lessctl.errors import LessctlError
 log = logging.getLogger(__name__)
 
 
-TERMINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-    "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
-})
+TERMINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "OUT_OF_MEMORY",
+        "NODE_FAIL",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+    }
+)
 _FAILED_STATES = TERMINAL_STATES - {"COMPLETED"}
 _ACTIVE_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"})
 
@@ -142,7 +153,9 @@ def job_states(job_ids: Sequence[str]) -> dict[str, JobState]:
     for j in [j for j in ids if j not in result]:
         proc = _run(["scontrol", "show", "job", "-o", j])
         records = parse_scontrol(proc.stdout) if proc is not None and proc.returncode == 0 else []
-        result[j] = _aggregate(j, records, "scontrol") if records else JobState(j, "UNKNOWN", "not known to Slurm any more")
+        result[j] = (
+            _aggregate(j, records, "scontrol") if records else JobState(j, "UNKNOWN", "not known to Slurm any more")
+        )
     return result
 
 

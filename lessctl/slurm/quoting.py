@@ -1,4 +1,7 @@
-"""What may reach sbatch and the shell: `#SBATCH` values validated and quoted for sbatch's parser, `Raw` for text already quoted."""
+"""What may reach sbatch and the shell: `#SBATCH` values validated and quoted for sbatch's parser; `Raw` text.
+
+`Raw` marks text that is already quoted for its place in the script.
+"""
 
 from __future__ import annotations
 

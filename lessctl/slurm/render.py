@@ -28,8 +28,6 @@ from lessctl.slurm.settings import stage_settings
 log = logging.getLogger(__name__)
 
 
-
-
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -56,6 +54,7 @@ def _template_env(cfg: Any):
         if not own.is_dir():
             raise ConfigError(f"slurm.templates: {own} is not a folder of templates")
         search.insert(0, str(own))
+
     class _ShellEnvironment(jinja2.Environment):
         # Text a template renders itself ({{ super() }}, macros, {% set %} blocks) is made of template
         # text and values that were quoted on their way in: it is printed as is, not quoted again.
@@ -117,8 +116,7 @@ def render_script(
             raise ConfigError(f"{s[key].source}: must be at least {low}, got {s[key].value}")
     if not _TIME.match(_check_text(s["time"].source, s["time"].value)):
         raise ConfigError(
-            f"{s['time'].source}: {s['time'].value!r} is not a Slurm time "
-            "(minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED)"
+            f"{s['time'].source}: {s['time'].value!r} is not a Slurm time (minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED)"
         )
     if s["memory"].value and not _MEMORY.match(_check_text(s["memory"].source, s["memory"].value)):
         raise ConfigError(f"{s['memory'].source}: {s['memory'].value!r} is not a Slurm memory size (e.g. 64G, 500M)")
@@ -192,9 +190,11 @@ def render_script(
     if stage == "grads" and s["gpus"].value > 1:  # several GPUs in one grads job: one worker per GPU
         taken = [a for a in (*stage_args, *task_args) if a.split("=")[0] in ("--devices", "--device", "--shard")]
         if taken:
-            raise ConfigError(f"{s['gpus'].source} = {s['gpus'].value}: a grads job on several GPUs runs "
-                              f"`lessctl grads --devices {s['gpus'].value}`, which replaces {taken[0].split('=')[0]}; "
-                              "drop that option or use one GPU per job")
+            raise ConfigError(
+                f"{s['gpus'].source} = {s['gpus'].value}: a grads job on several GPUs runs "
+                f"`lessctl grads --devices {s['gpus'].value}`, which replaces {taken[0].split('=')[0]}; "
+                "drop that option or use one GPU per job"
+            )
         lessctl_args += ["--devices", str(s["gpus"].value)]
 
     import jinja2
@@ -208,33 +208,37 @@ def render_script(
     except jinja2.TemplateError as exc:
         where = f"{exc.filename}:{exc.lineno}" if getattr(exc, "filename", None) else f"{stage}.sh.j2"
         raise ConfigError(f"Slurm template {where}: {exc.message or exc}") from None
-    return _render(tmpl, tname, dict(
-        stage=Raw(stage),
-        job_name=name,
-        directives=directives,
-        workspace=str(cfg.root),
-        config_path=str(cfg.path) if cfg.path else "",
-        output_dir=str(cfg.output_dir),
-        log_dir=str(logs),
-        python=python or sys.executable,
-        lessctl_args=Raw(" ".join(lessctl_args)),
-        stage_args=list(stage_args),
-        gpus=s["gpus"].value,
-        cpus=s["cpus"].value,
-        memory=s["memory"].value,
-        time=s["time"].value,
-        partition=s["partition"].value,
-        account=s["account"].value,
-        qos=s["qos"].value,
-        array=array,
-        dependency=dependency,
-        modules=list(s["modules"].value),
-        setup=[Raw(line) for line in s["setup"].value],
-        env=env,
-        version=Raw(__version__),
-        experiment=cfg.experiment.name,
-        sc=sc,
-    ))
+    return _render(
+        tmpl,
+        tname,
+        dict(
+            stage=Raw(stage),
+            job_name=name,
+            directives=directives,
+            workspace=str(cfg.root),
+            config_path=str(cfg.path) if cfg.path else "",
+            output_dir=str(cfg.output_dir),
+            log_dir=str(logs),
+            python=python or sys.executable,
+            lessctl_args=Raw(" ".join(lessctl_args)),
+            stage_args=list(stage_args),
+            gpus=s["gpus"].value,
+            cpus=s["cpus"].value,
+            memory=s["memory"].value,
+            time=s["time"].value,
+            partition=s["partition"].value,
+            account=s["account"].value,
+            qos=s["qos"].value,
+            array=array,
+            dependency=dependency,
+            modules=list(s["modules"].value),
+            setup=[Raw(line) for line in s["setup"].value],
+            env=env,
+            version=Raw(__version__),
+            experiment=cfg.experiment.name,
+            sc=sc,
+        ),
+    )
 
 
 def _render(tmpl: Any, name: str, context: dict[str, Any]) -> str:

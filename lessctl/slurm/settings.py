@@ -13,22 +13,48 @@ from lessctl.vocab import SLURM_STAGES
 log = logging.getLogger(__name__)
 
 
-
 # The pipeline, in dependency order (`lessctl slurm submit`).
 # Commands that may have their own `[slurm.stages.<name>]` overrides.
 # How many GPUs a command uses: "multi" takes [slurm] gpus (launched through torchrun when > 1),
 # "one" at most one, "none" none. Commands not listed use one GPU when [slurm] gpus > 0. A stage's own
 # `[slurm.stages.<name>] gpus` overrides this; for grads, more than one runs `lessctl grads --devices N`.
 GPU_USE = {
-    "warmup": "multi", "finetune": "multi", "ablate": "multi",
-    "grads": "one", "eval": "one", "run": "one", "demo": "one",
-    "match": "none", "ir": "none",
+    "warmup": "multi",
+    "finetune": "multi",
+    "ablate": "multi",
+    "grads": "one",
+    "eval": "one",
+    "run": "one",
+    "demo": "one",
+    "match": "none",
+    "ir": "none",
 }
 # [slurm] keys a stage can override (the rest are global).
-STAGE_KEYS = ("partition", "account", "qos", "gpus", "cpus", "memory", "time", "modules", "setup", "sbatch_extra", "env")
+STAGE_KEYS = (
+    "partition",
+    "account",
+    "qos",
+    "gpus",
+    "cpus",
+    "memory",
+    "time",
+    "modules",
+    "setup",
+    "sbatch_extra",
+    "env",
+)
 _KEY_TYPES = {
-    "partition": str, "account": str, "qos": str, "memory": str, "time": str,
-    "gpus": int, "cpus": int, "modules": list, "setup": list, "sbatch_extra": list, "env": dict,
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "memory": str,
+    "time": str,
+    "gpus": int,
+    "cpus": int,
+    "modules": list,
+    "setup": list,
+    "sbatch_extra": list,
+    "env": dict,
 }
 
 
@@ -39,8 +65,6 @@ _KEY_TYPES = {
 class _Setting:
     value: Any
     source: str  # the key or option it came from, for error messages
-
-
 
 
 def _check_type(name: str, key: str, value: Any) -> Any:

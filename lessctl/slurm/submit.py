@@ -33,8 +33,6 @@ from lessctl.vocab import STAGES
 log = logging.getLogger(__name__)
 
 
-
-
 # ----------------------------------------------------------------------------- submitting
 
 
@@ -51,7 +49,12 @@ def submit_script(
         raise _sbatch_missing()
     try:
         proc = subprocess.run(
-            [exe, "--parsable", *sbatch_args], input=text, capture_output=True, text=True, cwd=cwd, timeout=timeout_s,
+            [exe, "--parsable", *sbatch_args],
+            input=text,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout_s,
         )
     except subprocess.TimeoutExpired:
         raise LessctlError(f"sbatch did not answer within {timeout_s:.0f} s; is slurmctld reachable?") from None
@@ -109,22 +112,38 @@ def plan_pipeline(
             n_ckpt = cfg.warmup.epochs
             if shards and shards > 1:
                 for k in range(1, n_ckpt + 1):
-                    specs.append(JobSpec(
-                        stage, args + ("--ckpt-index", str(k)), array=f"1-{shards}",
-                        task_args=("--shard", f"{TASK}/{shards}"), after=previous, label=f"grads ckpt {k}",
-                    ))
+                    specs.append(
+                        JobSpec(
+                            stage,
+                            args + ("--ckpt-index", str(k)),
+                            array=f"1-{shards}",
+                            task_args=("--shard", f"{TASK}/{shards}"),
+                            after=previous,
+                            label=f"grads ckpt {k}",
+                        )
+                    )
             else:
-                specs.append(JobSpec(
-                    stage, args, array=f"1-{n_ckpt}", task_args=("--ckpt-index", TASK), after=previous,
-                ))
+                specs.append(
+                    JobSpec(
+                        stage,
+                        args,
+                        array=f"1-{n_ckpt}",
+                        task_args=("--ckpt-index", TASK),
+                        after=previous,
+                    )
+                )
         elif stage == "finetune":
             if not cfg.data.targets:
                 raise ConfigError("--stages: finetune needs targets in [data] targets (or drop it from --stages)")
             for target in cfg.data.targets:
-                specs.append(JobSpec(
-                    stage, args + ("--target", target, "--method", cfg.select.method), after=previous,
-                    label=f"finetune {target}",
-                ))
+                specs.append(
+                    JobSpec(
+                        stage,
+                        args + ("--target", target, "--method", cfg.select.method),
+                        after=previous,
+                        label=f"finetune {target}",
+                    )
+                )
         elif stage == "eval":
             finetuned = {s.label: i for i, s in enumerate(specs) if s.stage == "finetune"}
             for target, spec in cfg.data.targets.items():
@@ -132,9 +151,14 @@ def plan_pipeline(
                     continue  # a custom target: nothing to evaluate it with
                 model = paths.finetune_dir(cfg.output_dir, f"{target}-{cfg.select.method}")
                 after = (finetuned[f"finetune {target}"],) if f"finetune {target}" in finetuned else previous
-                specs.append(JobSpec(
-                    stage, args + ("--task", spec, "--model", str(model)), after=after, label=f"eval {target}",
-                ))
+                specs.append(
+                    JobSpec(
+                        stage,
+                        args + ("--task", spec, "--model", str(model)),
+                        after=after,
+                        label=f"eval {target}",
+                    )
+                )
         else:
             specs.append(JobSpec(stage, args, after=previous))
         previous = tuple(range(start, len(specs)))
@@ -168,7 +192,9 @@ def _save_jobs(cfg: Any, new: list[dict[str, Any]]) -> None:
     jobs = [j for j in old if j.get("stage") not in replaced] + new
     order = {s: i for i, s in enumerate(STAGES)}
     jobs.sort(key=lambda j: order.get(j.get("stage"), len(order)))
-    write_atomic(p, json.dumps({"version": 1, "config": str(cfg.path) if cfg.path else None, "jobs": jobs}, indent=2) + "\n")
+    write_atomic(
+        p, json.dumps({"version": 1, "config": str(cfg.path) if cfg.path else None, "jobs": jobs}, indent=2) + "\n"
+    )
 
 
 def submit_jobs(cfg: Any, specs: Sequence[JobSpec], dry_run: bool = False) -> list[dict[str, Any]]:
@@ -184,14 +210,16 @@ def submit_jobs(cfg: Any, specs: Sequence[JobSpec], dry_run: bool = False) -> li
         if any(not 0 <= a < i for a in spec.after):
             raise ValueError(f"job {i} waits for a job that is not before it: {spec.after}")
     # Render everything first so that a config mistake submits nothing.
-    texts = [
-        render_script(cfg, s.stage, s.args, array=s.array, task_args=s.task_args, **s.overrides) for s in specs
-    ]
+    texts = [render_script(cfg, s.stage, s.args, array=s.array, task_args=s.task_args, **s.overrides) for s in specs]
     if dry_run:
         rows = []
         for spec, text in zip(specs, texts):
             after = [specs[a].label or specs[a].stage for a in spec.after]
-            deps = ["--dependency=afterok:" + ":".join(f"<{a}>" for a in after), "--kill-on-invalid-dep=yes"] if after else []
+            deps = (
+                ["--dependency=afterok:" + ":".join(f"<{a}>" for a in after), "--kill-on-invalid-dep=yes"]
+                if after
+                else []
+            )
             rows.append(_row(cfg, spec, None, after, ["sbatch", "--parsable", *deps], text))
         return rows
 
@@ -227,7 +255,9 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
 
 
-def _row(cfg: Any, spec: JobSpec, job_id: str | None, after: list[str], sbatch: list[str], script: str) -> dict[str, Any]:
+def _row(
+    cfg: Any, spec: JobSpec, job_id: str | None, after: list[str], sbatch: list[str], script: str
+) -> dict[str, Any]:
     jid = job_id or "<id>"
     pattern = f"{spec.stage}-{jid}_<task>.out" if spec.array else f"{spec.stage}-{jid}.out"
     return {

@@ -31,7 +31,6 @@ from lessctl.vocab import CHECKPOINT_METHODS
 log = logging.getLogger(__name__)
 
 
-
 ABLATION_FILE = "ablation.json"
 HEATMAP_FILE = "ablation_overlap.png"
 
@@ -63,13 +62,17 @@ def parse_subsets(text: str | None, n_ckpts: int) -> list[tuple[int, ...]]:
     for token in (t.strip() for t in text.split(",")):
         parts = token.split("+") if "+" in token else list(token)
         if not token or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"--subsets: {token!r} is not a subset; expected checkpoint positions such as 1,2,12 "
-                              "(one digit each, or joined by '+' as in 1+10)")
+            raise ConfigError(
+                f"--subsets: {token!r} is not a subset; expected checkpoint positions such as 1,2,12 "
+                "(one digit each, or joined by '+' as in 1+10)"
+            )
         positions = [int(p) for p in parts]
         bad = [p for p in positions if not 1 <= p <= n_ckpts]
         if bad:
-            raise ConfigError(f"--subsets: position {bad[0]} in {token!r} is beyond the {n_ckpts} checkpoints "
-                              f"in checkpoints.json (positions are 1 to {n_ckpts})")
+            raise ConfigError(
+                f"--subsets: position {bad[0]} in {token!r} is beyond the {n_ckpts} checkpoints "
+                f"in checkpoints.json (positions are 1 to {n_ckpts})"
+            )
         if len(set(positions)) != len(positions):
             raise ConfigError(f"--subsets: {token!r} names a checkpoint twice")
         subset = tuple(sorted(positions))
@@ -109,8 +112,11 @@ def rank_correlation(a: Any, b: Any) -> float | None:
         x, y = np.asarray(a.scores, dtype=np.float64), np.asarray(b.scores, dtype=np.float64)
     else:
         pos = {(n, int(i)): k for k, (n, i) in enumerate(zip(b.names, b.index))}
-        pairs = [(a.scores[k], b.scores[pos[key]]) for k, key in enumerate(zip(a.names, (int(i) for i in a.index)))
-                 if key in pos]
+        pairs = [
+            (a.scores[k], b.scores[pos[key]])
+            for k, key in enumerate(zip(a.names, (int(i) for i in a.index)))
+            if key in pos
+        ]
         x, y = np.asarray(pairs, dtype=np.float64).reshape(-1, 2).T
     if len(x) < 2:
         return None
@@ -138,7 +144,9 @@ def plot_overlap_heatmap(labels: Sequence[str], matrix: np.ndarray, path: Path, 
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ConfigError("the overlap heat map needs matplotlib; install it with `pip install 'lessctl[plot]'`") from None
+        raise ConfigError(
+            "the overlap heat map needs matplotlib; install it with `pip install 'lessctl[plot]'`"
+        ) from None
 
     n = len(labels)
     size = max(3.5, 0.7 * n + 2.0)
@@ -255,7 +263,9 @@ def run_ablation(
     if method not in CHECKPOINT_METHODS:
         raise ConfigError(f"--method: checkpoint subsets apply to {', '.join(CHECKPOINT_METHODS)} only, got {method!r}")
     if target not in cfg.data.targets:
-        raise ConfigError(f"--target: unknown target {target!r} (the workspace's targets: {', '.join(cfg.data.targets) or 'none'})")
+        raise ConfigError(
+            f"--target: unknown target {target!r} (the workspace's targets: {', '.join(cfg.data.targets) or 'none'})"
+        )
     if evaluate and not finetune:
         raise ConfigError("--eval: needs --finetune (each subset's selection is trained, then evaluated)")
     manifest = read_checkpoints(cfg)
@@ -284,24 +294,42 @@ def run_ablation(
         for subset in order:
             label = subset_label(subset)
             cb = (lambda done, total, _l=label: progress(_l, done, total)) if progress else None
-            res = run_match(cfg, target, method=method, ckpts=[steps_all[p - 1] for p in subset],
-                            percentage=percentage, dim=dim, out_name=f"{method}-ckpt{label}", progress=cb)
+            res = run_match(
+                cfg,
+                target,
+                method=method,
+                ckpts=[steps_all[p - 1] for p in subset],
+                percentage=percentage,
+                dim=dim,
+                out_name=f"{method}-ckpt{label}",
+                progress=cb,
+            )
             _note_subset(res.out_dir / "summary.json", subset)
             scored[subset] = res.scored
             keys.append(set(selected_keys(res.scored, res.n_selected)))
             s = res.summary
-            entries.append({
-                "subset": list(subset), "label": label, "reference": subset == full,
-                "checkpoints": s["checkpoints"], "weights": s["weights"],
-                "selection": str(res.out_dir.relative_to(cfg.output_dir)), "file": str(res.file),
-                "selected": res.n_selected, "total": res.total,
-                "composition": {k[3:]: v for k, v in s.items() if k.startswith("by_")},
-                "selected_score": s.get("selected_score"),
-            })
+            entries.append(
+                {
+                    "subset": list(subset),
+                    "label": label,
+                    "reference": subset == full,
+                    "checkpoints": s["checkpoints"],
+                    "weights": s["weights"],
+                    "selection": str(res.out_dir.relative_to(cfg.output_dir)),
+                    "file": str(res.file),
+                    "selected": res.n_selected,
+                    "total": res.total,
+                    "composition": {k[3:]: v for k, v in s.items() if k.startswith("by_")},
+                    "selected_score": s.get("selected_score"),
+                }
+            )
         ref = order.index(full)
         for subset, e, sel in zip(order, entries, keys):
-            e["overlap"] = {"jaccard": jaccard(sel, keys[ref]), "kept": kept_share(sel, keys[ref]),
-                            "shared": len(sel & keys[ref])}
+            e["overlap"] = {
+                "jaccard": jaccard(sel, keys[ref]),
+                "kept": kept_share(sel, keys[ref]),
+                "shared": len(sel & keys[ref]),
+            }
             e["spearman"] = rank_correlation(scored[subset], scored[full])
         if finetune and force:  # removed once, here, so that no two ranks delete the same folder
             for subset in order:
@@ -314,16 +342,18 @@ def run_ablation(
 
         for i, subset in enumerate(order):
             sel_name = f"{method}-ckpt{subset_label(subset)}"
-            ft = _finetune_subset(cfg, target, sel_name, selection_file(cfg, target, sel_name), subset,
-                                  device=device, on_log=on_log)
+            ft = _finetune_subset(
+                cfg, target, sel_name, selection_file(cfg, target, sel_name), subset, device=device, on_log=on_log
+            )
             if rank == 0:
                 entries[i]["finetune"] = ft
     if rank != 0:  # nothing waits for rank 0's evaluations and report
         return AblationResult(target, {}, ablation_path(cfg, target), None, [])
     if evaluate:
         for e in entries:
-            e["eval"] = _evaluate_subset(cfg, plan, data_dir, Path(e["finetune"]["output_dir"]),
-                                         reuse=e["finetune"]["reused"], device=device)
+            e["eval"] = _evaluate_subset(
+                cfg, plan, data_dir, Path(e["finetune"]["output_dir"]), reuse=e["finetune"]["reused"], device=device
+            )
 
     # 3. the report and the heat map
     labels = [e["label"] for e in entries]
@@ -332,22 +362,31 @@ def run_ablation(
     heatmap_error = None
     try:
         shown = ["+".join(map(str, e["subset"])) + (" (all)" if e["reference"] else "") for e in entries]
-        heatmap = plot_overlap_heatmap(shown, matrix, heatmap_path(cfg, target),
-                                       title=f"{target}: overlap of {method} selections by checkpoint subset")
+        heatmap = plot_overlap_heatmap(
+            shown,
+            matrix,
+            heatmap_path(cfg, target),
+            title=f"{target}: overlap of {method} selections by checkpoint subset",
+        )
     except ConfigError as exc:  # matplotlib missing: the numbers still stand
         heatmap_error = str(exc)
         log.warning("%s", exc)
     report = {
-        "target": target, "method": method,
-        "checkpoints": [{"position": i + 1, "step": c["step"], "epoch": c.get("epoch"), "lr_mean": c.get("lr_mean")}
-                        for i, c in enumerate(manifest)],
+        "target": target,
+        "method": method,
+        "checkpoints": [
+            {"position": i + 1, "step": c["step"], "epoch": c.get("epoch"), "lr_mean": c.get("lr_mean")}
+            for i, c in enumerate(manifest)
+        ],
         "reference": subset_label(full),
         "subsets": entries,
         "overlap_matrix": {"labels": labels, "jaccard": [[round(float(v), 6) for v in row] for row in matrix]},
         "heatmap": str(heatmap) if heatmap else None,
         **({"heatmap_error": heatmap_error} if heatmap_error else {}),
-        "finetune": finetune, "eval": evaluate,
-        "lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "finetune": finetune,
+        "eval": evaluate,
+        "lessctl_version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.time() - t0, 3),
     }
     path = save_ablation(cfg, target, report)
@@ -365,8 +404,9 @@ def _finetune_dir(cfg: Config, target: str, sel_name: str) -> Path:
     return paths.finetune_dir(cfg.output_dir, f"{target}-{sel_name}")
 
 
-def _finetune_subset(cfg: Config, target: str, sel_name: str, train_file: Path, subset: tuple[int, ...], *,
-                     device: str | None, on_log) -> dict:
+def _finetune_subset(
+    cfg: Config, target: str, sel_name: str, train_file: Path, subset: tuple[int, ...], *, device: str | None, on_log
+) -> dict:
     """Trains finetune/<target>-<sel_name>/ on the selection, or reuses it when it was trained on this very file."""
     from lessctl.training import RUN_FILE, run_finetune
 
@@ -379,17 +419,24 @@ def _finetune_subset(cfg: Config, target: str, sel_name: str, train_file: Path, 
         except (OSError, ValueError):
             run = {}
         if run.get("selection_sha256") != sha:
-            raise AlreadyExistsError(f"{out} holds an adapter trained on another selection than {train_file}; "
-                                     "pass --force to train it again")
+            raise AlreadyExistsError(
+                f"{out} holds an adapter trained on another selection than {train_file}; pass --force to train it again"
+            )
         return {"name": name, "output_dir": str(out), "reused": True, "seconds": 0.0}
     meta = {"target": target, "method": sel_name, "checkpoint_positions": list(subset), "selection_sha256": sha}
     res = run_finetune(cfg, train_file, name, meta=meta, device=device, on_log=on_log)
-    return {"name": name, "output_dir": str(res.output_dir), "reused": False, "seconds": round(res.seconds, 1),
-            "examples": res.counts.get("subset")}
+    return {
+        "name": name,
+        "output_dir": str(res.output_dir),
+        "reused": False,
+        "seconds": round(res.seconds, 1),
+        "examples": res.counts.get("subset"),
+    }
 
 
-def _evaluate_subset(cfg: Config, plan: _EvalPlan, data_dir: Path, model_dir: Path, *,
-                     reuse: bool, device: str | None) -> dict:
+def _evaluate_subset(
+    cfg: Config, plan: _EvalPlan, data_dir: Path, model_dir: Path, *, reuse: bool, device: str | None
+) -> dict:
     """The score of one finetuned selection on the target's benchmark or eval_file, or why there is none.
 
     An earlier result is reused only when the adapter was not trained again."""
@@ -403,16 +450,31 @@ def _evaluate_subset(cfg: Config, plan: _EvalPlan, data_dir: Path, model_dir: Pa
     if reuse and existing.is_file():
         saved = json.loads(existing.read_text())
         metric = saved.get("metric") or next(iter(saved))  # the headline metric is the file's first key
-        return {"status": "reused", "task": plan.task, "metric": metric, "score": saved.get(metric),
-                "eval_json": str(existing)}
-    opts: dict[str, Any] = {"dtype": cfg.model.dtype, "device": device, "batch_size": cfg.eval.batch_size,
-                            "limit": cfg.eval.limit or None}
+        return {
+            "status": "reused",
+            "task": plan.task,
+            "metric": metric,
+            "score": saved.get(metric),
+            "eval_json": str(existing),
+        }
+    opts: dict[str, Any] = {
+        "dtype": cfg.model.dtype,
+        "device": device,
+        "batch_size": cfg.eval.batch_size,
+        "limit": cfg.eval.limit or None,
+    }
     if plan.eval_file is not None:
-        out = run_custom_evaluation(spec, plan.task, plan.eval_file, cfg.output_dir,
-                                    chat_format=cfg.model.chat_format, **opts)
+        out = run_custom_evaluation(
+            spec, plan.task, plan.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts
+        )
     else:
         if plan.task == "bbh":
             opts["examples_per_task"] = cfg.eval.bbh_examples_per_task or None
         out = run_evaluation(spec, plan.task, data_dir, cfg.output_dir, **opts)
-    return {"status": "done", "task": plan.task, "metric": out.record["metric"], "score": out.record["score"],
-            "eval_json": str(out.path)}
+    return {
+        "status": "done",
+        "task": plan.task,
+        "metric": out.record["metric"],
+        "score": out.record["score"],
+        "eval_json": str(out.path),
+    }

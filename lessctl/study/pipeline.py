@@ -14,9 +14,6 @@ from lessctl.vocab import STAGES
 log = logging.getLogger(__name__)
 
 
-
-
-
 @dataclass
 class StageReport:
     stage: str
@@ -36,8 +33,14 @@ def stage_range(start: str | None, until: str | None) -> list[str]:
     return list(STAGES[a : b + 1])
 
 
-def run_pipeline(cfg: Config, *, start: str | None = None, until: str | None = None, device: str | None = None,
-                 say: Callable[[str], None] | None = None) -> list[StageReport]:
+def run_pipeline(
+    cfg: Config,
+    *,
+    start: str | None = None,
+    until: str | None = None,
+    device: str | None = None,
+    say: Callable[[str], None] | None = None,
+) -> list[StageReport]:
     """Runs the stages from `start` to `until`; each stage skips what a previous run completed."""
     say = say or (lambda s: None)
     out: list[StageReport] = []
@@ -61,9 +64,13 @@ def _grads(cfg: Config, device) -> list[StageReport]:
     from lessctl.training import read_checkpoints
 
     steps = [c["step"] for c in read_checkpoints(cfg)]
-    results = collect_gradients(cfg, steps=steps, dims=list(cfg.grads.dims), projector=cfg.grads.projector, device=device)
-    return [StageReport("grads", r.path.name, "skipped" if r.status == "skipped" else "done", f"{r.rows} rows")
-            for r in results]
+    results = collect_gradients(
+        cfg, steps=steps, dims=list(cfg.grads.dims), projector=cfg.grads.projector, device=device
+    )
+    return [
+        StageReport("grads", r.path.name, "skipped" if r.status == "skipped" else "done", f"{r.rows} rows")
+        for r in results
+    ]
 
 
 def _match(cfg: Config, device) -> list[StageReport]:
@@ -91,8 +98,13 @@ def _finetune(cfg: Config, device) -> list[StageReport]:
         if is_adapter_dir(paths.finetune_dir(cfg.output_dir, name)):
             reps.append(StageReport("finetune", name, "skipped", "adapter exists"))
             continue
-        run_finetune(cfg, selection_file(cfg, target, cfg.select.method), name,
-                     meta={"target": target, "method": cfg.select.method}, device=device)
+        run_finetune(
+            cfg,
+            selection_file(cfg, target, cfg.select.method),
+            name,
+            meta={"target": target, "method": cfg.select.method},
+            device=device,
+        )
         reps.append(StageReport("finetune", name, "done"))
     return reps
 
@@ -113,12 +125,23 @@ def _eval(cfg: Config, device) -> list[StageReport]:
             reps.append(StageReport("eval", f"{name}/{task}", "skipped", "result exists"))
             continue
         model_spec = describe_model(paths.finetune_dir(cfg.output_dir, name), output_dir=cfg.output_dir)
-        opts = {"dtype": cfg.model.dtype, "device": device, "batch_size": cfg.eval.batch_size, "limit": cfg.eval.limit or None}
+        opts = {
+            "dtype": cfg.model.dtype,
+            "device": device,
+            "batch_size": cfg.eval.batch_size,
+            "limit": cfg.eval.limit or None,
+        }
         if isinstance(spec, str):
             res = run_evaluation(model_spec, task, data_dir, cfg.output_dir, **opts)
         else:
-            res = run_custom_evaluation(model_spec, target, cfg.resolve(spec["eval_file"]), cfg.output_dir,
-                                        chat_format=cfg.model.chat_format, **opts)
+            res = run_custom_evaluation(
+                model_spec,
+                target,
+                cfg.resolve(spec["eval_file"]),
+                cfg.output_dir,
+                chat_format=cfg.model.chat_format,
+                **opts,
+            )
         reps.append(StageReport("eval", f"{name}/{task}", "done", f"{res.record['metric']} {res.record['score']}"))
     return reps
 

@@ -1,4 +1,4 @@
-"""The projector contract every projection of gradient rows implements, and the check that two stores' projections agree."""
+"""The projector contract every projection of gradient rows implements; the check that two projections agree."""
 
 from __future__ import annotations
 
@@ -32,7 +32,13 @@ class Projector(abc.ABC):
 
     @property
     def attrs(self) -> dict:
-        return {"kind": self.kind, "type": "rademacher", "seed": self.seed, "model_id": self.model_id, "grad_dim": self.grad_dim}
+        return {
+            "kind": self.kind,
+            "type": "rademacher",
+            "seed": self.seed,
+            "model_id": self.model_id,
+            "grad_dim": self.grad_dim,
+        }
 
 
 def same_projection(a: dict, b: dict) -> list[str]:

@@ -15,10 +15,6 @@ from lessctl.vocab import PROJECTOR_KINDS
 log = logging.getLogger(__name__)
 
 
-
-
-
-
 def choose_projector_kind(kind: str, device: Any, dims: list[int] | None = None) -> tuple[str, str]:
     """Resolves `auto` to cuda or basic and says why."""
     if kind not in PROJECTOR_KINDS:
@@ -34,10 +30,15 @@ def choose_projector_kind(kind: str, device: Any, dims: list[int] | None = None)
     if ok:
         return "cuda", "GPU with a working fast_jl: TRAK's CudaProjector"
     log.warning("--projector auto: a GPU but no working fast_jl (%s); using BasicProjector", why)
-    return "basic", f"GPU without a working fast_jl ({why}): TRAK's BasicProjector, a different matrix; see `lessctl doctor`"
+    return (
+        "basic",
+        f"GPU without a working fast_jl ({why}): TRAK's BasicProjector, a different matrix; see `lessctl doctor`",
+    )
 
 
-def make_projector(kind: str, grad_dim: int, dim: int, device: Any, *, seed: int = 0, block_size: int = 128, dtype=None) -> Projector:
+def make_projector(
+    kind: str, grad_dim: int, dim: int, device: Any, *, seed: int = 0, block_size: int = 128, dtype=None
+) -> Projector:
     if kind == "cuda":
         return TrakCudaProjector(grad_dim, dim, device, seed=seed)
     if kind == "basic":

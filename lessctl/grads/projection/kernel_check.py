@@ -32,8 +32,9 @@ def triton_problem() -> str | None:
     return None
 
 
-def compare(pairs: Iterable[tuple[Callable[[], Any], Any]], reference: str, rtol: float,
-            tail: str = "") -> tuple[bool, str]:
+def compare(
+    pairs: Iterable[tuple[Callable[[], Any], Any]], reference: str, rtol: float, tail: str = ""
+) -> tuple[bool, str]:
     """Runs each kernel call of `pairs` ((call, expected tensor)) and compares it with its expected result.
 
     The verdict is on the largest max |got - expected| / max |expected| over the pairs; an exception in a

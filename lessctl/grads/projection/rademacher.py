@@ -73,7 +73,13 @@ def xorwow_words(seeds, n: int):
 
     u = np.uint32
     t0 = (np.asarray(seeds, dtype=u) ^ u(XORWOW_SEED_SALT)) * u(XORWOW_SEED_MUL)
-    v = [t0 + u(123456789), t0 ^ u(362436069), np.full_like(t0, XORWOW_V2), np.full_like(t0, XORWOW_V3), t0 + u(5783321)]
+    v = [
+        t0 + u(123456789),
+        t0 ^ u(362436069),
+        np.full_like(t0, XORWOW_V2),
+        np.full_like(t0, XORWOW_V3),
+        t0 + u(5783321),
+    ]
     d = t0 + u(XORWOW_D)
     out = np.empty((n, len(t0)), dtype=u)
     for k in range(n):
@@ -90,7 +96,7 @@ def factor_rows(words):
 
     n, dim = words.shape
     w = words.reshape(n, dim // 32, 2, 16)  # chunk, warp, ty, tx (thread lane = tx + 16 ty)
-    shift = (2 * np.arange(8, dtype=np.uint32)[:, None] + np.arange(2, dtype=np.uint32)[None, :])  # [x, j % 2]
+    shift = 2 * np.arange(8, dtype=np.uint32)[:, None] + np.arange(2, dtype=np.uint32)[None, :]  # [x, j % 2]
     bits = (w[..., None, None] >> shift) & np.uint32(1)  # chunk, warp, ty, tx, x, j % 2
     bits = bits.transpose(0, 4, 2, 1, 3, 5)  # row 16 k + 2 x + ty, column 32 warp + 2 tx + j % 2
     return bits.reshape(16 * n, dim).astype(np.float32) * 2 - 1
@@ -111,12 +117,27 @@ def default_config(rows: int) -> dict:
     with 256 columns: 64 rows take 8.5 ms per row with 4 warps and 26.6 with 8; 128 rows 7.0 ms with 8 warps
     and 108 with 4 (registers spill)."""
     block_m = min(MAX_BLOCK_M, max(16, 1 << (max(rows, 1) - 1).bit_length()))
-    return {"block_m": block_m, "block_n": BLOCK_N, "num_warps": 4 if block_m <= 64 else 8,
-            "num_stages": NUM_STAGES, "unroll": UNROLL}
+    return {
+        "block_m": block_m,
+        "block_n": BLOCK_N,
+        "num_warps": 4 if block_m <= 64 else 8,
+        "num_stages": NUM_STAGES,
+        "unroll": UNROLL,
+    }
 
 
-def project(x, dim: int, seed: int, n_tiles: int, *, block_m: int | None = None, block_n: int | None = None,
-            num_warps: int | None = None, num_stages: int | None = None, unroll: int | None = None):
+def project(
+    x,
+    dim: int,
+    seed: int,
+    n_tiles: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    unroll: int | None = None,
+):
     """fast_jl.project_rademacher_*(x, dim, seed, n_tiles) for any number of rows, in one Triton kernel.
 
     x: [B, F] float16, contiguous, on a CUDA device (or the CPU under TRITON_INTERPRET=1). Returns [B, dim]
@@ -129,27 +150,46 @@ def project(x, dim: int, seed: int, n_tiles: int, *, block_m: int | None = None,
     import torch
 
     if x.dim() != 2 or x.dtype != torch.float16 or not x.is_contiguous():
-        raise ValueError(f"rademacher.project: expected a contiguous [B, F] float16 tensor, got {tuple(x.shape)} "
-                         f"{x.dtype}{'' if x.is_contiguous() else ' (not contiguous)'}")
+        raise ValueError(
+            f"rademacher.project: expected a contiguous [B, F] float16 tensor, got {tuple(x.shape)} "
+            f"{x.dtype}{'' if x.is_contiguous() else ' (not contiguous)'}"
+        )
     B, F = x.shape
     cfg = default_config(B)
     block_m, block_n = block_m or cfg["block_m"], block_n or cfg["block_n"]
     if block_n % 32 or dim % block_n:
-        raise ValueError(f"rademacher.project: dim {dim} must be a multiple of block_n {block_n}, "
-                         "itself a multiple of 32 (fast_jl's warp width)")
+        raise ValueError(
+            f"rademacher.project: dim {dim} must be a multiple of block_n {block_n}, "
+            "itself a multiple of 32 (fast_jl's warp width)"
+        )
     n, tile = tile_size(F, n_tiles)
     if tile >= 2**31 - 32:
-        raise ValueError(f"rademacher.project: tiles of {tile} features overflow the kernel's 32-bit counters; "
-                         "use more tiles")
+        raise ValueError(
+            f"rademacher.project: tiles of {tile} features overflow the kernel's 32-bit counters; use more tiles"
+        )
     if B == 0:
         return torch.zeros(0, dim, dtype=torch.float32, device=x.device)
     triton, kernel = _triton_kernel()
     parts = torch.empty(n, B, dim, dtype=torch.float32, device=x.device)
     grid = (dim // block_n, n, triton.cdiv(B, block_m))  # column blocks first: programs running together share x
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
-        kernel[grid](x, parts, B, F, x.stride(0), tile, dim, seed & U32, BLOCK_M=block_m, BLOCK_N=block_n,
-                     UNROLL=unroll or cfg["unroll"], num_warps=num_warps or cfg["num_warps"],
-                     num_stages=num_stages or cfg["num_stages"])
+    with (
+        torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    ):  # Triton launches on the current device
+        kernel[grid](
+            x,
+            parts,
+            B,
+            F,
+            x.stride(0),
+            tile,
+            dim,
+            seed & U32,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            UNROLL=unroll or cfg["unroll"],
+            num_warps=num_warps or cfg["num_warps"],
+            num_stages=num_stages or cfg["num_stages"],
+        )
     return parts.sum(0)
 
 
@@ -166,8 +206,9 @@ def check_against_fast_jl(device: Any, dim: int, seed: int, n_tiles: int, rows: 
     tiles (thousands of generator steps), each against fast_jl.project_rademacher_32. Cached per
     (device, dim, seed, n_tiles, rows); never raises (a missing triton or a failed compilation is a no).
     """
-    return cached(_checks, (str(device), dim, seed & U32, n_tiles, rows),
-                  lambda: _check(device, dim, seed & U32, n_tiles, rows))
+    return cached(
+        _checks, (str(device), dim, seed & U32, n_tiles, rows), lambda: _check(device, dim, seed & U32, n_tiles, rows)
+    )
 
 
 def _check(device, dim, seed, n_tiles, rows) -> tuple[bool, str]:
@@ -185,8 +226,9 @@ def _check(device, dim, seed, n_tiles, rows) -> tuple[bool, str]:
     def pairs():
         for r, features, tiles in ((rows, CHECK_FEATURES, n_tiles), (5, CHECK_FEATURES, n_tiles), (5, 3 * 4096 + 5, 3)):
             x = torch.randn(r, features, generator=gen).to(device, torch.float16)
-            ref = torch.cat([fast_jl.project_rademacher_32(x[i : i + 32].contiguous(), dim, seed, tiles)
-                             for i in range(0, r, 32)])
+            ref = torch.cat(
+                [fast_jl.project_rademacher_32(x[i : i + 32].contiguous(), dim, seed, tiles) for i in range(0, r, 32)]
+            )
             yield (lambda x=x, tiles=tiles: project(x, dim, seed, tiles)), ref
 
     return compare(pairs(), "fast_jl", CHECK_RTOL, " expected")

@@ -31,8 +31,9 @@ def window(acc, x_ptrs, x_mask, w_prev, w_cur, from_prev, shift, BLOCK_N: tl.con
 
 
 @triton.jit(do_not_specialize=["B", "seed"])  # fewer variants: both only enter arithmetic
-def fast_jl_rademacher(x_ptr, out_ptr, B, F, stride_x, tile, dim, seed,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+def fast_jl_rademacher(
+    x_ptr, out_ptr, B, F, stride_x, tile, dim, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr
+):
     """Program (column block, feature tile t, row block): out[t, rows, cols] = the tile's float32 product.
 
     The program runs the XORWOW generators of fast_jl's BLOCK_N threads for these columns, as [2, Q]

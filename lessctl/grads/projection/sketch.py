@@ -48,8 +48,6 @@ from lessctl.grads.projection.kernel_check import cached, compare, triton_proble
 log = logging.getLogger(__name__)
 
 
-
-
 class CountSketchProjector(Projector):
     """A sparse JL projection (count sketch): each parameter adds +-x_j to one of the D outputs.
 
@@ -74,7 +72,6 @@ class CountSketchProjector(Projector):
     def __init__(self, grad_dim, dim, device, seed=0, model_id=0):
         import time
 
-
         super().__init__(grad_dim, dim, device, seed, model_id)
         t0 = time.perf_counter()
         seg, code = make_tables(grad_dim, dim, seed, model_id)
@@ -92,8 +89,12 @@ class CountSketchProjector(Projector):
                 if ok:
                     log.info("count sketch (dim %d) on %s: lessctl's Triton kernel (%s)", self.dim, key, detail)
                 else:
-                    log.warning("count sketch (dim %d) on %s: torch gathers, slower; the Triton kernel is not "
-                                "usable here: %s", self.dim, key, detail)
+                    log.warning(
+                        "count sketch (dim %d) on %s: torch gathers, slower; the Triton kernel is not usable here: %s",
+                        self.dim,
+                        key,
+                        detail,
+                    )
                 self.engines[key] = "triton" if ok else "torch"
             else:
                 log.info("count sketch (dim %d) on %s: torch gathers", self.dim, key)
@@ -110,6 +111,7 @@ class CountSketchProjector(Projector):
     @property
     def attrs(self) -> dict:
         return {**super().attrs, "type": "count-sketch", "hash": self.HASH}
+
 
 MAX_SEGMENT = 256  # the code's low 8 bits hold the offset inside a segment
 SIGN_BIT = 256
@@ -266,8 +268,18 @@ def _triton_kernel():
     return triton, count_sketch
 
 
-def project_triton(x, seg, code, grad_dim: int, dim: int, *, block_m: int | None = None, ksplit: int | None = None,
-                   num_warps: int | None = None, num_stages: int | None = None):
+def project_triton(
+    x,
+    seg,
+    code,
+    grad_dim: int,
+    dim: int,
+    *,
+    block_m: int | None = None,
+    ksplit: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
     """What project_torch computes, with lessctl.sketch_triton's kernel: x [B, grad_dim] (float16, bfloat16 or
     float32; rows contiguous) and the tables on a CUDA device, or on the CPU under TRITON_INTERPRET=1.
 
@@ -294,8 +306,23 @@ def project_triton(x, seg, code, grad_dim: int, dim: int, *, block_m: int | None
     grid = (nseg, triton.cdiv(B, block_m), ksplit)  # output blocks first: programs running together read whole chunks
     # Triton launches on the current device
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[grid](x, seg, code, parts, B, grad_dim, C, x.stride(0), dim, nseg, per_split, S=S, BLOCK_M=block_m,
-                     num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+        kernel[grid](
+            x,
+            seg,
+            code,
+            parts,
+            B,
+            grad_dim,
+            C,
+            x.stride(0),
+            dim,
+            nseg,
+            per_split,
+            S=S,
+            BLOCK_M=block_m,
+            num_warps=num_warps or cfg["num_warps"],
+            num_stages=num_stages or cfg["num_stages"],
+        )
     return parts[0] if ksplit == 1 else parts.sum(0)
 
 

@@ -12,8 +12,9 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["B", "P", "C", "per_split"])  # fewer variants: these only enter arithmetic
-def count_sketch(x_ptr, seg_ptr, code_ptr, out_ptr, B, P, C, stride_x, dim, nseg, per_split,
-                 S: tl.constexpr, BLOCK_M: tl.constexpr):
+def count_sketch(
+    x_ptr, seg_ptr, code_ptr, out_ptr, B, P, C, stride_x, dim, nseg, per_split, S: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """Program (output block b, row block, chunk split k): out[k, rows, b S .. b S + S - 1] = the sum over the
     chunks c of split k of sign * x[rows, c D + seg[c, b] S + offset], offset and sign from code[c, b, :].
 

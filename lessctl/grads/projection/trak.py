@@ -1,4 +1,6 @@
-"""TRAK's projectors as LESS uses them: BasicProjector on the CPU, CudaProjector (fast_jl or lessctl's Triton kernel) on a GPU.
+"""TRAK's projectors as LESS uses them: BasicProjector on the CPU, CudaProjector on a GPU.
+
+CudaProjector's projection is computed by fast_jl or by lessctl's Triton kernel (checked equal to it).
 
 fast_jl indexes its input with 32-bit integers and projects at most 32 rows a call; `fast_jl_chunks`
 cuts large inputs so that every call stays within both limits and sums to the same projection.
@@ -15,7 +17,6 @@ from lessctl.grads.projection.rademacher import FAST_JL_TILE_SEED
 from lessctl.vocab import CUDA_ENGINES
 
 log = logging.getLogger(__name__)
-
 
 
 FAST_JL_FIX = (
@@ -66,8 +67,14 @@ class TrakBasicProjector(Projector):
         self.dtype = dtype or torch.float32
         self.block_size = block_size
         self.trak = BasicProjector(
-            grad_dim=grad_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
-            device=torch.device(device), block_size=block_size, dtype=self.dtype, model_id=model_id,
+            grad_dim=grad_dim,
+            proj_dim=dim,
+            seed=seed,
+            proj_type=ProjectionType.rademacher,
+            device=torch.device(device),
+            block_size=block_size,
+            dtype=self.dtype,
+            model_id=model_id,
         )
         esize = torch.finfo(self.dtype).bits // 8
         self.blocks = None
@@ -95,6 +102,8 @@ class TrakBasicProjector(Projector):
         attrs = {**super().attrs, "block_size": self.block_size, "dtype": str(self.dtype).replace("torch.", "")}
         rng = self.trak.generator.device.type
         return attrs if rng == "cpu" else {**attrs, "generator": rng}
+
+
 FAST_JL_INDEX_LIMIT = 2**32  # fast_jl indexes its input with 32-bit integers: rows x features must stay below
 
 
@@ -152,15 +161,23 @@ class TrakCudaProjector(Projector):
 
         super().__init__(grad_dim, dim, device, seed, model_id)
         if dim % 512:
-            raise ConfigError(f"--dims {dim}: TRAK's CUDA projector (fast_jl) needs a multiple of 512; "
-                              "use such dimensions or --projector basic")
+            raise ConfigError(
+                f"--dims {dim}: TRAK's CUDA projector (fast_jl) needs a multiple of 512; "
+                "use such dimensions or --projector basic"
+            )
         if engine not in CUDA_ENGINES:
             raise ConfigError(f"TrakCudaProjector: engine must be one of {', '.join(CUDA_ENGINES)}, got {engine!r}")
         ok, why = fast_jl_status(device)
         if not ok:
             raise ConfigError("--projector cuda: " + FAST_JL_FIX.format(why=why))
-        self.trak = CudaProjector(grad_dim=grad_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
-                                  device=torch.device(device), max_batch_size=32)
+        self.trak = CudaProjector(
+            grad_dim=grad_dim,
+            proj_dim=dim,
+            seed=seed,
+            proj_type=ProjectionType.rademacher,
+            device=torch.device(device),
+            max_batch_size=32,
+        )
         self.sm_count = self.trak.num_sms
         self.n_tiles = min(grad_dim, self.sm_count)
         self.fast_jl_seed = (self.trak.seed + int(1e4) * model_id) % 2**32  # what TRAK passes to fast_jl
@@ -176,13 +193,22 @@ class TrakCudaProjector(Projector):
             usable, detail = check_against_fast_jl(device, dim, self.fast_jl_seed, self.n_tiles, TRITON_MAX_ROWS)
             if usable:
                 self.engine, self.max_rows = "triton", TRITON_MAX_ROWS
-                log.info("TRAK's CUDA projection (dim %d): lessctl's Triton kernel, %d rows per call (%s)",
-                         dim, self.max_rows, detail)
+                log.info(
+                    "TRAK's CUDA projection (dim %d): lessctl's Triton kernel, %d rows per call (%s)",
+                    dim,
+                    self.max_rows,
+                    detail,
+                )
             elif engine == "triton":
                 raise ConfigError(f"TrakCudaProjector: the Triton engine is not usable here: {detail}")
             else:
-                log.warning("TRAK's CUDA projection (dim %d) runs on fast_jl, %d rows per call: lessctl's Triton "
-                            "kernel is not usable here (%s)", dim, self.max_rows, detail)
+                log.warning(
+                    "TRAK's CUDA projection (dim %d) runs on fast_jl, %d rows per call: lessctl's Triton "
+                    "kernel is not usable here (%s)",
+                    dim,
+                    self.max_rows,
+                    detail,
+                )
 
     def engine_note(self) -> str:
         return f"TRAK's CUDA projection computed by {ENGINE_NAMES.get(self.engine, self.engine)}"
@@ -194,11 +220,19 @@ class TrakCudaProjector(Projector):
         if self.engine == "triton":
             from lessctl.grads.projection.rademacher import project
 
-            return torch.cat([project(x[i : i + self.max_rows].contiguous(), self.dim, self.fast_jl_seed, self.n_tiles)
-                              for i in range(0, x.shape[0], self.max_rows)])
+            return torch.cat(
+                [
+                    project(x[i : i + self.max_rows].contiguous(), self.dim, self.fast_jl_seed, self.n_tiles)
+                    for i in range(0, x.shape[0], self.max_rows)
+                ]
+            )
         if self.chunks is None or len(self.chunks) == 1:
-            return torch.cat([self.trak.project(x[i : i + self.max_rows].contiguous(), model_id=self.model_id).float()
-                              for i in range(0, x.shape[0], self.max_rows)])
+            return torch.cat(
+                [
+                    self.trak.project(x[i : i + self.max_rows].contiguous(), model_id=self.model_id).float()
+                    for i in range(0, x.shape[0], self.max_rows)
+                ]
+            )
         import fast_jl
 
         outs = []
@@ -207,7 +241,9 @@ class TrakCudaProjector(Projector):
             fn = getattr(fast_jl, f"project_rademacher_{8 if len(xb) <= 8 else 16 if len(xb) <= 16 else 32}")
             acc = None
             for start, stop, t0, m in self.chunks:
-                part = fn(xb[:, start:stop].contiguous(), self.dim, (self.fast_jl_seed + FAST_JL_TILE_SEED * t0) % 2**32, m)
+                part = fn(
+                    xb[:, start:stop].contiguous(), self.dim, (self.fast_jl_seed + FAST_JL_TILE_SEED * t0) % 2**32, m
+                )
                 acc = part if acc is None else acc.add_(part)
             outs.append(acc.float())
         return torch.cat(outs)

@@ -25,8 +25,6 @@ from lessctl.grads.store.schema import (
 log = logging.getLogger(__name__)
 
 
-
-
 class StoreReader:
     """One logical store over one file or a full set of shards (given in any order), read in row order."""
 
@@ -65,11 +63,15 @@ class StoreReader:
             keys = [*_SHARD_KEYS, *sorted(x for x in a.keys() | first.keys() if x.startswith(PROJECTOR_PREFIX))]
             for key, old, new in [*((x, first.get(x), a.get(x)) for x in keys), ("dims", self.dims, _dims_of(f))]:
                 if old != new:
-                    raise InputError(f"shards disagree on {key}: {p0.name} has {old!r}, {p.name} has {new!r}; "
-                                     "recompute the odd one with --force")
+                    raise InputError(
+                        f"shards disagree on {key}: {p0.name} has {old!r}, {p.name} has {new!r}; "
+                        "recompute the odd one with --force"
+                    )
             if (a.get("shard"), a.get("num_shards"), a.get("row_start")) != (k, len(self.paths), row):
-                raise InputError(f"{p.name} is shard {a.get('shard')}/{a.get('num_shards')} from row {a.get('row_start')}, "
-                                 f"expected shard {k}/{len(self.paths)} from row {row}")
+                raise InputError(
+                    f"{p.name} is shard {a.get('shard')}/{a.get('num_shards')} from row {a.get('row_start')}, "
+                    f"expected shard {k}/{len(self.paths)} from row {row}"
+                )
             row += a["n_rows"]
         if row != first.get("total_rows"):
             raise InputError(f"the shards of {p0.name} hold {row} rows, not total_rows={first.get('total_rows')}")
@@ -101,8 +103,10 @@ class StoreReader:
         stop = start + len(out)
         shape_ok = out.dtype == np.float16 and out.shape[1:] == (dim,) and out.flags.c_contiguous
         if not shape_ok or not 0 <= start <= stop <= self.n_rows:
-            raise ValueError(f"read_into needs a C-contiguous float16 [b, {dim}] array for rows in [0, {self.n_rows}], "
-                             f"got {out.dtype} {out.shape} from row {start}")
+            raise ValueError(
+                f"read_into needs a C-contiguous float16 [b, {dim}] array for rows in [0, {self.n_rows}], "
+                f"got {out.dtype} {out.shape} from row {start}"
+            )
         for ds, offset in zip(self._datasets(dim, "features"), self._starts):
             a, b = max(start, offset), min(stop, offset + ds.shape[0])
             if a < b:
@@ -146,12 +150,15 @@ def open_store(grads_dir: Path, name: str, step: int, grad_type: str) -> StoreRe
     what = f"the gradient store for '{name}' at checkpoint {step} ({grad_type})"
     sets = {key[3]: by_k for key, by_k in _scan(grads_dir).items() if key[:3] == (name, step, grad_type)}
     if None in sets and len(sets) == 1:
-        raise MissingArtifactError(f"{what} is incomplete ({part_path(path)}); "
-                                   f"re-running `lessctl grads --ckpt {step}` resumes it")
+        raise MissingArtifactError(
+            f"{what} is incomplete ({part_path(path)}); re-running `lessctl grads --ckpt {step}` resumes it"
+        )
     sets.pop(None, None)
     if not sets:
-        raise MissingArtifactError(f"no gradient store for '{name}' at checkpoint {step} ({grad_type}): "
-                                   f"expected {path}; run `lessctl grads --ckpt {step}` first")
+        raise MissingArtifactError(
+            f"no gradient store for '{name}' at checkpoint {step} ({grad_type}): "
+            f"expected {path}; run `lessctl grads --ckpt {step}` first"
+        )
     full = [n for n, by_k in sets.items() if not any(_is_part(by_k.get(k)) for k in range(1, n + 1))]
     if len(sets) > 1 and len(full) != 1:
         counts = ", ".join(f"of{n}" for n in sorted(sets))
@@ -164,7 +171,9 @@ def open_store(grads_dir: Path, name: str, step: int, grad_type: str) -> StoreRe
             shard_file = store_path(grads_dir, name, step, grad_type, (k, n))
             raise MissingArtifactError(f"shard {k}/{n} of {what} is missing: {shard_file}; run {run} to make it")
         if _is_part(by_k[k]):
-            raise MissingArtifactError(f"shard {k}/{n} of {what} is incomplete ({by_k[k]}); re-running {run} resumes it")
+            raise MissingArtifactError(
+                f"shard {k}/{n} of {what} is incomplete ({by_k[k]}); re-running {run} resumes it"
+            )
     return StoreReader([by_k[k] for k in range(1, n + 1)])
 
 
@@ -175,7 +184,9 @@ def list_stores(grads_dir: Path) -> list[dict]:
     complete, num_shards, missing_shards (K of absent shards), paths.
     """
     out = []
-    for (name, step, grad_type, n), by_k in sorted(_scan(grads_dir).items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0)):
+    for (name, step, grad_type, n), by_k in sorted(
+        _scan(grads_dir).items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0)
+    ):
         done, total, dims, kind, complete = 0, None, [], None, True
         for p in by_k.values():
             try:
@@ -189,9 +200,22 @@ def list_stores(grads_dir: Path) -> list[dict]:
             total, kind = a.get("total_rows", total), a.get(PROJECTOR_PREFIX + "kind", kind)
             complete &= not _is_part(p) and bool(a.get("complete")) and a.get("rows_completed") == a.get("n_rows")
         missing = [k for k in range(1, (n or 1) + 1) if k not in by_k]
-        out.append(dict(name=name, step=step, grad_type=grad_type, dims=dims, rows=f"{done}/{total}",
-                        rows_completed=done, total_rows=total, projector=kind, complete=complete and not missing,
-                        num_shards=n or 1, missing_shards=missing, paths=[str(p) for _, p in sorted(by_k.items())]))
+        out.append(
+            dict(
+                name=name,
+                step=step,
+                grad_type=grad_type,
+                dims=dims,
+                rows=f"{done}/{total}",
+                rows_completed=done,
+                total_rows=total,
+                projector=kind,
+                complete=complete and not missing,
+                num_shards=n or 1,
+                missing_shards=missing,
+                paths=[str(p) for _, p in sorted(by_k.items())],
+            )
+        )
     return out
 
 

@@ -16,20 +16,36 @@ from lessctl.vocab import GRAD_TYPES
 log = logging.getLogger(__name__)
 
 
-
 FORMAT_VERSION = 1
 PROJECTOR_PREFIX = "projector_"
 UNIT_NORM_TOL = 1e-2  # float16 rounding of a unit row stays well inside this
 # Attributes the caller must pass to StoreWriter (`projector` is a dict, stored as projector_<key>).
 CALLER_ATTRS = ("base_model", "checkpoint", "step", "grad_type", "source", "source_sha256", "projector")
-ROOT_ATTRS = ("format_version", "lessctl_version", "base_model", "checkpoint", "step", "grad_type", "source",
-              "source_sha256", "n_rows", "rows_completed", "complete", "shard", "num_shards", "row_start", "total_rows")
+ROOT_ATTRS = (
+    "format_version",
+    "lessctl_version",
+    "base_model",
+    "checkpoint",
+    "step",
+    "grad_type",
+    "source",
+    "source_sha256",
+    "n_rows",
+    "rows_completed",
+    "complete",
+    "shard",
+    "num_shards",
+    "row_start",
+    "total_rows",
+)
 # Attributes (besides projector_*, dims and index) that must agree for a `.part` to be resumed.
 _RESUME_KEYS = ("grad_type", "step", "base_model", "n_rows", "row_start", "total_rows", "shard", "num_shards")
 # Attributes (besides projector_* and dims) that must agree between the shards of one store.
 _SHARD_KEYS = ("format_version", "grad_type", "step", "base_model", "source_sha256", "total_rows", "num_shards")
-_NAME_RE = re.compile(r"^(?P<name>.+)-ckpt(?P<step>\d+)-(?P<type>adam|sgd|sign)"
-                      r"(?:-shard(?P<k>\d+)of(?P<n>\d+))?\.h5(?:\.part)?$")
+_NAME_RE = re.compile(
+    r"^(?P<name>.+)-ckpt(?P<step>\d+)-(?P<type>adam|sgd|sign)"
+    r"(?:-shard(?P<k>\d+)of(?P<n>\d+))?\.h5(?:\.part)?$"
+)
 _DIM_RE = re.compile(r"^dim(\d+)$")
 
 
@@ -100,24 +116,35 @@ def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_va
         return [f"{path.name}: missing attributes {missing}"]
     n, done = a["n_rows"], a["rows_completed"]
     counts_ok = isinstance(n, int) and isinstance(done, int) and 0 <= done <= n
-    problems = [msg for bad, msg in (
-        (a["format_version"] != FORMAT_VERSION, f"format_version {a['format_version']!r}, expected {FORMAT_VERSION}"),
-        (a["grad_type"] not in GRAD_TYPES, f"grad_type {a['grad_type']!r} is not one of {GRAD_TYPES}"),
-        (not any(k.startswith(PROJECTOR_PREFIX) for k in a), "no projector_* attributes"),
-        (require_complete and not a["complete"], "not marked complete"),
-        (require_complete and done != n, f"rows_completed={done} but n_rows={n}"),
-        (not counts_ok, "n_rows or rows_completed out of range"),
-    ) if bad]
+    problems = [
+        msg
+        for bad, msg in (
+            (
+                a["format_version"] != FORMAT_VERSION,
+                f"format_version {a['format_version']!r}, expected {FORMAT_VERSION}",
+            ),
+            (a["grad_type"] not in GRAD_TYPES, f"grad_type {a['grad_type']!r} is not one of {GRAD_TYPES}"),
+            (not any(k.startswith(PROJECTOR_PREFIX) for k in a), "no projector_* attributes"),
+            (require_complete and not a["complete"], "not marked complete"),
+            (require_complete and done != n, f"rows_completed={done} but n_rows={n}"),
+            (not counts_ok, "n_rows or rows_completed out of range"),
+        )
+        if bad
+    ]
     idx, dims = f.get("index"), _dims_of(f)
     if not isinstance(idx, h5py.Dataset) or idx.dtype != np.int64 or idx.shape != (n,):
         problems.append(f"index must be int64 [{n}]")
     elif check_values:
         values = idx[:]
-        problems += [msg for bad, msg in (
-            ((values < 0).any(), "index has negative line numbers"),
-            (len(np.unique(values)) != len(values), "index has duplicate line numbers"),
-            ((np.diff(values) < 0).any(), "index is not increasing"),
-        ) if bad]
+        problems += [
+            msg
+            for bad, msg in (
+                ((values < 0).any(), "index has negative line numbers"),
+                (len(np.unique(values)) != len(values), "index has duplicate line numbers"),
+                ((np.diff(values) < 0).any(), "index is not increasing"),
+            )
+            if bad
+        ]
     if not dims:
         problems.append("no dim<D> groups")
     for d in dims:

@@ -28,8 +28,6 @@ from lessctl.grads.store.schema import (
 log = logging.getLogger(__name__)
 
 
-
-
 class StoreWriter:
     """Appends rows to `<path>.part`, resuming one left by an interrupted run, and renames it when complete."""
 
@@ -89,8 +87,10 @@ class StoreWriter:
         try:
             f = h5py.File(self.part, "r+", locking="best-effort")
         except BlockingIOError as e:
-            raise LessctlError(f"{self.part} is open in another process (another `lessctl grads` writing it?); "
-                               "wait for it to finish or stop it") from e
+            raise LessctlError(
+                f"{self.part} is open in another process (another `lessctl grads` writing it?); "
+                "wait for it to finish or stop it"
+            ) from e
         except OSError as e:
             log.warning("cannot read the partial store %s (%s); starting over", self.part, e)
             self.part.unlink()
@@ -103,8 +103,10 @@ class StoreWriter:
                 return None
             old = _read_attrs(f)
             if old["source_sha256"] != self.attrs["source_sha256"]:
-                raise InputError(f"the source file {self.attrs['source']} changed since the partial store "
-                                 f"{self.part} was started (its sha256 differs); pass --force to start over")
+                raise InputError(
+                    f"the source file {self.attrs['source']} changed since the partial store "
+                    f"{self.part} was started (its sha256 differs); pass --force to start over"
+                )
             proj = sorted(k for k in old.keys() | self.attrs.keys() if k.startswith(PROJECTOR_PREFIX))
             checks = [(k, old.get(k), self.attrs.get(k)) for k in (*_RESUME_KEYS, *proj)]
             checks.append(("dims", _dims_of(f), self.dims))
@@ -112,8 +114,10 @@ class StoreWriter:
                 checks.append(("index", "other rows", "these rows"))
             for key, was, now in checks:
                 if was != now:
-                    raise InputError(f"the partial store {self.part} was started with {key}={was!r}, not {now!r}; "
-                                     "re-run with the original settings or pass --force to start over")
+                    raise InputError(
+                        f"the partial store {self.part} was started with {key}={was!r}, not {now!r}; "
+                        "re-run with the original settings or pass --force to start over"
+                    )
         except BaseException:
             f.close()
             raise
@@ -150,8 +154,10 @@ class StoreWriter:
         if self._finalized:
             return self.path
         if self._file is None or self.rows_completed != self.n_rows:
-            raise ValueError(f"{self.path}: cannot finalize a closed writer or with {self.rows_completed} "
-                             f"of {self.n_rows} rows written")
+            raise ValueError(
+                f"{self.path}: cannot finalize a closed writer or with {self.rows_completed} "
+                f"of {self.n_rows} rows written"
+            )
         self._file.attrs.modify("complete", True)
         self.close()
         _fsync(self.part)
