@@ -414,7 +414,7 @@ def run_lessctl(
     merge: bool = False,
     peg: PerExampleGradients | None = None,
 ) -> PathRun:
-    """lessctl's grads stage without the store: `lessctl.gradients.FeatureCollector`, the code collect.py runs.
+    """lessctl's grads stage without the store: `lessctl.grads.collector.FeatureCollector`, the code it runs.
     With `peg` (the compiled pass, built once) that pass is used and kept; otherwise one is made for the run."""
     own = peg is None
     if own:
@@ -950,7 +950,7 @@ def _version(module: str) -> str | None:
 
 def _max_batch_examples(spec: str, device: torch.device, grad_dim: int) -> int | None:
     """The cap on examples per lessctl batch: explicit (0: none), or None for lessctl's own choice
-    (`lessctl.gradients.auto_max_batch_examples`)."""
+    (`lessctl.grads.batching.auto_max_batch_examples`)."""
     if str(spec) != "auto":
         return int(spec) or None
     return None

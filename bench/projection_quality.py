@@ -14,7 +14,7 @@ seed-0 Rademacher selection at least as much as the seed-1 Rademacher selection 
 3. the projections: Rademacher seeds 0 and 1, count sketch seeds 0 and 1, identity (exact cosines), and
    a sweep over seeds 0..--seeds-1 of both (the single-seed comparison is noisy);
    rows L2-normalized and rounded to float16 as the gradient store keeps them; LESS scores as
-   `lessctl.selection` computes them (cosines, mean per subtask, max over subtasks), top 5%;
+   `lessctl.select.scores` computes them (cosines, mean per subtask, max over subtasks), top 5%;
 4. per target: Jaccard and kept share of the reference selection, Spearman of the score vectors, the
    verdict, and self-checks that must be exactly 1.0.
 
@@ -76,13 +76,16 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("LESSCTL_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
-class IdentityProjector:
+from lessctl.grads.projection.base import Projector  # noqa: E402 (after the sys.path line)
+
+
+class IdentityProjector(Projector):
     """No projection: the features themselves (the FeatureCollector hands over float16 rows)."""
 
     kind = "identity"
 
     def __init__(self, grad_dim: int):
-        self.grad_dim = self.dim = grad_dim
+        super().__init__(grad_dim, grad_dim, "cpu")
 
     def project(self, x):
         return x.float()
@@ -315,7 +318,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def less_scores(Xn: np.ndarray, Yn: np.ndarray, subtasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(cosines [N, M], LESS scores [N]) as lessctl.selection computes them for one checkpoint (weight 1)."""
+    """(cosines [N, M], LESS scores [N]) as lessctl.select.scores computes them for one checkpoint (weight 1)."""
     from lessctl.select.scores import aggregate, normalize_weights, subtask_matrix
 
     w = normalize_weights([1.0])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError
-from lessctl.vocab import BUILTIN_TARGETS
+from lessctl.vocab import BUILTIN_TARGETS, CHAT_FORMATS, DTYPES, METHODS, PROJECTOR_KINDS, spelled
 
 CONFIG_NAME = "lessctl.toml"
 # Keys of a custom target: its LESS examples, an optional subtask key, an optional held-out eval file.
@@ -99,8 +99,8 @@ class GradsConfig:
     projection_seed: int = _f(0, "Seed of the random projection (LESS uses 0).")
     compile: bool = _f(
         False,
-        "torch.compile the decoder layers for the gradient pass (model time 29.5 -> 19.5 ms per example at 7B on an "
-        "H100; the first batch waits ~35 s for the compilation).",
+        "torch.compile the decoder layers for the gradient pass (faster per example on a GPU; the first batch waits "
+        "for the compilation: bench/RESULTS.md).",
     )
     merge: bool = _f(
         True,
@@ -234,10 +234,10 @@ def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
 
 
 def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
-    if cfg.model.chat_format not in ("tulu", "llama2"):
-        problems.append(f"{where}model.chat_format: expected tulu or llama2, got {cfg.model.chat_format!r}")
-    if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
-        problems.append(f"{where}model.dtype: expected auto, bf16, fp16 or fp32, got {cfg.model.dtype!r}")
+    if cfg.model.chat_format not in CHAT_FORMATS:
+        problems.append(f"{where}model.chat_format: expected {spelled(CHAT_FORMATS)}, got {cfg.model.chat_format!r}")
+    if cfg.model.dtype not in DTYPES:
+        problems.append(f"{where}model.dtype: expected {spelled(DTYPES)}, got {cfg.model.dtype!r}")
     if cfg.model.max_seq_length <= 0:
         problems.append(f"{where}model.max_seq_length: must be positive")
     for sec in ("warmup", "finetune"):
@@ -252,10 +252,10 @@ def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
             problems.append(f"{where}{sec}: batch_size and gradient_accumulation_steps must be at least 1")
     if not 0 < cfg.select.percentage <= 1:
         problems.append(f"{where}select.percentage: must be in (0, 1], got {cfg.select.percentage}")
-    if cfg.select.method not in ("less", "random", "bm25"):
-        problems.append(f"{where}select.method: expected less, random or bm25, got {cfg.select.method!r}")
-    if cfg.grads.projector not in ("auto", "cuda", "basic", "sketch"):
-        problems.append(f"{where}grads.projector: expected auto, cuda, basic or sketch, got {cfg.grads.projector!r}")
+    if cfg.select.method not in METHODS:
+        problems.append(f"{where}select.method: expected {spelled(METHODS)}, got {cfg.select.method!r}")
+    if cfg.grads.projector not in PROJECTOR_KINDS:
+        problems.append(f"{where}grads.projector: expected {spelled(PROJECTOR_KINDS)}, got {cfg.grads.projector!r}")
     if not cfg.grads.dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in cfg.grads.dims):
         problems.append(f"{where}grads.dims: expected a list of positive integers, got {cfg.grads.dims!r}")
     for name, path in cfg.data.train.items():

@@ -35,8 +35,8 @@ class FastJLCheck:
 
 @dataclass
 class TritonProjectionCheck:
-    """lessctl's Triton kernel for TRAK's CUDA projection (lessctl.rademacher) against fast_jl; `ok` is None when
-    it did not run (no GPU, or no working fast_jl to compare with). Without it, projection runs on fast_jl."""
+    """lessctl's Triton kernel for TRAK's CUDA projection (grads.projection.rademacher) against fast_jl; `ok` is
+    None when it did not run (no GPU, or no working fast_jl to compare with). Without it, projection runs on fast_jl."""
 
     imports: bool = False  # triton imports
     triton_version: str | None = None
@@ -46,7 +46,7 @@ class TritonProjectionCheck:
 
 @dataclass
 class SketchKernelCheck:
-    """lessctl's gather kernel for `--projector sketch` (lessctl.sketch) against the torch gather, at D = 8192;
+    """lessctl's gather kernel for `--projector sketch` (grads.projection.sketch) against the torch gather, at D = 8192;
     `ok` is None when it did not run (no GPU). Without it, the sketch projects with torch gathers (slower)."""
 
     ok: bool | None = None

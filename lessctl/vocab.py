@@ -50,3 +50,12 @@ PROMPT_FORMATS: tuple[str, ...] = CHAT_FORMATS + ("plain",)
 PRESETS: tuple[str, ...] = ("tiny", "llama2-7b", "llama2-13b", "mistral-7b")
 EXTRA_PRESETS: tuple[str, ...] = ("tiny-ir",)
 """Workspace presets of `lessctl init`; the extra ones need --data-dir."""
+
+DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+"""`[model] dtype` values."""
+
+
+def spelled(options: tuple[str, ...] | list[str]) -> str:
+    """Options as a sentence lists them: "a, b or c"."""
+    options = list(options)
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"

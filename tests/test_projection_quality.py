@@ -27,7 +27,7 @@ def pq():
 
 
 class _Reader:
-    """The part of a gradient store reader that lessctl.selection.less_scores uses."""
+    """The part of a gradient store reader that lessctl.select.scores.less_scores uses."""
 
     def __init__(self, x: np.ndarray):
         self.x = x.astype(np.float16)

@@ -1,4 +1,4 @@
-"""lessctl.rademacher: fast_jl's Rademacher projection emulated on the CPU and computed by a Triton kernel.
+"""grads.projection.rademacher: fast_jl's Rademacher projection emulated on the CPU and computed by a Triton kernel.
 
 On the CPU: the vectorised XORWOW against a scalar one written from cuRAND's definition, the emulated matrix
 against a literal transcription of fast_jl's CUDA loops, and the Triton kernel (under TRITON_INTERPRET=1, in
@@ -177,7 +177,8 @@ INTERPRETER_CASES = [
 _INTERPRETER_SCRIPT = """
 import json, sys
 import torch
-from lessctl import rademacher as rm
+from lessctl import _reference as reference
+from lessctl.grads.projection import rademacher as rm
 out = []
 for B, F, dim, tiles, seed, cfg in json.loads(sys.argv[1]):
     x = torch.randn(B, F, generator=torch.Generator().manual_seed(B + F)).half()

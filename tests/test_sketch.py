@@ -1,4 +1,4 @@
-"""lessctl.sketch: the segment-permutation count sketch, its tables, its torch gather and its Triton kernel.
+"""grads.projection.sketch: the segment-permutation count sketch, its tables, its torch gather and its Triton kernel.
 
 On the CPU: the tables against the definition (an explicit dense matrix built entry by entry), the projector
 against that matrix, determinism and independence from how the tables are generated (threads, blocking),
@@ -204,7 +204,8 @@ INTERPRETER_CASES = [
 _INTERPRETER_SCRIPT = """
 import json, sys
 import torch
-from lessctl import sketch as sk
+from lessctl import _reference as reference
+from lessctl.grads.projection import sketch as sk
 out = []
 for B, P, D, cfg, dtype in json.loads(sys.argv[1]):
     seg, code = sk.make_tables(P, D, seed=B)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lessctl import paths
+from lessctl.vocab import METHODS, STAGES
 
 
 @dataclass
@@ -168,10 +169,8 @@ def complete_targets(incomplete: str) -> list[str]:
 
 
 def complete_stages(incomplete: str) -> list[str]:
-    from lessctl.study.pipeline import STAGES
-
     return [s for s in STAGES if s.startswith(incomplete)]
 
 
 def complete_methods(incomplete: str) -> list[str]:
-    return [m for m in ("less", "random", "bm25") if m.startswith(incomplete)]
+    return [m for m in METHODS if m.startswith(incomplete)]

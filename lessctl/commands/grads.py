@@ -20,6 +20,7 @@ from lessctl.commands._common import (
     load_config,
     print_table,
 )
+from lessctl.vocab import GRAD_TYPES, spelled
 
 
 def grads(
@@ -48,7 +49,7 @@ def grads(
         typer.Option("--target", autocompletion=complete_targets, help="Target name(s) (default: all; sgd features)."),
     ] = None,
     grad_type: Annotated[
-        Optional[str], typer.Option("--type", help="Override the feature type: adam, sgd or sign.")
+        Optional[str], typer.Option("--type", help=f"Override the feature type: {spelled(GRAD_TYPES)}.")
     ] = None,
     projector: Annotated[
         Optional[str],
@@ -96,7 +97,6 @@ def grads(
     """Compute LESS gradient features (adam for training sets, sgd for targets) into HDF5 stores."""
     from lessctl.errors import ConfigError
     from lessctl.grads.stage import collect_gradients, parse_shard, resolve_steps
-    from lessctl.vocab import GRAD_TYPES
 
     if devices is not None and shard is not None:
         raise ConfigError("--devices and --shard cannot be combined: with --devices N, worker k computes shard k/N")

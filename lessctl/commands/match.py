@@ -18,6 +18,7 @@ from lessctl.commands._common import (
     load_config,
     print_table,
 )
+from lessctl.vocab import METHODS, spelled
 
 
 def match(
@@ -31,7 +32,7 @@ def match(
     ] = None,
     method: Annotated[
         Optional[list[str]],
-        typer.Option("--method", autocompletion=complete_methods, help="less, random or bm25 (repeat for several)."),
+        typer.Option("--method", autocompletion=complete_methods, help=f"{spelled(METHODS)} (repeat for several)."),
     ] = None,
     ckpts: Annotated[
         Optional[list[int]],

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lessctl.commands._common import JsonOpt, emit_json, load_config, print_table
+from lessctl.vocab import STAGES
 
 app = typer.Typer(
     help="Run the stages as Slurm jobs: render one script, submit the whole chain, follow it.",
@@ -132,7 +133,7 @@ def render(
 @app.command("submit")
 def submit(
     stages: Annotated[str, typer.Option("--stages", help="Comma-separated stages, run in pipeline order.")] = ",".join(
-        ("warmup", "grads", "match", "finetune", "eval")
+        STAGES
     ),
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the scripts and sbatch lines; submit nothing.")

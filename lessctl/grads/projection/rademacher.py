@@ -113,9 +113,8 @@ def _triton_kernel():
 
 def default_config(rows: int) -> dict:
     """`project`'s launch settings for `rows` rows: one row block for up to MAX_BLOCK_M rows (the matrix is
-    generated once per row block), 4 warps up to 64 rows and 8 above. Measured on the H100 at the 7B shape
-    with 256 columns: 64 rows take 8.5 ms per row with 4 warps and 26.6 with 8; 128 rows 7.0 ms with 8 warps
-    and 108 with 4 (registers spill)."""
+    generated once per row block), 4 warps up to 64 rows and 8 above (the fastest choices measured on an H100:
+    bench/RESULTS.md, Triton projection)."""
     block_m = min(MAX_BLOCK_M, max(16, 1 << (max(rows, 1) - 1).bit_length()))
     return {
         "block_m": block_m,

@@ -4,7 +4,7 @@ A count sketch sends each of the P coordinates to one of D buckets with a random
 the projection is a scatter-add (`index_add_`: atomics on a GPU, 30x the cost of reading the row at 7B). Here
 the hash is built from permutations, so every output bucket receives exactly one coordinate per chunk of D
 coordinates, and the projection is the gather out[:, j] = sum over chunks of +-x[:, source(chunk, j)]: no
-atomics, each x element read once, on a GPU as fast as memory allows (lessctl.sketch_triton's kernel).
+atomics, each x element read once, on a GPU as fast as memory allows (lessctl.grads.projection.sketch_triton's kernel).
 
 The definition (P coordinates, D outputs):
 - segment size S = the largest power of two <= 256 that divides D (256 for D = 8192, 4096, 1024, 512; 8 for
@@ -51,15 +51,14 @@ log = logging.getLogger(__name__)
 class CountSketchProjector(Projector):
     """A sparse JL projection (count sketch): each parameter adds +-x_j to one of the D outputs.
 
-    Its hash is made of permutations (`lessctl.sketch`): every output receives exactly one parameter of each
-    chunk of D parameters, so projecting is a gather (no atomics) that reads each parameter once, which on a
-    GPU (lessctl.sketch_triton's kernel) can run at the speed of reading the row; the scatter-add sketch it
-    replaced (index_add_) cost 3.1 ms per row of 2**27 parameters on an H100, 30x that. Its tables are drawn
+    Its hash is made of permutations (this module's docstring): every output receives exactly one parameter of
+    each chunk of D parameters, so projecting is a gather (no atomics) that reads each parameter once, which on a
+    GPU (`sketch_triton`'s kernel) runs at about the speed of reading the row. Its tables are drawn
     on the CPU from seeded generators, so the sketch is the same on every device and GPU model; they stay on
     the device (2 bytes per parameter). One row costs O(P) additions instead of O(P x D) multiply-adds; it
     is not LESS's projection, so its selection quality is measured separately (bench/projection_quality.py),
-    and stores made with it are never matched against Rademacher ones, nor against those of the earlier
-    scatter-add sketch (`attrs` names the hash).
+    and stores made with it are never matched against Rademacher ones, nor against sketches of another hash
+    (`attrs` names the hash).
 
     The engine: the Triton kernel for rows on a CUDA device when triton imports and the kernel passes a
     known-answer test against the torch gather there (`check_triton`), else the torch gather
@@ -67,7 +66,7 @@ class CountSketchProjector(Projector):
     """
 
     kind = "sketch"
-    HASH = "segment-permutation"  # the layout of lessctl.sketch's tables
+    HASH = "segment-permutation"  # the layout of this module's tables
 
     def __init__(self, grad_dim, dim, device, seed=0, model_id=0):
         import time
@@ -280,7 +279,7 @@ def project_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ):
-    """What project_torch computes, with lessctl.sketch_triton's kernel: x [B, grad_dim] (float16, bfloat16 or
+    """What project_torch computes, with sketch_triton's kernel: x [B, grad_dim] (float16, bfloat16 or
     float32; rows contiguous) and the tables on a CUDA device, or on the CPU under TRITON_INTERPRET=1.
 
     A program (output block b, row block, chunk split k) gathers its rows' segment seg[c, b] of every chunk c

@@ -1,8 +1,8 @@
-"""The Triton kernel behind `lessctl.sketch.project_triton`: the count sketch as a gather, without atomics.
+"""The Triton kernel behind `sketch.project_triton`: the count sketch as a gather, without atomics.
 
 A module of its own, imported on first use, because the kernel must be defined at a module's top level (Triton
 looks it up there, also under TRITON_INTERPRET=1), and importing triton is slow and not possible everywhere.
-The definition it computes, and the tables it reads, are in lessctl.sketch's docstring.
+The definition it computes, and the tables it reads, are in lessctl.grads.projection.sketch's docstring.
 """
 
 from __future__ import annotations

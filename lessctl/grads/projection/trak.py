@@ -53,8 +53,8 @@ class TrakBasicProjector(Projector):
     The blocks are produced by TRAK's own generator states, so the result is exactly
     `BasicProjector.project(x.half(), model_id)`; TRAK itself regenerates every block on every call.
     TRAK draws the matrix with a generator on the projector's device, and a CUDA generator gives another
-    matrix than the CPU's: stores made on a GPU record `generator` (absent means the CPU, as in every earlier
-    store), so that matching refuses to compare them with CPU-made ones.
+    matrix than the CPU's: stores made on a GPU record `generator` (absent means the CPU), so that matching
+    refuses to compare them with CPU-made ones.
     """
 
     kind = "basic"
@@ -136,14 +136,14 @@ def fast_jl_chunks(grad_dim: int, n_tiles: int, rows: int) -> list[tuple[int, in
 
 
 ENGINE_NAMES = {"triton": "lessctl's Triton kernel (checked equal to fast_jl on this GPU)", "fast_jl": "fast_jl"}
-TRITON_MAX_ROWS = 256  # rows per call of lessctl's Triton kernel (lessctl.rademacher); fast_jl takes 32
+TRITON_MAX_ROWS = 256  # rows per call of lessctl's Triton kernel (rademacher.project); fast_jl takes 32
 
 
 class TrakCudaProjector(Projector):
     """TRAK's CudaProjector (fast_jl). Its matrix depends on the GPU's SM count, which is recorded.
 
     fast_jl generates its random matrix once per call and shares it across up to 32 rows, so a call
-    with 32 rows costs little more than one with 16. lessctl's Triton kernel (`lessctl.rademacher`)
+    with 32 rows costs little more than one with 16. lessctl's Triton kernel (`lessctl.grads.projection.rademacher`)
     computes the same projection for up to TRITON_MAX_ROWS rows per call on the tensor cores; it is used
     (`engine` "triton") when it passes a known-answer test against fast_jl on this GPU with this
     projector's dim, seed and tile count, else fast_jl is (`engine` "fast_jl", with a warning). Both give
