@@ -147,7 +147,8 @@ def test_compiled_pass_gives_the_same_gradients(tiny_template):
         peg = PerExampleGradients(model, merge=merge)
         try:
             ref, ref_loss, _ = peg(seqs, labels, tok.pad_token_id)
-            peg.compile()
+            peg.remove()
+            peg = PerExampleGradients(model, merge=merge, compile=True)
             assert len(peg._handles) == len(peg.layers)  # probe hooks only
             got, loss, _ = peg(seqs, labels, tok.pad_token_id)
             graphs = counters["stats"]["unique_graphs"]

@@ -129,9 +129,9 @@ class PerExampleGradients:
             self._handles.append(hl.module.register_forward_hook(self._eager_hook(hl.products)))
         self._handles.append(model.get_input_embeddings().register_forward_hook(self._embedding_hook))
         if merge:
-            self.merge()
+            self._merge()
         if compile:
-            self.compile()
+            self._compile()
 
     # -- hooks
     def _embedding_hook(self, mod, inputs, output):
@@ -192,7 +192,12 @@ class PerExampleGradients:
             self._xf = (key, x.float())
         return self._xf[1]
 
-    def compile(self) -> None:
+    @staticmethod
+    def can_merge(model) -> bool:
+        """Whether `merge=True` works for this model: its trainable parameters are plain peft LoRA weights."""
+        return _lora_layers(model, trainable_parameters(model)) is not None
+
+    def _compile(self) -> None:
         """Run every later pass with the model's repeated blocks (its decoder layers) under torch.compile.
 
         Tensor hooks cannot live inside a compiled graph, so the compiled pass captures G differently: each
@@ -220,7 +225,7 @@ class PerExampleGradients:
         self._compiled = True
 
     # -- merging
-    def merge(self) -> None:
+    def _merge(self) -> None:
         """Merge the LoRA adapter into the base weights until `remove()`: the forward then skips the LoRA branch."""
         import torch
 

@@ -158,11 +158,8 @@ def collect_gradients(
         ckpt = checkpoint_dir(cfg, step)
         model, tok = load_adapter_model(ckpt, base=base, dtype=cfg.model.dtype, device=device, trainable=True)
         model.eval()  # no dropout: LESS takes gradients in eval mode
-        peg = PerExampleGradients(model)
-        if cfg.grads.merge and peg.lora is not None:  # a model that is not plain peft LoRA runs unmerged
-            peg.merge()
-        if cfg.grads.compile:
-            peg.compile()
+        merge = cfg.grads.merge and PerExampleGradients.can_merge(model)  # other adapters run unmerged
+        peg = PerExampleGradients(model, merge=merge, compile=cfg.grads.compile)
         if not projectors:
             for d in dims:
                 projectors[d] = make_projector(
