@@ -36,12 +36,22 @@ def _global(
         typer.Option("--config", "-c", help="Workspace file (default: lessctl.toml in this folder or a parent)."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
+    progress_seconds: Annotated[
+        Optional[float],
+        typer.Option(
+            "--progress-seconds",
+            min=0,
+            help="Without a terminal (a Slurm log), print a progress line this often (default: "
+            "$LESSCTL_PROGRESS_SECONDS, else 60).",
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     STATE.config_path = config
     STATE.debug = debug
+    STATE.progress_seconds = progress_seconds
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 

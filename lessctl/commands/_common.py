@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -18,6 +20,7 @@ from lessctl.vocab import METHODS, STAGES
 class GlobalState:
     config_path: Optional[Path] = None
     debug: bool = False
+    progress_seconds: Optional[float] = None
 
 
 STATE = GlobalState()
@@ -62,8 +65,41 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     out_console().print(table)
 
 
+PROGRESS_SECONDS = 60.0  # seconds between plain progress lines; LESSCTL_PROGRESS_SECONDS or --progress-seconds
+
+
+def progress_seconds() -> float:
+    """Seconds between progress lines without a terminal: --progress-seconds, $LESSCTL_PROGRESS_SECONDS, or 60."""
+    if STATE.progress_seconds is not None:
+        return STATE.progress_seconds
+    raw = os.environ.get("LESSCTL_PROGRESS_SECONDS")
+    if raw is None:
+        return PROGRESS_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        from lessctl.errors import ConfigError
+
+        raise ConfigError(f"LESSCTL_PROGRESS_SECONDS: expected a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class ProgressBar:
-    """A rich progress bar with a rate on stderr; silent without a terminal or under --json."""
+    """Progress of a long command on stderr.
+
+    On a terminal: a rich bar with a rate (none under --json). Without a terminal (a Slurm log, a file, a pipe):
+    plain lines with no carriage returns or colour codes, at the start, every `progress_seconds()` and at the end
+    of each item (a store, a model, a task): stage, item, done/total, rate, elapsed and ETA.
+    """
 
     def __init__(self, description: str, total: int | None = None, unit: str = "it", quiet: bool = False):
         from rich.progress import (
@@ -76,6 +112,7 @@ class ProgressBar:
         )
 
         console = err_console()
+        self._plain = not console.is_terminal
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -84,18 +121,54 @@ class ProgressBar:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
-            disable=quiet or not console.is_terminal,
+            disable=quiet or self._plain,
             transient=False,
         )
         self._unit = unit
         self._task = self._progress.add_task(description, total=total, rate="")
+        self._stage, self._item = description, description
+        self._item_name = description
+        self._done, self._total = 0, total
+        self._t0 = self._item_t0 = self._last = time.monotonic()
+        self._item_start = 0
+        self._every = progress_seconds() if self._plain else 0.0
+        self._status = ""
 
     def __enter__(self) -> "ProgressBar":
         self._progress.__enter__()
+        if self._plain:
+            self._stage_line("started")
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+    def __exit__(self, exc_type, *exc) -> None:
+        self._progress.__exit__(exc_type, *exc)
+        if self._plain:
+            if self._item != self._stage:
+                self._line("done" if exc_type is None else "stopped")
+            self._stage_line("stopped" if exc_type else "finished")
+
+    def _stage_line(self, event: str) -> None:
+        elapsed = _clock(time.monotonic() - self._t0)
+        sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self._stage} | elapsed {elapsed} | {event}\n")
+        sys.stderr.flush()
+
+    def _line(self, event: str = "") -> None:
+        now = time.monotonic()
+        self._last = now
+        elapsed = now - self._item_t0
+        rows = self._done - self._item_start
+        rate = rows / elapsed if elapsed > 0 and rows > 0 else None
+        eta = (self._total - self._done) / rate if rate and self._total is not None else None
+        item = "" if self._item == self._stage else f" | {self._item}"
+        status = f" | {self._status}" if self._status else ""
+        total = "?" if self._total is None else self._total
+        rate_s = "-" if rate is None else f"{rate:.2f} {self._unit}/s"
+        sys.stderr.write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self._stage}{item} | {self._done}/{total} {self._unit} | "
+            f"{rate_s} | elapsed {_clock(elapsed)} | ETA {_clock(eta if self._total is not None else None)}{status}"
+            f"{' | ' + event if event else ''}\n"
+        )
+        sys.stderr.flush()
 
     def update(
         self,
@@ -104,17 +177,42 @@ class ProgressBar:
         advance: int = 0,
         total: int | None = None,
         description: str | None = None,
+        status: str | None = None,
     ) -> None:
+        """`description` names the item in progress (a new one starts a new count of its rate); `status` is a
+        note on it (a loss), shown beside it."""
         kw = {}
         if total is not None:
             kw["total"] = total
         if description is not None:
-            kw["description"] = description
+            self._item_name = description
+        if status is not None:
+            self._status = status
+        if description is not None or status is not None:
+            name = self._item_name
+            kw["description"] = f"{name} ({self._status})" if self._status else name
         self._progress.update(self._task, completed=completed, advance=advance or None, **kw)
         task = self._progress.tasks[0]
         speed = task.finished_speed or task.speed
         if speed:
             self._progress.update(self._task, rate=f"{speed:.1f} {self._unit}/s")
+        if not self._plain:
+            return
+        new_item = description is not None and description != self._item
+        if new_item and self._item != self._stage:
+            self._line("done")  # the end of the previous item
+        if new_item:
+            self._item, self._item_t0 = description, time.monotonic()
+        if total is not None:
+            self._total = total
+        if completed is not None:
+            self._done = completed
+        self._done += advance
+        if new_item:
+            self._item_start = self._done if completed is not None else self._done - advance
+            self._line("start")
+        elif time.monotonic() - self._last >= self._every:
+            self._line()
 
     def log(self, message: str) -> None:
         self._progress.console.print(message)

@@ -27,7 +27,7 @@ def _progress_logger(bar: ProgressBar):
     def on_log(rec: dict) -> None:
         bar.update(completed=rec["step"], total=rec["max_steps"])
         if "loss" in rec:
-            bar.update(description=f"training (loss {rec['loss']:.3f})")
+            bar.update(status=f"loss {rec['loss']:.3f}")
 
     return on_log
 
