@@ -75,3 +75,14 @@ def test_the_global_option_overrides_the_environment(tiny_ws):
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if " warmup | " in ln]
     assert [ln.rsplit(" | ", 1)[-1] for ln in lines] == ["started", "finished"], err
+
+
+def test_run_reports_each_stage_as_an_item(tiny_ws):
+    code, out, err = _run(tiny_ws, "run", "--until", "grads", "--json")
+    assert code == 0, err
+    assert json.loads(out)["stages"]
+    lines = [ln for ln in err.splitlines() if " run | " in ln]
+    assert lines[0].endswith("| started") and lines[-1].endswith("| finished"), err
+    items = [ln.split(" | ")[1] for ln in lines if ln.endswith("| start")]
+    assert items == ["stage warmup", "stage grads"], err
+    assert any(ln.endswith("| done") and "| stage grads |" in ln and "2/2 stages" in ln for ln in lines), err

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import JsonOpt, emit_json, err_console, print_table
+from lessctl.commands._common import JsonOpt, ProgressBar, emit_json, err_console, print_table
 
 
 def demo(
@@ -33,14 +33,14 @@ def demo(
 
     if fresh and directory.exists():
         shutil.rmtree(directory)
-    con = err_console()
-    report = run_demo(
-        directory,
-        epochs=epochs,
-        device=device or "cpu",
-        train=train,
-        step=None if json_out else (lambda s: con.print(f"[bold]>[/] {s}")),
-    )
+    with ProgressBar("demo", unit="steps", quiet=json_out) as bar:
+
+        def step(message: str) -> None:
+            bar.update(advance=1, description=message)
+            if not json_out:
+                bar.log(f"[bold]>[/] {message}")
+
+        report = run_demo(directory, epochs=epochs, device=device or "cpu", train=train, step=step)
     if json_out:
         emit_json(report)
         return
@@ -61,7 +61,7 @@ def demo(
             ["target", "base"] + list(METHODS),
             rows,
         )
-    con.print(f"done in {report['seconds']:.0f}s; workspace: {report['workspace']}")
+    err_console().print(f"done in {report['seconds']:.0f}s; workspace: {report['workspace']}")
 
 
 def register(app: typer.Typer) -> None:
