@@ -35,7 +35,7 @@ def _global(
         Optional[Path],
         typer.Option("--config", "-c", help="Workspace file (default: lessctl.toml in this folder or a parent)."),
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show tracebacks for every error.")] = False,
     progress_seconds: Annotated[
         Optional[float],
         typer.Option(
@@ -46,7 +46,8 @@ def _global(
         ),
     ] = None,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."),
     ] = False,
 ) -> None:
     STATE.config_path = config

@@ -180,3 +180,25 @@ def test_main_registers_commands_once(cli):
     assert (len(app.registered_commands), len(app.registered_groups)) == n
     names = [c.name for c in app.registered_commands]
     assert len(names) == len(set(names))
+
+
+def test_flags_show_no_value_placeholder(cli):
+    """Options that take no value look like flags in --help: no `<bool>` after them (Typer's own --help aside)."""
+    import re
+
+    from lessctl.cli import _register, app
+
+    _register()
+    commands = [[c.name] for c in app.registered_commands]
+    for g in app.registered_groups:
+        commands += [[g.name]] + [[g.name, c.name] for c in g.typer_instance.registered_commands]
+    assert ["slurm", "render"] in commands and ["store", "verify"] in commands
+    for args in [["--help"]] + [[*names, "--help"] for names in commands]:
+        r = cli(*args)
+        assert r.code == 0, (args, r)
+        flagged = [
+            ln
+            for ln in r.out.splitlines()
+            if "<bool>" in ln and not re.search(r"--(help|install-completion|show-completion)\b", ln)
+        ]
+        assert not flagged, (args, flagged)

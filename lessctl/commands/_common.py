@@ -25,8 +25,10 @@ class GlobalState:
 
 STATE = GlobalState()
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute and replace outputs that already exist.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as one JSON object on stdout.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", metavar="", help="Recompute and replace outputs that already exist.")
+]
 
 
 def load_config(overrides: dict[str, Any] | None = None):

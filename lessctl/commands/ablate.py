@@ -39,11 +39,14 @@ def ablate(
         Optional[int],
         typer.Option("--dim", help="Projection dimension to match on (default: the largest of the grads dims)."),
     ] = None,
-    finetune: Annotated[bool, typer.Option("--finetune", help="Train a LoRA on each subset's selection.")] = False,
+    finetune: Annotated[
+        bool, typer.Option("--finetune", metavar="", help="Train a LoRA on each subset's selection.")
+    ] = False,
     eval_: Annotated[
         bool,
         typer.Option(
             "--eval",
+            metavar="",
             help="Evaluate each finetuned selection on the target's benchmark or eval_file (needs --finetune).",
         ),
     ] = False,

@@ -14,7 +14,9 @@ app = typer.Typer(help="Inspect the workspace config.", no_args_is_help=True)
 @app.command("show")
 def show(
     json_out: JsonOpt = False,
-    docs: Annotated[bool, typer.Option("--docs", help="Print every key with its one-line description.")] = False,
+    docs: Annotated[
+        bool, typer.Option("--docs", metavar="", help="Print every key with its one-line description.")
+    ] = False,
 ) -> None:
     """Print the resolved config (defaults < lessctl.toml < options) as TOML or JSON."""
     from lessctl.config import describe_fields, to_toml

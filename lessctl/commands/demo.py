@@ -21,9 +21,14 @@ def demo(
     device: Annotated[
         Optional[str], typer.Option("--device", help="cpu or cuda (default: cpu for the tiny model).")
     ] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Delete the demo folder first and start over.")] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", metavar="", help="Delete the demo folder first and start over.")
+    ] = False,
     train: Annotated[
-        bool, typer.Option("--train/--no-train", help="Also finetune on each selection and evaluate before/after.")
+        bool,
+        typer.Option(
+            "--train/--no-train", metavar="", help="Also finetune on each selection and evaluate before/after."
+        ),
     ] = True,
     json_out: JsonOpt = False,
 ) -> None:

@@ -13,7 +13,7 @@ def doctor(
     device: Annotated[
         Optional[str], typer.Option("--device", help="The GPU to check, e.g. cuda:1 (default: cuda).")
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when something is broken.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", metavar="", help="Exit 1 when something is broken.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Check the environment: torch, CUDA, the GPU, traker, known-answer tests of fast_jl and lessctl's

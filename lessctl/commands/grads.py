@@ -79,6 +79,7 @@ def grads(
         Optional[bool],
         typer.Option(
             "--merge/--no-merge",
+            metavar="",
             help="Merge the adapter into the base weights for the pass (default: grads.merge in lessctl.toml, true): "
             "faster, same gradients up to rounding.",
         ),
@@ -87,6 +88,7 @@ def grads(
         Optional[bool],
         typer.Option(
             "--compile/--no-compile",
+            metavar="",
             help="torch.compile the decoder layers for the gradient pass (default: grads.compile in lessctl.toml, "
             "false): about a third less model time on a GPU, after ~35 s of compiling at 7B.",
         ),

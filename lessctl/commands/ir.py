@@ -63,7 +63,9 @@ def prepare(
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder (default: the current folder).")] = Path("."),
-    force: Annotated[bool, typer.Option("--force", help="Replace files prepared with other settings.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", metavar="", help="Replace files prepared with other settings.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Write listwise reranking examples (BM25 first-stage candidates) from a BEIR folder."""
@@ -112,7 +114,10 @@ def eval_(
         ),
     ] = None,
     bm25: Annotated[
-        bool, typer.Option("--bm25", help="Score the BM25 first-stage order itself (no model): the baseline to beat.")
+        bool,
+        typer.Option(
+            "--bm25", metavar="", help="Score the BM25 first-stage order itself (no model): the baseline to beat."
+        ),
     ] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N queries (0: all).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per generation batch.")] = None,

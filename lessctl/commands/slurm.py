@@ -136,7 +136,7 @@ def submit(
         STAGES
     ),
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the scripts and sbatch lines; submit nothing.")
+        bool, typer.Option("--dry-run", metavar="", help="Print the scripts and sbatch lines; submit nothing.")
     ] = False,
     shards: ShardsOpt = None,
     json_out: JsonOpt = False,
