@@ -24,5 +24,6 @@ _MODULES: list[str] = [
     "slurm",
     "ir",
     "ablate",
+    "report",
     "doctor",
 ]
