@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Method = Literal["less", "random", "bm25"]
+Method = Literal["less", "random", "bm25", "rds"]
 METHODS: tuple[str, ...] = get_args(Method)
 """Selection methods of `lessctl match --method`."""
 
@@ -19,6 +19,11 @@ CHECKPOINT_METHODS: tuple[str, ...] = ("less",)
 GradType = Literal["adam", "sgd", "sign"]
 GRAD_TYPES: tuple[str, ...] = get_args(GradType)
 """Gradient features: adam (LESS's pool features), sgd (its target features), sign."""
+
+REPS = "reps"
+FEATURE_TYPES: tuple[str, ...] = GRAD_TYPES + (REPS,)
+"""What a store may hold (`lessctl grads --type`): a gradient feature, or reps (RDS's representations: the last
+layer's hidden state at each example's last token, unprojected)."""
 
 ProjectorKind = Literal["auto", "cuda", "basic", "sketch"]
 PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)

@@ -36,7 +36,10 @@ def match(
     ckpts: Annotated[
         Optional[list[int]],
         typer.Option(
-            "--ckpts", autocompletion=complete_ckpts, help="Use only these checkpoint steps (weights renormalized)."
+            "--ckpts",
+            autocompletion=complete_ckpts,
+            help="Use only these checkpoint steps (weights renormalized); rds: the one checkpoint whose "
+            "representations it uses (default: the last).",
         ),
     ] = None,
     weights: Annotated[

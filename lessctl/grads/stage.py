@@ -121,8 +121,29 @@ def collect_gradients(
     progress: Callable[..., None] | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> list[StoreResult]:
-    """Computes and stores the features of every selected data set at every selected checkpoint."""
+    """Computes and stores the features of every selected data set at every selected checkpoint.
+
+    grad_type "reps" stores RDS's representations instead (lessctl.grads.reps; dims and projector do not apply).
+    """
     import torch
+
+    from lessctl.vocab import REPS
+
+    if grad_type == REPS:
+        from lessctl.grads.reps import collect_representations
+
+        return collect_representations(
+            cfg,
+            steps=steps,
+            train=train,
+            targets=targets,
+            shard=shard,
+            batch_tokens=batch_tokens,
+            force=force,
+            device=device,
+            progress=progress,
+            announce=announce,
+        )
 
     from lessctl.grads.adam import load_adam_state
     from lessctl.grads.collector import FeatureCollector
