@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Method = Literal["less", "random", "bm25", "rds"]
+Method = Literal["less", "random", "bm25", "rds", "dsir"]
 METHODS: tuple[str, ...] = get_args(Method)
 """Selection methods of `lessctl match --method`."""
 
