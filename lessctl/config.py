@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError
-from lessctl.vocab import BUILTIN_TARGETS
+from lessctl.vocab import BUILTIN_TARGETS, METHODS
 
 CONFIG_NAME = "lessctl.toml"
 # Keys of a custom target: its LESS examples, an optional subtask key, an optional held-out eval file.
@@ -113,7 +113,7 @@ class GradsConfig:
 @dataclass(frozen=True)
 class SelectConfig:
     percentage: float = _f(0.05, "Share of the pooled training sets to select.")
-    method: str = _f("less", "Selection method: less, random or bm25.")
+    method: str = _f("less", "Selection method: less, random, bm25, rds (representations) or dsir.")
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,9 @@ def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
             problems.append(f"{where}{sec}: batch_size and gradient_accumulation_steps must be at least 1")
     if not 0 < cfg.select.percentage <= 1:
         problems.append(f"{where}select.percentage: must be in (0, 1], got {cfg.select.percentage}")
-    if cfg.select.method not in ("less", "random", "bm25"):
-        problems.append(f"{where}select.method: expected less, random or bm25, got {cfg.select.method!r}")
+    if cfg.select.method not in METHODS:
+        expected = ", ".join(METHODS[:2]) + " or " + " or ".join(METHODS[2:])
+        problems.append(f"{where}select.method: expected {expected}, got {cfg.select.method!r}")
     if cfg.grads.projector not in ("auto", "cuda", "basic", "sketch"):
         problems.append(f"{where}grads.projector: expected auto, cuda, basic or sketch, got {cfg.grads.projector!r}")
     if not cfg.grads.dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in cfg.grads.dims):

@@ -25,6 +25,15 @@ FEATURE_TYPES: tuple[str, ...] = GRAD_TYPES + (REPS,)
 """What a store may hold (`lessctl grads --type`): a gradient feature, or reps (RDS's representations: the last
 layer's hidden state at each example's last token, unprojected)."""
 
+REPS_METHODS: tuple[str, ...] = ("rds",)
+"""Methods that match on reps stores: the grads stage of `run` and `slurm submit` computes `--type reps` for them."""
+
+
+def methods_text() -> str:
+    """The methods as words for help texts and errors: 'less, random, bm25, rds or dsir'."""
+    return ", ".join(METHODS[:-1]) + " or " + METHODS[-1]
+
+
 ProjectorKind = Literal["auto", "cuda", "basic", "sketch"]
 PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
 

@@ -174,4 +174,6 @@ def complete_stages(incomplete: str) -> list[str]:
 
 
 def complete_methods(incomplete: str) -> list[str]:
-    return [m for m in ("less", "random", "bm25") if m.startswith(incomplete)]
+    from lessctl.vocab import METHODS
+
+    return [m for m in METHODS if m.startswith(incomplete)]

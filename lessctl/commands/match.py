@@ -1,4 +1,4 @@
-"""`lessctl match`: influence scores and the top-p% selection (LESS, random or BM25)."""
+"""`lessctl match`: influence scores and the top-p% selection (LESS, random, BM25, RDS or DSIR)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lessctl.commands._common import (
     load_config,
     print_table,
 )
+from lessctl.vocab import methods_text
 
 
 def match(
@@ -31,7 +32,7 @@ def match(
     ] = None,
     method: Annotated[
         Optional[list[str]],
-        typer.Option("--method", autocompletion=complete_methods, help="less, random or bm25 (repeat for several)."),
+        typer.Option("--method", autocompletion=complete_methods, help=f"{methods_text()} (repeat for several)."),
     ] = None,
     ckpts: Annotated[
         Optional[list[int]],
