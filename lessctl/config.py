@@ -113,7 +113,7 @@ class GradsConfig:
 @dataclass(frozen=True)
 class SelectConfig:
     percentage: float = _f(0.05, "Share of the pooled training sets to select.")
-    method: str = _f("less", "Selection method: less, random or bm25.")
+    method: str = _f("less", "Selection method: less, random, bm25, rds (representations) or dsir.")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from lessctl import paths
 from lessctl.config import CONFIG_NAME, load_config
-from lessctl.vocab import METHODS
+from lessctl.vocab import METHODS, REPS
 
 EVAL_LIMIT = 12  # held-out examples per target in the demo's before/after evaluation
 
@@ -28,8 +28,9 @@ def run_demo(
     train: bool = True,
     step: Callable[[str], None] | None = None,
 ) -> dict:
-    """init --preset tiny (once), warmup, grads at every checkpoint, match with each method, and (train=True)
-    finetune on each selection and evaluate the target's held-out set before and after; returns the report."""
+    """init --preset tiny (once), warmup, grads at every checkpoint (and reps at the last), match with each method,
+    and (train=True) finetune on each selection and evaluate the target's held-out set before and after; returns
+    the report."""
     from lessctl.data.records import read_jsonl
     from lessctl.grads.stage import collect_gradients
     from lessctl.select.match import run_match
@@ -55,6 +56,8 @@ def run_demo(
     steps = [c["step"] for c in json.loads(checkpoints_path(cfg).read_text())]
     collect_gradients(cfg, steps=steps, dims=list(cfg.grads.dims), projector="basic", device=device or "cpu")
     timings["grads"] = round(time.time() - t, 1)
+    say("grads --type reps: representations (RDS) at the last checkpoint")
+    collect_gradients(cfg, steps=steps[-1:], dims=[], grad_type=REPS, device=device or "cpu")
     pool = [r.data.get("family") for p in cfg.train_files().values() for r in read_jsonl(p)]
     report: dict = {"workspace": str(folder.resolve()), "targets": {}}
     t = time.time()

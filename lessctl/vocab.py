@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Method = Literal["less", "random", "bm25"]
+Method = Literal["less", "random", "bm25", "rds", "dsir"]
 METHODS: tuple[str, ...] = get_args(Method)
 """Selection methods of `lessctl match --method`."""
 
@@ -19,6 +19,15 @@ CHECKPOINT_METHODS: tuple[str, ...] = ("less",)
 GradType = Literal["adam", "sgd", "sign"]
 GRAD_TYPES: tuple[str, ...] = get_args(GradType)
 """Gradient features: adam (LESS's pool features), sgd (its target features), sign."""
+
+REPS = "reps"
+FEATURE_TYPES: tuple[str, ...] = GRAD_TYPES + (REPS,)
+"""What a store may hold (`lessctl grads --type`): a gradient feature, or reps (RDS's representations: the last
+layer's hidden state at each example's last token, unprojected)."""
+
+REPS_METHODS: tuple[str, ...] = ("rds",)
+"""Methods that match on reps stores: the grads stage of `run` and `slurm submit` computes `--type reps` for them."""
+
 
 ProjectorKind = Literal["auto", "cuda", "basic", "sketch"]
 PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)

@@ -49,7 +49,12 @@ def grads(
         typer.Option("--target", autocompletion=complete_targets, help="Target name(s) (default: all; sgd features)."),
     ] = None,
     grad_type: Annotated[
-        Optional[str], typer.Option("--type", help=f"Override the feature type: {spelled(GRAD_TYPES)}.")
+        Optional[str],
+        typer.Option(
+            "--type",
+            help=f"Override the feature type: {spelled(GRAD_TYPES)}; or reps: RDS's representations (the last "
+            "layer's hidden state at each example's last token, unprojected) for every data set.",
+        ),
     ] = None,
     projector: Annotated[
         Optional[str],
@@ -96,9 +101,11 @@ def grads(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Compute LESS gradient features (adam for training sets, sgd for targets) into HDF5 stores."""
+    """Compute LESS gradient features (adam for training sets, sgd for targets), or RDS's representations
+    (--type reps), into HDF5 stores."""
     from lessctl.errors import ConfigError
     from lessctl.grads.stage import collect_gradients, parse_shard, resolve_steps
+    from lessctl.vocab import FEATURE_TYPES, REPS
 
     if devices is not None and shard is not None:
         raise ConfigError("--devices and --shard cannot be combined: with --devices N, worker k computes shard k/N")
@@ -106,8 +113,12 @@ def grads(
         raise ConfigError(
             "--devices and --device cannot be combined: give one device as --devices DEVICE or --device DEVICE"
         )
-    if grad_type is not None and grad_type not in GRAD_TYPES:
-        raise ConfigError(f"--type: expected one of {', '.join(GRAD_TYPES)}, got {grad_type!r}")
+    if grad_type is not None and grad_type not in FEATURE_TYPES:
+        raise ConfigError(f"--type: expected one of {', '.join(FEATURE_TYPES)}, got {grad_type!r}")
+    if grad_type == REPS:
+        given = [opt for opt, v in (("--dims", dims), ("--projector", projector), ("--compile", compile_)) if v]
+        if given:
+            raise ConfigError(f"{given[0]}: does not apply to --type reps (representations are not projected)")
     cfg = load_config(
         {
             "grads.dims": dims,

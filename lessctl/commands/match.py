@@ -1,4 +1,4 @@
-"""`lessctl match`: influence scores and the top-p% selection (LESS, random or BM25)."""
+"""`lessctl match`: influence scores and the top-p% selection (LESS, random, BM25, RDS or DSIR)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def match(
     ckpts: Annotated[
         Optional[list[int]],
         typer.Option(
-            "--ckpts", autocompletion=complete_ckpts, help="Use only these checkpoint steps (weights renormalized)."
+            "--ckpts",
+            autocompletion=complete_ckpts,
+            help="Use only these checkpoint steps (weights renormalized); rds: the one checkpoint whose "
+            "representations it uses (default: the last).",
         ),
     ] = None,
     weights: Annotated[

@@ -86,7 +86,10 @@ def finetune(
     method: Annotated[
         str,
         typer.Option(
-            "--method", autocompletion=complete_methods, help="Which selection of --target: less, random, bm25, ..."
+            "--method",
+            autocompletion=complete_methods,
+            help="Which selection of --target: a method (less, random, bm25, rds, dsir) or an ablation's "
+            "less-ckpt<subset>.",
         ),
     ] = "less",
     base_model: Annotated[

@@ -1,4 +1,5 @@
-"""The BM25 first stage: rank_bm25's Okapi over a whole corpus, with an inverted index so a query costs its postings."""
+"""The BM25 first stage: rank_bm25's Okapi over a whole corpus (the statistics of select.baselines.OkapiStats),
+with an inverted index so a query costs its postings."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from lessctl.errors import InputError
-from lessctl.select.baselines import BM25_PARAMS
+from lessctl.select.baselines import BM25_PARAMS, OkapiStats
 
 log = logging.getLogger(__name__)
 
@@ -26,32 +26,6 @@ _WORD = re.compile(r"\w+")
 def bm25_tokens(text: str) -> list[str]:
     """The first stage's analyzer: lower-cased word characters (no stemming, no stop words)."""
     return _WORD.findall(text.lower())
-
-
-def _bm25_okapi_class():
-    from rank_bm25 import BM25Okapi
-
-    class CountingBM25Okapi(BM25Okapi):
-        """rank_bm25's BM25Okapi whose corpus pass counts with collections.Counter (same statistics, faster)."""
-
-        def _initialize(self, corpus):
-            from collections import Counter
-
-            nd: Counter = Counter()  # word -> number of documents holding it, in first-seen order
-            total = 0
-            for document in corpus:
-                freqs = Counter(document)
-                self.doc_freqs.append(freqs)
-                self.doc_len.append(len(document))
-                total += len(document)
-                nd.update(freqs.keys())
-                self.corpus_size += 1
-            if not self.corpus_size:
-                raise InputError("the corpus holds no documents")
-            self.avgdl = total / self.corpus_size
-            return nd
-
-    return CountingBM25Okapi
 
 
 class BM25Index:
@@ -82,27 +56,15 @@ class BM25Index:
                 progress("BM25 index", n, n)
 
         # The corpus is iterated once; a generator spares holding every document's tokens.
-        self.bm25 = _bm25_okapi_class()(tokenized(), k1=k1, b=b, epsilon=epsilon)
+        stats = OkapiStats(tokenized(), k1=k1, b=b, epsilon=epsilon)
         self.n_docs = n
-        vocab: dict[str, int] = {}
-        docs: list[int] = []
-        terms: list[int] = []
-        tfs: list[int] = []
-        for i, freqs in enumerate(self.bm25.doc_freqs):
-            terms.extend(vocab.setdefault(w, len(vocab)) for w in freqs)
-            tfs.extend(freqs.values())
-            docs.extend([i] * len(freqs))
-        self.bm25.doc_freqs = []  # the postings below hold it all; free the per-document counters
-        term = np.asarray(terms, dtype=np.int64)
-        order = np.argsort(term, kind="stable")  # postings grouped by term, documents ascending
-        doc = np.asarray(docs, dtype=np.int64)[order]
-        tf = np.asarray(tfs, dtype=np.float64)[order]
-        doc_len = np.asarray(self.bm25.doc_len, dtype=np.float64)
-        # each posting's BM25 term weight, as rank_bm25 computes it: [P] float64
-        self._weight = tf * (k1 + 1) / (tf + k1 * (1 - b + b * doc_len[doc] / self.bm25.avgdl))
-        self._doc = doc
-        self._start = np.searchsorted(term[order], np.arange(len(vocab) + 1))  # [V + 1] offsets
-        self._vocab = vocab
+        order = np.argsort(stats.indices, kind="stable")  # postings grouped by term, documents ascending
+        doc = np.repeat(np.arange(n, dtype=np.int64), np.diff(stats.indptr))
+        self._doc = doc[order]
+        self._weight = stats.weight[order]  # each posting's BM25 term weight, as rank_bm25 computes it: [P]
+        self._start = np.searchsorted(stats.indices[order], np.arange(len(stats.vocab) + 1))  # [V + 1] offsets
+        self._vocab = stats.vocab
+        self._idf = stats.idf  # [V]
 
     def scores(self, query: str) -> np.ndarray:
         """[N] float64 BM25 scores of every document for the query."""
@@ -112,7 +74,7 @@ class BM25Index:
             if t is None:
                 continue
             lo, hi = self._start[t], self._start[t + 1]
-            out[self._doc[lo:hi]] += (self.bm25.idf.get(q) or 0) * self._weight[lo:hi]
+            out[self._doc[lo:hi]] += self._idf[t] * self._weight[lo:hi]
         return out
 
 

@@ -185,6 +185,18 @@ def run_match(
             "dim": dim,
             "projector": target_readers[0].projector,
         }
+    elif method == "rds":
+        from lessctl.select.rds import rds_scores
+
+        n_examples = {n: len(recs) for n, recs in records.items()}
+        scored, info = rds_scores(
+            cfg, target, files, n_examples, subtasks, ckpts, weights=weights, dim=dim, progress=progress
+        )
+    elif method == "dsir":
+        from lessctl.select.dsir import dsir_scores, target_texts
+
+        texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
+        scored, info = dsir_scores(texts, target_texts(cfg, target), cfg.experiment.seed)
     elif method == "bm25":
         texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
         scored = bm25_scores(texts, prompts, subtasks)

@@ -28,7 +28,7 @@ from lessctl.errors import ConfigError, LessctlError, MissingArtifactError
 from lessctl.files import write_atomic
 from lessctl.slurm.quoting import TASK
 from lessctl.slurm.render import log_dir, render_script, slurm_dir
-from lessctl.vocab import STAGES
+from lessctl.vocab import REPS, REPS_METHODS, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ def plan_pipeline(
         start = len(specs)
         if stage == "grads":
             n_ckpt = cfg.warmup.epochs
+            if cfg.select.method in REPS_METHODS:  # rds matches on representations
+                args += ("--type", REPS)
             if shards and shards > 1:
                 for k in range(1, n_ckpt + 1):
                     specs.append(

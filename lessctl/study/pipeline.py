@@ -62,10 +62,12 @@ def _warmup(cfg: Config, device) -> list[StageReport]:
 def _grads(cfg: Config, device) -> list[StageReport]:
     from lessctl.grads.stage import collect_gradients
     from lessctl.training import read_checkpoints
+    from lessctl.vocab import REPS, REPS_METHODS
 
     steps = [c["step"] for c in read_checkpoints(cfg)]
+    grad_type = REPS if cfg.select.method in REPS_METHODS else None  # rds matches on representations
     results = collect_gradients(
-        cfg, steps=steps, dims=list(cfg.grads.dims), projector=cfg.grads.projector, device=device
+        cfg, steps=steps, dims=list(cfg.grads.dims), grad_type=grad_type, projector=cfg.grads.projector, device=device
     )
     return [
         StageReport("grads", r.path.name, "skipped" if r.status == "skipped" else "done", f"{r.rows} rows")

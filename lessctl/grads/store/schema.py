@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from lessctl.vocab import GRAD_TYPES
+from lessctl.vocab import FEATURE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _RESUME_KEYS = ("grad_type", "step", "base_model", "n_rows", "row_start", "total
 # Attributes (besides projector_* and dims) that must agree between the shards of one store.
 _SHARD_KEYS = ("format_version", "grad_type", "step", "base_model", "source_sha256", "total_rows", "num_shards")
 _NAME_RE = re.compile(
-    r"^(?P<name>.+)-ckpt(?P<step>\d+)-(?P<type>adam|sgd|sign)"
+    rf"^(?P<name>.+)-ckpt(?P<step>\d+)-(?P<type>{'|'.join(FEATURE_TYPES)})"
     r"(?:-shard(?P<k>\d+)of(?P<n>\d+))?\.h5(?:\.part)?$"
 )
 _DIM_RE = re.compile(r"^dim(\d+)$")
@@ -51,7 +51,7 @@ _DIM_RE = re.compile(r"^dim(\d+)$")
 
 def format_store_name(name: str, step: int, grad_type: str, shard: tuple[int, int] | None = None) -> str:
     """The file name of a store: `<name>-ckpt<step>-<type>[-shard<K>of<N>].h5`."""
-    if grad_type not in GRAD_TYPES or not name or "/" in name or (shard and not 1 <= shard[0] <= shard[1]):
+    if grad_type not in FEATURE_TYPES or not name or "/" in name or (shard and not 1 <= shard[0] <= shard[1]):
         raise ValueError(f"no store name for name={name!r}, grad_type={grad_type!r}, shard={shard!r}")
     return f"{name}-ckpt{int(step)}-{grad_type}" + (f"-shard{shard[0]}of{shard[1]}" if shard else "") + ".h5"
 
@@ -123,7 +123,7 @@ def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_va
                 a["format_version"] != FORMAT_VERSION,
                 f"format_version {a['format_version']!r}, expected {FORMAT_VERSION}",
             ),
-            (a["grad_type"] not in GRAD_TYPES, f"grad_type {a['grad_type']!r} is not one of {GRAD_TYPES}"),
+            (a["grad_type"] not in FEATURE_TYPES, f"grad_type {a['grad_type']!r} is not one of {FEATURE_TYPES}"),
             (not any(k.startswith(PROJECTOR_PREFIX) for k in a), "no projector_* attributes"),
             (require_complete and not a["complete"], "not marked complete"),
             (require_complete and done != n, f"rows_completed={done} but n_rows={n}"),

@@ -15,8 +15,8 @@ from lessctl.errors import AlreadyExistsError, InputError, LessctlError
 from lessctl.grads.store.schema import (
     _RESUME_KEYS,
     CALLER_ATTRS,
+    FEATURE_TYPES,
     FORMAT_VERSION,
-    GRAD_TYPES,
     PROJECTOR_PREFIX,
     _dims_of,
     _file_problems,
@@ -64,8 +64,8 @@ class StoreWriter:
         for key, default in (("shard", 1), ("num_shards", 1), ("row_start", 0), ("total_rows", self.n_rows)):
             out.setdefault(key, default)
         out.update(format_version=FORMAT_VERSION, n_rows=self.n_rows, rows_completed=0, complete=False)
-        if out["grad_type"] not in GRAD_TYPES:
-            raise ValueError(f"grad_type must be one of {GRAD_TYPES}, not {out['grad_type']!r}")
+        if out["grad_type"] not in FEATURE_TYPES:
+            raise ValueError(f"grad_type must be one of {FEATURE_TYPES}, not {out['grad_type']!r}")
         if not 1 <= out["shard"] <= out["num_shards"] or out["row_start"] + self.n_rows > out["total_rows"]:
             raise ValueError(f"inconsistent shard attributes: {out}")
         return out
