@@ -110,28 +110,10 @@ def next_token_scores(
 
 
 def _stop_criteria(tokenizer: Any, stops: Sequence[str], prompt_len: int, window: int = 16):
-    """A StoppingCriteria marking each row done once its new text holds a stop string."""
-    import torch
-    from transformers import StoppingCriteria
+    """A StoppingCriteria marking each row done once its new text holds a stop string (token-id prefilter)."""
+    from lessctl.evaluation.stops import StopOnTokenIds
 
-    class StopOnStrings(StoppingCriteria):
-        def __init__(self) -> None:
-            self.done: list[bool] | None = None
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.done is None:
-                self.done = [False] * input_ids.shape[0]
-            new = input_ids[:, prompt_len:]
-            for i in range(new.shape[0]):
-                if self.done[i]:
-                    continue
-                # A stop string that ends at this step lies within the last few tokens: earlier ones were seen.
-                start = 0 if new.shape[1] <= window else new.shape[1] - window
-                text = tokenizer.decode(new[i, start:], skip_special_tokens=True)
-                self.done[i] = any(s in text for s in stops)
-            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    return StopOnStrings()
+    return StopOnTokenIds(tokenizer, stops, prompt_len, window=window)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -163,6 +145,7 @@ def generate_greedy(
     stop: Sequence[str] = (),
     batch_size: int = 8,
     hook: ProgressHook | None = None,
+    cache: str = "dynamic",
 ) -> tuple[list[str], int]:
     """Greedy continuations of `prompts`, each cut before its first stop string; and the number of
     prompts that had to lose their first tokens to fit the model's context.
@@ -170,6 +153,9 @@ def generate_greedy(
     Batches are left-padded; a row that has produced a stop string (or eos) is finished while the
     others go on. Prompt and continuation stay within the model's context: a prompt keeps at least
     half of it (losing its beginning beyond that), and a batch generates at most what is left.
+    Stop strings are checked on token ids (`lessctl.evaluation.stops`). cache: "dynamic" (the
+    cache grows with each step) or "static" (preallocated; on a GPU transformers then compiles
+    the decoding step, and batches longest first let one cache and one compiled graph serve all).
     """
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
@@ -195,6 +181,7 @@ def generate_greedy(
         pad_token_id=pad,
         eos_token_id=eos or None,
         bos_token_id=tokenizer.bos_token_id,
+        cache_implementation=None if cache == "dynamic" else cache,
     )
     outputs: list[str] = [""] * len(prompts)
     with torch.inference_mode():
