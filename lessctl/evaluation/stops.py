@@ -87,7 +87,8 @@ class StopOnTokenIds(StoppingCriteria):
             start = input_ids.shape[1] - min(n_new, self.window)
             windows = input_ids[rows, start:].tolist()
             self.checks += len(rows)
-            hits = [r for r, w in zip(rows, windows) if text_has_stop(self.tokenizer.decode(w, skip_special_tokens=True), self.stops)]
+            decode = self.tokenizer.decode
+            hits = [r for r, w in zip(rows, windows) if text_has_stop(decode(w, skip_special_tokens=True), self.stops)]
             if hits:
                 self.done[torch.tensor(hits, device=input_ids.device)] = True
         return self.done.clone()
