@@ -121,9 +121,10 @@ class TextStops:
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
-def text_stop_generate(model, tokenizer, prompts, *, max_new_tokens: int, stop=(), batch_size: int = 8):
+def text_stop_generate(model, tokenizer, prompts, *, max_new_tokens: int, stop=(), batch_size: int = 8, stats=None):
     """Greedy continuations cut before their first stop string: the batches, padding, context limits and
-    eos handling of `evaluation.generation.generate_greedy`, the stop check done on decoded text."""
+    eos handling of `evaluation.generation.generate_greedy`, the stop check done on decoded text.
+    stats: as generate_greedy's (new_tokens, steps, batches)."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -159,4 +160,9 @@ def text_stop_generate(model, tokenizer, prompts, *, max_new_tokens: int, stop=(
                         new = new[:k]
                         break
                 outputs[i] = g.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+                if stats is not None:
+                    stats["new_tokens"] = stats.get("new_tokens", 0) + len(new)
+            if stats is not None:
+                stats["steps"] = stats.get("steps", 0) + seqs.shape[1] - ids.shape[1]
+                stats["batches"] = stats.get("batches", 0) + 1
     return outputs

@@ -146,6 +146,7 @@ def generate_greedy(
     batch_size: int = 8,
     hook: ProgressHook | None = None,
     cache: str = "dynamic",
+    stats: dict | None = None,
 ) -> tuple[list[str], int]:
     """Greedy continuations of `prompts`, each cut before its first stop string; and the number of
     prompts that had to lose their first tokens to fit the model's context.
@@ -156,6 +157,8 @@ def generate_greedy(
     Stop strings are checked on token ids (`lessctl.evaluation.stops`). cache: "dynamic" (the
     cache grows with each step) or "static" (preallocated; on a GPU transformers then compiles
     the decoding step, and batches longest first let one cache and one compiled graph serve all).
+    stats, when given, gets the counts `new_tokens` (up to eos), `steps` (decoding steps over all
+    batches), `batches` and `text_checks` (rows whose text the stop check decoded) added to it.
     """
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
@@ -196,13 +199,23 @@ def generate_greedy(
                 generation_config=gen_cfg,
                 stopping_criteria=criteria,
             )
+            n_new = 0
             for row, i in enumerate(idx):
                 new = seqs[row, ids.shape[1] :].tolist()
                 for k, t in enumerate(new):  # what follows eos is padding
                     if t in eos:
                         new = new[:k]
                         break
+                n_new += len(new)
                 outputs[i] = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+            if stats is not None:
+                for key, v in (
+                    ("new_tokens", n_new),
+                    ("steps", seqs.shape[1] - ids.shape[1]),
+                    ("batches", 1),
+                    ("text_checks", criteria[0].checks if criteria else 0),
+                ):
+                    stats[key] = stats.get(key, 0) + v
             if hook:
                 hook.advance(len(idx))
     return outputs, truncated
