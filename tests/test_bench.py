@@ -272,3 +272,33 @@ def test_profile_compiled_runs_every_step_on_cpu(tmp_path):
     prof = res["profile"]
     assert len(prof["top"]) == 3 and prof["kernel_ms_per_example"] > 0
     assert sum(prof["by_kind_ms_per_example"].values()) == pytest.approx(prof["kernel_ms_per_example"], rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- bench/eval_throughput.py
+
+
+def test_eval_bench_runs_both_paths_on_the_same_prompts_with_identical_outputs(tmp_path):
+    """The tiny shape on the CPU: baseline and lessctl's generation over the same BBH prompts, every figure
+    there, the outputs identical, the ratios the ratios of the rates."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_throughput", REPO / "bench" / "eval_throughput.py")
+    et = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(et)
+    data = Path(os.environ.get("LESSCTL_TEST_DATA", REPO.parent / "shared" / "data"))
+    if not (data / "eval/bbh").is_dir():
+        pytest.skip(f"real data not found at {data}")
+    out = tmp_path / "eval.json"
+    argv = ["--shape", "tiny", "--task", "bbh", "--prompts", "6", "--baseline-prompts", "4"]
+    r = et.main([*argv, "--max-new-tokens", "6", "--batch-size", "3", "--data-dir", str(data), "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert r["prompts"]["protocol_prompts"] == 27 * 40 and r["prompts"]["n"] == 6
+    assert r["settings"]["stop"] == ["\n\n"] and "random weights" in r["note"] and r["failed"] == []
+    base, less = r["runs"]
+    assert (base["path"], base["prompts"], less["path"], less["prompts"]) == ("baseline", 4, "lessctl", 6)
+    assert less["identical_to_baseline"] and less["differing_outputs"] == 0
+    for run in r["runs"]:
+        assert 0 < run["new_tokens"] <= 6 * run["prompts"] and run["steps"] <= 6 * run["batches"]
+        assert run["tokens_per_s"] == pytest.approx(run["new_tokens"] / run["seconds"])
+    assert less["x_baseline_tokens_per_s"] == pytest.approx(less["tokens_per_s"] / base["tokens_per_s"])
+    assert less["projected_protocol_seconds"] == pytest.approx(less["seconds"] * 1080 / 6)
