@@ -82,6 +82,9 @@ def test_token_id_stops_give_the_text_of_decoded_stops(tiny, task):
         ref = text_stop_generate(model, tok, prompts, max_new_tokens=new, stop=stop, batch_size=5)
         got, _ = generate_greedy(model, tok, prompts, max_new_tokens=new, stop=stop, batch_size=5)
         assert got == ref, stop
+    # the static cache: every batch padded to one width, the last one filled up to the batch size
+    got, _ = generate_greedy(model, tok, prompts, max_new_tokens=new, stop=mid, batch_size=5, cache="static")
+    assert got == text_stop_generate(model, tok, prompts, max_new_tokens=new, stop=mid, batch_size=5)
     assert sum(r != f for r, f in zip(ref, free)) >= 3  # the stops did cut outputs
 
 

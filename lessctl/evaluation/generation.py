@@ -62,11 +62,11 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, verbose=False)["input_ids"])
 
 
-def _left_pad(batch: list[list[int]], pad: int, device: Any):
-    """input_ids, attention_mask, position_ids [B, L] for left-padded rows."""
+def _left_pad(batch: list[list[int]], pad: int, device: Any, width: int | None = None):
+    """input_ids, attention_mask, position_ids [B, L] for left-padded rows (L: `width`, else the longest row)."""
     import torch
 
-    width = max(len(x) for x in batch)
+    width = width or max(len(x) for x in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, row in enumerate(batch):
@@ -155,8 +155,10 @@ def generate_greedy(
     others go on. Prompt and continuation stay within the model's context: a prompt keeps at least
     half of it (losing its beginning beyond that), and a batch generates at most what is left.
     Stop strings are checked on token ids (`lessctl.evaluation.stops`). cache: "dynamic" (the
-    cache grows with each step) or "static" (preallocated; on a GPU transformers then compiles
-    the decoding step, and batches longest first let one cache and one compiled graph serve all).
+    cache grows with each step) or "static" (preallocated; on a GPU transformers then compiles the
+    decoding step): every batch is then padded to the longest prompt's width and the last one filled
+    up to `batch_size` with copies of its last row, so that one shape, one cache size and one compiled
+    graph serve all batches.
     stats, when given, gets the counts `new_tokens` (up to eos), `steps` (decoding steps over all
     batches), `batches` and `text_checks` (rows whose text the stop check decoded) added to it.
     """
@@ -187,11 +189,17 @@ def generate_greedy(
         cache_implementation=None if cache == "dynamic" else cache,
     )
     outputs: list[str] = [""] * len(prompts)
+    static = cache == "static"
+    width = max((len(e) for e in encoded), default=0) if static else None
     with torch.inference_mode():
         for idx in _batches([len(e) for e in encoded], batch_size):
-            ids, mask, _ = _left_pad([encoded[i] for i in idx], pad, device)
+            rows = [encoded[i] for i in idx]
+            longest = max(len(r) for r in rows)
+            if static:
+                rows += [rows[-1]] * (batch_size - len(rows))
+            ids, mask, _ = _left_pad(rows, pad, device, width)
             criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop, ids.shape[1])]) if stop else None
-            room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - ids.shape[1]))
+            room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - longest))
             gen_cfg.max_new_tokens = room  # the batch's own room, set on the config (not as a second source)
             seqs = model.generate(
                 input_ids=ids,
