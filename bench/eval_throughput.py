@@ -12,8 +12,8 @@ folder) go through, in one run:
 
 Each path's outputs are compared with the baseline's on the prompts both ran (`--baseline-prompts`).
 Shapes: `tiny` (the tests' 2-layer Llama and its BPE tokenizer, CPU CI size); `1b` (TinyLlama-1.1B) and
-`7b` (Llama-2-7B) with random weights in bf16 and a 32,000-token BPE tokenizer trained on the evaluation
-texts. Random weights rarely write a stop string, so nearly every generation runs to its token limit:
+`7b` (Llama-2-7B) with random weights in bf16 and a 4,000-token BPE tokenizer trained on the evaluation
+texts (BBH: 3.4 characters a token, near Llama-2's; the output layer has 4,000 rows, not 32,000). Random weights rarely write a stop string, so nearly every generation runs to its token limit:
 the figures are the worst case of a real model's.
 
     python bench/eval_throughput.py --shape tiny --task bbh --prompts 12 --max-new-tokens 16 --batch-size 4
@@ -41,6 +41,9 @@ SHAPES = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008
     ),
 }
+# The 1b/7b tokenizer's size: trained on the evaluation texts themselves, 4,000 tokens split BBH's prompts into
+# 3.4 characters a token (886 tokens on average), about what Llama-2's tokenizer does with English.
+TOKENIZER_VOCAB = 4000
 NOTE = "random weights: nearly every generation runs to its token limit (a real model stops earlier)"
 
 
@@ -74,7 +77,7 @@ def build(shape: str, data: Path, device: str, dtype: str, seed: int, out: Path)
         return load_model_for_eval(build_tiny_model(out, eval_texts(data), seed=seed), device=device)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = train_tokenizer(eval_texts(data), out, vocab_size=32000, max_length=4096)
+    tok = train_tokenizer(eval_texts(data), out, vocab_size=TOKENIZER_VOCAB, max_length=4096)
     tok.padding_side = "left"
     cfg = LlamaConfig(
         **SHAPES[shape],
