@@ -13,8 +13,9 @@ folder) go through, in one run:
 Each path's outputs are compared with the baseline's on the prompts both ran (`--baseline-prompts`).
 Shapes: `tiny` (the tests' 2-layer Llama and its BPE tokenizer, CPU CI size); `1b` (TinyLlama-1.1B) and
 `7b` (Llama-2-7B) with random weights in bf16 and a 4,000-token BPE tokenizer trained on the evaluation
-texts (BBH: 3.4 characters a token, near Llama-2's; the output layer has 4,000 rows, not 32,000). Random weights rarely write a stop string, so nearly every generation runs to its token limit:
-the figures are the worst case of a real model's.
+texts (BBH: 3.4 characters a token, near Llama-2's; the output layer has 4,000 rows, not 32,000). Random
+weights rarely write a stop string, so nearly every generation runs to its token limit: the figures are
+the worst case of a real model's.
 
     python bench/eval_throughput.py --shape tiny --task bbh --prompts 12 --max-new-tokens 16 --batch-size 4
     python bench/eval_throughput.py --shape 7b --task bbh --batch-size 64 --baseline-prompts 128 --json OUT.json
