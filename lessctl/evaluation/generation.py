@@ -208,8 +208,9 @@ def generate_greedy(
                 stopping_criteria=criteria,
             )
             n_new = 0
+            new_ids = seqs[:, ids.shape[1] :].tolist()  # one copy to the host for the whole batch
             for row, i in enumerate(idx):
-                new = seqs[row, ids.shape[1] :].tolist()
+                new = new_ids[row]
                 for k, t in enumerate(new):  # what follows eos is padding
                     if t in eos:
                         new = new[:k]
