@@ -449,6 +449,55 @@ def run_lessctl(
     return run
 
 
+def projection_calls(lengths: list[int], batch_tokens: int, max_examples: int | None, project_rows: int) -> list[int]:
+    """The rows of each projector call `FeatureCollector` makes over examples of these lengths: rows are gathered
+    across `token_batches` and projected in multiples of `project_rows`, the rest at the end."""
+    calls, pending = [], 0
+    for batch in token_batches(lengths, batch_tokens, max_examples):
+        pending += len(batch)
+        k = pending // project_rows * project_rows
+        if k:
+            calls.append(k)
+            pending -= k
+    if pending:
+        calls.append(pending)
+    return calls
+
+
+def warm_projections(projectors: dict[int, Any], calls: list[int], grad_dim: int, device: torch.device) -> list[int]:
+    """Projects zero rows once per distinct row count of `calls`, so that every kernel variant the timed pass
+    launches (lessctl's Triton projection is compiled per row block and row-count specialisation) exists before
+    it is timed. Returns the row counts warmed."""
+    counts = sorted(set(calls))
+    if not counts:
+        return counts
+    buf = torch.zeros(max(counts), grad_dim, dtype=torch.float16, device=device)
+    for k in counts:
+        for proj in projectors.values():
+            proj.project(buf[:k])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    del buf
+    return counts
+
+
+def engines_after(projectors: dict[int, Any], before: dict[int, str]) -> dict[int, str]:
+    """The engines after the timed pass; a change from `before` (an engine switched mid-run) is named."""
+    now = engine_notes(projectors)
+    return {d: n if n == before[d] else f"{n} (was {before[d]} before the timed pass)" for d, n in now.items()}
+
+
+def engine_notes(projectors: dict[int, Any]) -> dict[int, str]:
+    """What computes each projection (the projector's `engine_note()`, else its kind)."""
+    out = {}
+    for d, p in projectors.items():
+        note = p.engine_note()
+        if note is None and getattr(p, "engines", None):  # the count sketch: its engine per device, once used
+            note = f"{type(p).__name__}: " + ", ".join(f"{e} on {dev}" for dev, e in p.engines.items())
+        out[d] = note or f"{type(p).__name__} ({p.kind})"
+    return out
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -567,6 +616,9 @@ def print_table(report: dict) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    for p in report["paths"]:
+        for d, note in p.get("engines", {}).items():
+            print(f"{p['path']}, dim {d}: projected by {note}; warmed row counts {p.get('warmed_row_counts')}")
     print(
         f"ex/s and shares: the fastest of {s['repeats']} timed pass(es) of each path; MFU: {FLOPS_NOTE}; "
         f"peak {s['peak_tflops']} TFLOP/s."
@@ -863,7 +915,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "adam": {d: v[:n_check] for d, v in chk.features.items()},
                     "sgd": {d: v[:n_check] for d, v in chk.raw.items()},
                 }
+                calls = projection_calls(lengths, bt, chk.max_batch_examples, chk.project_rows)
                 del chk
+                warmed = warm_projections(projs, calls, P, device)
+                engines = engine_notes(projs)
+                log(f"{name}: projection warmed for the timed pass's row counts {warmed}")
+                for d, note in engines.items():
+                    log(f"{name}: dim {d}: {note}")
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -884,6 +942,9 @@ def main(argv: list[str] | None = None) -> dict:
                     compile=args.compile,
                     oom_retries=retries,
                     projector_attrs=projs[dims[0]].attrs,
+                    projection_calls=calls,
+                    warmed_row_counts=warmed,
+                    engines={str(d): note for d, note in engines_after(projs, engines).items()},
                 )
                 if kind == "basic":
                     fig["projector_attrs"]["matrix_dtype"] = args.basic_dtype

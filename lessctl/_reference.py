@@ -3,7 +3,9 @@
 - `naive_gradients`: one backward per example, the per-example gradient `grads.engine` computes per batch;
 - `fast_jl_matrix`, `reference_project`: fast_jl's Rademacher matrix and projection, in plain numpy/torch;
 - `dense_matrix`: the count sketch (`grads.projection.sketch`) as an explicit [P, D] matrix;
-- `expected_lrs`: the learning rate of every step of the Trainer's linear schedule with warmup.
+- `expected_lrs`: the learning rate of every step of the Trainer's linear schedule with warmup;
+- `text_stop_generate`: greedy generation as plain `model.generate` calls with a stop check that decodes
+  every row's last tokens at every step (what `evaluation.generation` does with token-id stops).
 """
 
 from __future__ import annotations
@@ -95,3 +97,72 @@ def expected_lrs(n_steps: int, peak: float, warmup_ratio: float) -> list[float]:
         else:
             out.append(peak * max(0.0, (n_steps - s) / max(1, n_steps - warm)))
     return out
+
+
+class TextStops:
+    """A StoppingCriteria that decodes each unfinished row's last `window` new tokens at every step."""
+
+    def __init__(self, tokenizer, stops, prompt_len: int, window: int = 16):
+        self.tokenizer, self.stops, self.prompt_len, self.window = tokenizer, list(stops), prompt_len, window
+        self.done: list[bool] | None = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if self.done is None:
+            self.done = [False] * input_ids.shape[0]
+        new = input_ids[:, self.prompt_len :]
+        for i in range(new.shape[0]):
+            if self.done[i]:
+                continue
+            start = 0 if new.shape[1] <= self.window else new.shape[1] - self.window
+            text = self.tokenizer.decode(new[i, start:], skip_special_tokens=True)
+            self.done[i] = any(s in text for s in self.stops)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+
+def text_stop_generate(model, tokenizer, prompts, *, max_new_tokens: int, stop=(), batch_size: int = 8, stats=None):
+    """Greedy continuations cut before their first stop string: the batches, padding, context limits and
+    eos handling of `evaluation.generation.generate_greedy`, the stop check done on decoded text.
+    stats: as generate_greedy's (new_tokens, steps, batches)."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    from lessctl.evaluation import generation as g
+
+    device = g.model_device(model)
+    encoded = [g.encode(tokenizer, p) for p in prompts]
+    limit = g.max_positions(model)
+    if limit:
+        budget = max(limit - max_new_tokens, limit // 2)
+        encoded = [ids[len(ids) - budget :] if len(ids) > budget else ids for ids in encoded]
+    eos = g._eos_ids(model, tokenizer)
+    pad = g.pad_id(tokenizer)
+    outputs = [""] * len(prompts)
+    with torch.inference_mode():
+        for idx in g._batches([len(e) for e in encoded], batch_size):
+            ids, mask, _ = g._left_pad([encoded[i] for i in idx], pad, device)
+            room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - ids.shape[1]))
+            cfg = GenerationConfig(
+                max_new_tokens=room,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=eos or None,
+                bos_token_id=tokenizer.bos_token_id,
+            )
+            criteria = StoppingCriteriaList([TextStops(tokenizer, stop, ids.shape[1])]) if stop else None
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=criteria)
+            for row, i in enumerate(idx):
+                new = seqs[row, ids.shape[1] :].tolist()
+                for k, t in enumerate(new):
+                    if t in eos:
+                        new = new[:k]
+                        break
+                outputs[i] = g.cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+                if stats is not None:
+                    stats["new_tokens"] = stats.get("new_tokens", 0) + len(new)
+            if stats is not None:
+                stats["steps"] = stats.get("steps", 0) + seqs.shape[1] - ids.shape[1]
+                stats["batches"] = stats.get("batches", 0) + 1
+    return outputs

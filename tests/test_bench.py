@@ -272,3 +272,85 @@ def test_profile_compiled_runs_every_step_on_cpu(tmp_path):
     prof = res["profile"]
     assert len(prof["top"]) == 3 and prof["kernel_ms_per_example"] > 0
     assert sum(prof["by_kind_ms_per_example"].values()) == pytest.approx(prof["kernel_ms_per_example"], rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- bench/eval_throughput.py
+
+
+def test_eval_bench_runs_both_paths_on_the_same_prompts_with_identical_outputs(tmp_path):
+    """The tiny shape on the CPU: baseline and lessctl's generation over the same BBH prompts, every figure
+    there, the outputs identical, the ratios the ratios of the rates."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_throughput", REPO / "bench" / "eval_throughput.py")
+    et = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(et)
+    data = Path(os.environ.get("LESSCTL_TEST_DATA", REPO.parent / "shared" / "data"))
+    if not (data / "eval/bbh").is_dir():
+        pytest.skip(f"real data not found at {data}")
+    out = tmp_path / "eval.json"
+    argv = ["--shape", "tiny", "--task", "bbh", "--prompts", "6", "--baseline-prompts", "4"]
+    r = et.main([*argv, "--max-new-tokens", "6", "--batch-size", "3", "--data-dir", str(data), "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert r["prompts"]["protocol_prompts"] == 27 * 40 and r["prompts"]["n"] == 6
+    assert r["settings"]["stop"] == ["\n\n"] and "random weights" in r["note"] and r["failed"] == []
+    base, less = r["runs"]
+    assert (base["path"], base["prompts"], less["path"], less["prompts"]) == ("baseline", 4, "lessctl", 6)
+    assert less["identical_to_baseline"] and less["differing_outputs"] == 0
+    for run in r["runs"]:
+        assert 0 < run["new_tokens"] <= 6 * run["prompts"] and run["steps"] <= 6 * run["batches"]
+        assert run["tokens_per_s"] == pytest.approx(run["new_tokens"] / run["seconds"])
+    assert less["x_baseline_tokens_per_s"] == pytest.approx(less["tokens_per_s"] / base["tokens_per_s"])
+    assert less["projected_protocol_seconds"] == pytest.approx(less["seconds"] * 1080 / 6)
+
+
+class _Recording:
+    """A projector that records the rows of each call before handing them to the real one."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.max_rows, self.kind = inner.max_rows, inner.kind
+
+    def project(self, x):
+        self.calls.append(int(x.shape[0]))
+        return self.inner.project(x)
+
+    def engine_note(self):
+        return self.inner.engine_note()
+
+
+def test_projection_warmup_covers_the_row_counts_of_the_timed_pass():
+    """projection_calls predicts the collector's projector calls exactly, and the warm-up projects those counts."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import grads_throughput as gt
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from lessctl.grads.collector import FeatureCollector
+    from lessctl.grads.engine import PerExampleGradients
+    from lessctl.grads.projection.sketch import CountSketchProjector
+
+    cpu = torch.device("cpu")
+    model = gt.build_model("tiny", cpu, torch.float32, 0, 8, 32, 0.0, 1e-3)
+    examples = gt.make_examples(11, 2048, 0, 60, 16, 128, 0.4)
+    peg = PerExampleGradients(model)
+    adam = gt.synthetic_adam(peg.grad_dim, cpu, 0, 1e-4, 1e-6)
+    rec = _Recording(CountSketchProjector(peg.grad_dim, 64, "cpu"))
+    try:
+        for rows, cap in ((3, 2), (4, None), (100, 5)):
+            rec.calls = []
+            col = FeatureCollector(
+                peg, {64: rec}, "adam", adam, pad_id=0, batch_tokens=256, max_batch_examples=cap, project_rows=rows
+            )
+            col([e.ids for e in examples], [e.labels for e in examples])
+            lengths = [len(e.ids) for e in examples]
+            predicted = gt.projection_calls(lengths, 256, col.max_batch_examples, rows)
+            assert predicted == rec.calls and sum(predicted) == 11, (rows, cap)
+    finally:
+        peg.remove()
+    rec.calls = []
+    assert gt.warm_projections({64: rec}, [6, 3, 6, 2], peg.grad_dim, cpu) == [2, 3, 6]
+    assert rec.calls == [2, 3, 6]
+    assert gt.engine_notes({64: rec.inner})[64] == "CountSketchProjector: torch on cpu"

@@ -62,11 +62,11 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, verbose=False)["input_ids"])
 
 
-def _left_pad(batch: list[list[int]], pad: int, device: Any):
-    """input_ids, attention_mask, position_ids [B, L] for left-padded rows."""
+def _left_pad(batch: list[list[int]], pad: int, device: Any, width: int | None = None):
+    """input_ids, attention_mask, position_ids [B, L] for left-padded rows (L: `width`, else the longest row)."""
     import torch
 
-    width = max(len(x) for x in batch)
+    width = width or max(len(x) for x in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, row in enumerate(batch):
@@ -110,28 +110,10 @@ def next_token_scores(
 
 
 def _stop_criteria(tokenizer: Any, stops: Sequence[str], prompt_len: int, window: int = 16):
-    """A StoppingCriteria marking each row done once its new text holds a stop string."""
-    import torch
-    from transformers import StoppingCriteria
+    """A StoppingCriteria marking each row done once its new text holds a stop string (token-id prefilter)."""
+    from lessctl.evaluation.stops import StopOnTokenIds
 
-    class StopOnStrings(StoppingCriteria):
-        def __init__(self) -> None:
-            self.done: list[bool] | None = None
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.done is None:
-                self.done = [False] * input_ids.shape[0]
-            new = input_ids[:, prompt_len:]
-            for i in range(new.shape[0]):
-                if self.done[i]:
-                    continue
-                # A stop string that ends at this step lies within the last few tokens: earlier ones were seen.
-                start = 0 if new.shape[1] <= window else new.shape[1] - window
-                text = tokenizer.decode(new[i, start:], skip_special_tokens=True)
-                self.done[i] = any(s in text for s in stops)
-            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    return StopOnStrings()
+    return StopOnTokenIds(tokenizer, stops, prompt_len, window=window)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -163,6 +145,8 @@ def generate_greedy(
     stop: Sequence[str] = (),
     batch_size: int = 8,
     hook: ProgressHook | None = None,
+    cache: str = "dynamic",
+    stats: dict | None = None,
 ) -> tuple[list[str], int]:
     """Greedy continuations of `prompts`, each cut before its first stop string; and the number of
     prompts that had to lose their first tokens to fit the model's context.
@@ -170,6 +154,13 @@ def generate_greedy(
     Batches are left-padded; a row that has produced a stop string (or eos) is finished while the
     others go on. Prompt and continuation stay within the model's context: a prompt keeps at least
     half of it (losing its beginning beyond that), and a batch generates at most what is left.
+    Stop strings are checked on token ids (`lessctl.evaluation.stops`). cache: "dynamic" (the
+    cache grows with each step) or "static" (preallocated; on a GPU transformers then compiles the
+    decoding step): every batch is then padded to the longest prompt's width and the last one filled
+    up to `batch_size` with copies of its last row, so that one shape, one cache size and one compiled
+    graph serve all batches.
+    stats, when given, gets the counts `new_tokens` (up to eos), `steps` (decoding steps over all
+    batches), `batches` and `text_checks` (rows whose text the stop check decoded) added to it.
     """
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
@@ -195,13 +186,20 @@ def generate_greedy(
         pad_token_id=pad,
         eos_token_id=eos or None,
         bos_token_id=tokenizer.bos_token_id,
+        cache_implementation=None if cache == "dynamic" else cache,
     )
     outputs: list[str] = [""] * len(prompts)
+    static = cache == "static"
+    width = max((len(e) for e in encoded), default=0) if static else None
     with torch.inference_mode():
         for idx in _batches([len(e) for e in encoded], batch_size):
-            ids, mask, _ = _left_pad([encoded[i] for i in idx], pad, device)
+            rows = [encoded[i] for i in idx]
+            longest = max(len(r) for r in rows)
+            if static:
+                rows += [rows[-1]] * (batch_size - len(rows))
+            ids, mask, _ = _left_pad(rows, pad, device, width)
             criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop, ids.shape[1])]) if stop else None
-            room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - ids.shape[1]))
+            room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - longest))
             gen_cfg.max_new_tokens = room  # the batch's own room, set on the config (not as a second source)
             seqs = model.generate(
                 input_ids=ids,
@@ -209,13 +207,24 @@ def generate_greedy(
                 generation_config=gen_cfg,
                 stopping_criteria=criteria,
             )
+            n_new = 0
+            new_ids = seqs[:, ids.shape[1] :].tolist()  # one copy to the host for the whole batch
             for row, i in enumerate(idx):
-                new = seqs[row, ids.shape[1] :].tolist()
+                new = new_ids[row]
                 for k, t in enumerate(new):  # what follows eos is padding
                     if t in eos:
                         new = new[:k]
                         break
+                n_new += len(new)
                 outputs[i] = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+            if stats is not None:
+                for key, v in (
+                    ("new_tokens", n_new),
+                    ("steps", seqs.shape[1] - ids.shape[1]),
+                    ("batches", 1),
+                    ("text_checks", criteria[0].checks if criteria else 0),
+                ):
+                    stats[key] = stats.get(key, 0) + v
             if hook:
                 hook.advance(len(idx))
     return outputs, truncated
