@@ -118,6 +118,8 @@ def rank_correlation(a: Any, b: Any) -> float | None:
             if key in pos
         ]
         x, y = np.asarray(pairs, dtype=np.float64).reshape(-1, 2).T
+    keep = np.isfinite(x) & np.isfinite(y)  # rows without a score (no label tokens) do not rank
+    x, y = x[keep], y[keep]
     if len(x) < 2:
         return None
     if np.all(x == x[0]) or np.all(y == y[0]):
