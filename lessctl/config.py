@@ -143,7 +143,10 @@ class SelectConfig:
 class EvalConfig:
     data_dir: str = _f("", "LESS-layout data folder for evaluation (default: [data] data_dir).")
     batch_size: int = _f(8, "Prompts per forward pass / generation batch.")
-    bbh_examples_per_task: int = _f(40, "Seeded sample of examples per BBH task.")
+    bbh_examples_per_task: int = _f(
+        40, "Seeded sample of examples per BBH task (LESS: 40, drawn in the file system's order; 0: all)."
+    )
+    tydiqa_questions_per_language: int = _f(200, "Seeded sample of TydiQA questions per language (LESS: 200; 0: all).")
     limit: int = _f(0, "Examples per subject/task/language (0: all).")
 
 

@@ -470,9 +470,9 @@ def _evaluate_subset(
             spec, plan.task, plan.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts
         )
     else:
-        if plan.task == "bbh":
-            opts["examples_per_task"] = cfg.eval.bbh_examples_per_task or None
-        out = run_evaluation(spec, plan.task, data_dir, cfg.output_dir, **opts)
+        from lessctl.evaluation.runner import task_options
+
+        out = run_evaluation(spec, plan.task, data_dir, cfg.output_dir, **opts, **task_options(cfg.eval, plan.task))
     return {
         "status": "done",
         "task": plan.task,
