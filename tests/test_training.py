@@ -310,6 +310,16 @@ def test_three_seeds_have_less_defaults():
     assert (cfg.warmup.sample_data_seed, cfg.warmup.seed, cfg.warmup.data_seed) == (42, 0, 3)
     # LESS's finetune script passes no --data_seed: the Trainer orders the data with its seed, 0
     assert (cfg.finetune.seed, cfg.finetune.data_seed) == (0, 0)
+    for t in (cfg.warmup, cfg.finetune):  # LESS's loss and precision are the defaults of both stages
+        assert t.loss_weighting == "example" and t.autocast is True
+
+
+def test_bad_loss_weighting_is_named():
+    from lessctl.config import build_config
+    from lessctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"finetune.loss_weighting: expected example or token, got 'tokens'"):
+        build_config({"finetune": {"loss_weighting": "tokens"}})
 
 
 def test_warmup_subset_is_less_sample_over_the_pooled_files(data_dir, tiny_template):
