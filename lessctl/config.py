@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError
-from lessctl.vocab import BUILTIN_TARGETS, CHAT_FORMATS, DTYPES, METHODS, PROJECTOR_KINDS, spelled
+from lessctl.vocab import BUILTIN_TARGETS, CHAT_FORMATS, DTYPES, LOSS_WEIGHTINGS, METHODS, PROJECTOR_KINDS, spelled
 
 CONFIG_NAME = "lessctl.toml"
 # Keys of a custom target: its LESS examples, an optional subtask key, an optional held-out eval file.
@@ -34,7 +34,7 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 class ExperimentConfig:
     name: str = _f("less", "Name of the experiment (used in job names and reports).")
     output_dir: str = _f("out", "Output folder, relative to the workspace file.")
-    seed: int = _f(3, "Seed for the warmup subset, training and the random baseline (LESS's data seed is 3).")
+    seed: int = _f(3, "Seed of the random selection baseline (training seeds are in [warmup] and [finetune]).")
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,28 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     batch_size: int = _f(1, "Examples per device per forward pass.")
     gradient_accumulation_steps: int = _f(
-        32, "Forward passes per optimizer step (effective batch = batch_size x this x devices)."
+        32,
+        "Forward passes per optimizer step (effective batch = batch_size x this x devices); used when "
+        "effective_batch_size is 0.",
     )
+    effective_batch_size: int = _f(
+        0,
+        "Examples per optimizer step over all devices (the paper presets: 128); when set, the accumulation is "
+        "this / (batch_size x devices), which must divide exactly. 0: use gradient_accumulation_steps.",
+    )
+    loss_weighting: str = _f(
+        "example",
+        "example (LESS, transformers 4.36: every example's mean token loss weighs the same) or token (transformers "
+        "5: summed token losses / label tokens of the step, long examples weigh more).",
+    )
+    autocast: bool = _f(
+        True,
+        "Load the base model in float32 and train under [model] dtype's autocast (LESS's way); false: load the base "
+        "model in [model] dtype (half the memory in bf16).",
+    )
+    sample_data_seed: int = _f(42, "Seed of the subset drawn from the pool (LESS's sample_data_seed).")
+    seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout (LESS's --seed 0).")
+    data_seed: int = _f(3, "Seed of the order of the training data (the Trainer's data_seed; LESS's DATA_SEED=3).")
     lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup (transformers name).")
     logging_steps: int = _f(1, "Log the loss every this many optimizer steps.")
 
@@ -73,6 +93,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     percentage: float = _f(1.0, "Share of the selection to train on (1.0: all of it).")
+    data_seed: int = _f(
+        0, "Seed of the order of the training data (LESS's finetune passes no --data_seed: the Trainer's seed, 0)."
+    )
 
 
 @dataclass(frozen=True)
@@ -120,7 +143,10 @@ class SelectConfig:
 class EvalConfig:
     data_dir: str = _f("", "LESS-layout data folder for evaluation (default: [data] data_dir).")
     batch_size: int = _f(8, "Prompts per forward pass / generation batch.")
-    bbh_examples_per_task: int = _f(40, "Seeded sample of examples per BBH task.")
+    bbh_examples_per_task: int = _f(
+        40, "Seeded sample of examples per BBH task (LESS: 40, drawn in the file system's order; 0: all)."
+    )
+    tydiqa_questions_per_language: int = _f(200, "Seeded sample of TydiQA questions per language (LESS: 200; 0: all).")
     limit: int = _f(0, "Examples per subject/task/language (0: all).")
 
 
@@ -250,6 +276,12 @@ def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
             problems.append(f"{where}{sec}.warmup_ratio: must be in [0, 1)")
         if t.batch_size < 1 or t.gradient_accumulation_steps < 1:
             problems.append(f"{where}{sec}: batch_size and gradient_accumulation_steps must be at least 1")
+        if t.effective_batch_size < 0:
+            problems.append(f"{where}{sec}.effective_batch_size: must be 0 (unset) or positive")
+        if t.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(
+                f"{where}{sec}.loss_weighting: expected {' or '.join(LOSS_WEIGHTINGS)}, got {t.loss_weighting!r}"
+            )
     if not 0 < cfg.select.percentage <= 1:
         problems.append(f"{where}select.percentage: must be in (0, 1], got {cfg.select.percentage}")
     if cfg.select.method not in METHODS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 from lessctl import __version__, paths
 from lessctl.config import Config, TrainConfig
-from lessctl.errors import AlreadyExistsError, InputError, MissingArtifactError
+from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
 from lessctl.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class TrainResult:
     counts: dict
     seconds: float
     resumed_from: str | None = None
+    plan: dict | None = None  # training_plan(): steps per epoch, checkpoints, batch
 
 
 def warmup_dir(cfg: Config) -> Path:
@@ -116,36 +118,117 @@ class _ListDataset:
         return {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
 
 
-def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_each_epoch: bool):
+def world_size() -> int:
+    """Processes training together: WORLD_SIZE as torchrun and accelerate set it, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def accumulation_steps(tcfg: TrainConfig, section: str, n_devices: int) -> int:
+    """Forward passes per optimizer step: effective_batch_size / (batch_size x devices) when that is set
+    (an error naming the key when it does not divide), else gradient_accumulation_steps."""
+    if not tcfg.effective_batch_size:
+        return tcfg.gradient_accumulation_steps
+    per_pass = tcfg.batch_size * n_devices
+    if tcfg.effective_batch_size % per_pass:
+        raise ConfigError(
+            f"[{section}] effective_batch_size = {tcfg.effective_batch_size} is not a multiple of batch_size "
+            f"{tcfg.batch_size} x {n_devices} device(s) = {per_pass}"
+        )
+    return tcfg.effective_batch_size // per_pass
+
+
+def training_plan(n_examples: int, tcfg: TrainConfig, accumulation: int, n_devices: int, save_each_epoch: bool):
+    """Optimizer steps per epoch as transformers 5's Trainer counts them (each device gets ceil(N / devices)
+    examples, in ceil(. / batch_size) passes; an epoch's last step takes the passes left), and the
+    checkpoints warmup writes."""
+    passes = math.ceil(math.ceil(n_examples / n_devices) / tcfg.batch_size)
+    per_epoch = max(1, math.ceil(passes / accumulation))
+    return {
+        "examples": n_examples,
+        "devices": n_devices,
+        "batch_size": tcfg.batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "examples_per_step": tcfg.batch_size * accumulation * n_devices,
+        "steps_per_epoch": per_epoch,
+        "epochs": tcfg.epochs,
+        "checkpoints": [per_epoch * (e + 1) for e in range(tcfg.epochs)] if save_each_epoch else [],
+        "loss_weighting": tcfg.loss_weighting,
+    }
+
+
+def _precision(cfg: Config, tcfg: TrainConfig, device: str) -> tuple[str, Any]:
+    """(the dtype the base model is loaded in, the autocast dtype or None)."""
     import torch
-    from transformers import TrainingArguments
 
     from lessctl.models import resolve_dtype
 
     dtype = resolve_dtype(cfg.model.dtype, device)
+    if tcfg.autocast:
+        return "fp32", (dtype if dtype != torch.float32 else None)
+    return cfg.model.dtype, (torch.bfloat16 if dtype == torch.bfloat16 else None)
+
+
+def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_each_epoch: bool, accumulation: int):
+    import torch
+    from transformers import TrainingArguments
+
+    _, amp = _precision(cfg, tcfg, device)
     return TrainingArguments(
         output_dir=str(out),
         num_train_epochs=tcfg.epochs,
         per_device_train_batch_size=tcfg.batch_size,
-        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=tcfg.learning_rate,
         lr_scheduler_type=tcfg.lr_scheduler,
         warmup_steps=tcfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         weight_decay=tcfg.weight_decay,
         optim="adamw_torch",
-        bf16=dtype == torch.bfloat16,
-        fp16=False,
+        bf16=amp == torch.bfloat16,
+        fp16=amp == torch.float16,
         save_strategy="epoch" if save_each_epoch else "no",
         save_only_model=False,
         logging_steps=tcfg.logging_steps,
         report_to=[],
-        seed=cfg.experiment.seed,
-        data_seed=cfg.experiment.seed,
+        seed=tcfg.seed,
+        data_seed=tcfg.data_seed,
         remove_unused_columns=False,
         use_cpu=device == "cpu",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def trainer_class(loss_weighting: str):
+    """The Trainer for a loss weighting: transformers' own for "token" (summed token losses of an optimizer
+    step / its label tokens); for "example", transformers 4.36's loss as LESS trained with it: each
+    example's mean token loss, averaged over the examples of the optimizer step, so every example weighs
+    the same (with batch 1 x 32 accumulation: mean loss / 32, exactly 4.36's)."""
+    from transformers import Trainer
+
+    if loss_weighting == "token":
+        return Trainer
+
+    from lessctl.grads.engine import per_example_loss
+
+    class ExampleWeightedTrainer(Trainer):
+        loss_is_scaled_for_ga = True  # compute_loss divides by the examples of the whole optimizer step
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            return batches, sum(int(b["labels"].shape[0]) for b in batches)  # examples in this step, this device
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+            per_example, _ = per_example_loss(outputs.logits, labels)
+            n = num_items_in_batch or labels.shape[0] * self.current_gradient_accumulation_steps
+            loss = per_example.sum() / n
+            return (loss, outputs) if return_outputs else loss
+
+    return ExampleWeightedTrainer
 
 
 def train_lora(
@@ -162,24 +245,31 @@ def train_lora(
 ) -> TrainResult:
     """Trains a fresh LoRA on the seeded `tcfg.percentage` subset of `train_files` into `out`."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+    from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
     from lessctl.data.pool import build_training_set
     from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
 
     device = device or default_device()
+    section = "warmup" if tcfg is cfg.warmup else "finetune"
+    n_devices = world_size()
+    accumulation = accumulation_steps(tcfg, section, n_devices)
     t0 = time.time()
     base = cfg.model_ref(base_model)
     tok = load_tokenizer(base)
+    set_seed(tcfg.seed)
     examples, counts = build_training_set(
-        train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, cfg.experiment.seed
+        train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, tcfg.sample_data_seed
     )
     if not examples:
         raise InputError("no training example has trainable tokens; check the data files and max_seq_length")
-    torch.manual_seed(cfg.experiment.seed)
-    model = load_base_model(base, cfg.model.dtype, device, tokenizer=tok)
+    if counts["subset"] < counts["pool"]:
+        torch.manual_seed(tcfg.sample_data_seed)  # LESS draws the subset under temp_seed, which leaves torch so seeded
+    load_dtype, _ = _precision(cfg, tcfg, device)
+    model = load_base_model(base, load_dtype, device, tokenizer=tok)
     model = add_lora(model, cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
+    plan = training_plan(len(examples), tcfg, accumulation, n_devices, save_each_epoch)
 
     resume_from = None
     history: list[float] = []
@@ -203,9 +293,11 @@ def train_lora(
     if stop_after:
         callbacks.append(_stop_after_callback(int(stop_after)))
 
-    trainer = Trainer(
+    if on_log is not None:
+        on_log({"step": 0, "max_steps": plan["steps_per_epoch"] * plan["epochs"], "plan": plan})
+    trainer = trainer_class(tcfg.loss_weighting)(
         model=model,
-        args=_training_args(cfg, tcfg, out, device, save_each_epoch),
+        args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation),
         train_dataset=_ListDataset(examples),
         data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100),
         callbacks=callbacks,
@@ -222,7 +314,7 @@ def train_lora(
     else:
         trainer.save_model(str(out))
         tok.save_pretrained(str(out))
-    return TrainResult(out, checkpoints, counts, time.time() - t0, str(resume_from) if resume_from else None)
+    return TrainResult(out, checkpoints, counts, time.time() - t0, str(resume_from) if resume_from else None, plan)
 
 
 def _manifest(out: Path, history: list[float]) -> list[dict]:

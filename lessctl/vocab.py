@@ -53,6 +53,10 @@ ChatFormat = Literal["tulu", "llama2"]
 CHAT_FORMATS: tuple[str, ...] = get_args(ChatFormat)
 """Chat formats of training data (`[model] chat_format`)."""
 
+LossWeighting = Literal["example", "token"]
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+"""How warmup and finetune weigh examples in the loss: example (LESS's, every example the same) or token."""
+
 PROMPT_FORMATS: tuple[str, ...] = CHAT_FORMATS + ("plain",)
 """Formats of target and evaluation prompts: a chat format, or plain text."""
 

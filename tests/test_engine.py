@@ -166,3 +166,26 @@ def test_compiled_pass_gives_the_same_gradients(tiny_template):
         assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert not any(m._forward_hooks or m._compiled_call_impl for m in model.modules())
     assert not any(hasattr(m, "_lessctl_probe") for m in model.modules())
+
+
+@pytest.mark.parametrize("grad_type", ["adam", "sgd", "sign"])
+def test_example_without_label_tokens_gets_a_zero_feature_row(tiny_template, grad_type):
+    """No label tokens: a zero row (adam would otherwise give every such example the constant m'/sqrt(v')),
+    and the other rows of the batch are exactly what they are without it."""
+    model, tok = _model(tiny_template)
+    ckpt, _ = _checkpoint(tiny_template)
+    enc = _encoded(tiny_template, tok, 3)
+    seqs, labels = [e.input_ids for e in enc], [e.labels for e in enc]
+    masked = list(labels)
+    masked[1] = [-100] * len(labels[1])
+    peg = PerExampleGradients(model)
+    try:
+        adam = load_adam_state(ckpt, peg.params, "cpu") if grad_type == "adam" else None
+        feats, _, _, count = peg.features(seqs, masked, tok.pad_token_id, grad_type, adam)
+        alone, _, _, _ = peg.features([seqs[0], seqs[2]], [labels[0], labels[2]], tok.pad_token_id, grad_type, adam)
+    finally:
+        peg.remove()
+    assert count[1].item() == 0 and torch.count_nonzero(feats[1]) == 0
+    if grad_type == "adam":  # the transform of a zero gradient, which the row would hold otherwise, is not zero
+        assert torch.count_nonzero(transform(torch.zeros(1, peg.grad_dim), "adam", adam)) > 0
+    torch.testing.assert_close(feats[[0, 2]], alone, rtol=0, atol=0)

@@ -61,7 +61,9 @@ def test_bbh_answer_extraction():
     out = "Let's think step by step.\nZ = not True = False. So the answer is (B)."
     assert extract_bbh_answer(out) == "(B)"
     assert extract_bbh_answer("So the answer is  Yes .") == "Yes"
-    assert extract_bbh_answer("Therefore, the answer is 24.") == "24"
+    # the pattern is open-instruct's, exactly: "So the answer is", capital S
+    assert extract_bbh_answer("Therefore, the answer is 24.") == "Therefore, the answer is 24."
+    assert extract_bbh_answer("so the answer is 24. So the answer is 25.") == "25"
     # no phrase: the first paragraph
     assert extract_bbh_answer("  valid \n\nQ: next question") == "valid"
     assert extract_bbh_answer("True") == "True"

@@ -171,3 +171,44 @@ def test_demo_json_reports_precision(tiny_ws, cli):
         # LESS must select the target's own family far more often than chance
         assert e["less"]["precision"] > 2 * e["random_expected_precision"], (t, e)
     assert report["seconds"] > 0
+
+
+def test_examples_without_label_tokens_are_zero_rows_never_selected(tiny_ws, cli):
+    """Examples whose answer is cut off by max_seq_length have no gradient: zero feature rows in the store,
+    no score (NaN, last in sorted.csv), never selected even when every other row is, counted in summary.json."""
+    ws = tiny_ws
+    data = ws / "data" / "synth_a.jsonl"
+    lines = data.read_text().splitlines()
+    long_question = "Write these words backwards in order: " + " ".join(["stone pepper tiger lemon"] * 60)
+    cut = [len(lines), len(lines) + 1]  # two examples whose answers lie beyond the 128 tokens kept
+    for i in cut:
+        msg = [{"role": "user", "content": long_question}, {"role": "assistant", "content": f"lemon {i}"}]
+        lines.append(json.dumps({"dataset": "synth_a", "id": f"cut_{i}", "messages": msg}))
+    data.write_text("\n".join(lines) + "\n")
+    cfg = ws / "lessctl.toml"
+    r = cli("--config", cfg, "grads", "--train", "synth_a", "--target", "arithmetic", "--dims", "64",
+            "--projector", "basic", "--device", "cpu")  # fmt: skip
+    assert r.code == 0, r
+    assert "synth_a: 2 examples have no label tokens after truncation: zero feature rows, never selected" in " ".join(
+        r.err.split()
+    )
+    for c in _manifest(ws):
+        with h5py.File(ws / "out" / "grads" / f"synth_a-ckpt{c['step']}-adam.h5", "r") as f:
+            lines_of_rows = list(f["index"][:])
+            norms, feats = f["dim64/norms"][:], f["dim64/features"][:]
+        rows = [lines_of_rows.index(i) for i in cut]
+        assert (norms[rows] == 0).all() and not feats[rows].any()
+        assert (np.delete(norms, rows) > 0).all()
+
+    n = len(lines)
+    r = cli("--config", cfg, "match", "--target", "arithmetic", "--train", "synth_a", "--dim", "64",
+            "--max-samples", str(n), "--json")  # fmt: skip
+    assert r.code == 0, r
+    sel = json.loads(r.out)["selections"][0]
+    assert sel["no_label_rows"] == 2 and sel["selected"] == n - 2 and sel["total"] == n
+    chosen = [json.loads(x)["id"] for x in Path(sel["file"]).read_text().splitlines()]
+    assert len(chosen) == n - 2 and not {f"cut_{i}" for i in cut} & set(chosen)
+    sorted_rows = read_sorted_csv(Path(sel["file"]).parent / "sorted.csv")
+    assert [i for _, i, _ in sorted_rows[-2:]] == cut and all(np.isnan(s) for _, _, s in sorted_rows[-2:])
+    assert all(np.isfinite(s) for _, _, s in sorted_rows[:-2])
+    assert np.isfinite(sel["score"]["min"])

@@ -197,3 +197,223 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_template, tmp_pa
         assert set(ta) == set(tb)
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-5, msg=lambda m, k=k, c=c: f"{c['path']} {k}: {m}")
+
+
+# --------------------------------------------------------------------------- loss weighting
+
+# Examples of very different lengths, so that weighing by example and by label token give different gradients.
+WEIGHTING_EXAMPLES = [
+    ("add 2 and 3", "5"),
+    ("reverse the words: red green blue yellow", "yellow blue green red"),
+    ("count the letters of apple", "5"),
+    ("sort 9 4 7 1 8 2 6 3", "1 2 3 4 6 7 8 9 and that is the whole list sorted from the smallest to the largest"),
+    ("uppercase cat", "CAT"),
+    ("antonym of hot", "cold"),
+]
+
+
+def one_step_workspace(tiny_template: Path, root: Path, weighting: str):
+    """A workspace whose warmup is exactly one optimizer step over all six examples (batch 2 x 3 passes) in
+    float32 on the CPU, without LoRA dropout: its first checkpoint holds the Adam state after that step."""
+    from lessctl.config import build_config
+
+    root.mkdir(parents=True)
+    data = root / "six.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in WEIGHTING_EXAMPLES
+        )
+    )
+    raw = read_toml(tiny_template / CONFIG_NAME)
+    raw["model"].update(name_or_path=str(tiny_template / "model"), dtype="fp32")
+    raw["lora"]["dropout"] = 0.0
+    raw["data"]["train"] = {"six": str(data)}
+    raw["warmup"].update(
+        percentage=1.0, epochs=1, batch_size=2, gradient_accumulation_steps=3, loss_weighting=weighting
+    )
+    path = root / CONFIG_NAME
+    path.write_text(to_toml(raw))
+    return build_config(raw, path=path)
+
+
+def reference_step_gradient(model, examples, weighting: str):
+    """The gradient of one optimizer step over `examples`, by hand, one example at a time in float32:
+    example: the mean over the examples of each one's mean next-token loss (transformers 4.36, LESS);
+    token: the sum of all examples' token losses over their total label tokens (transformers 5)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    n_tokens = sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    for e in examples:
+        ids, labels = torch.tensor([e.input_ids]), torch.tensor(e.labels[1:])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        token_losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")[labels != -100]
+        if weighting == "example":
+            loss = token_losses.mean() / len(examples)
+        else:
+            loss = token_losses.sum() / n_tokens
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t += g
+    return torch.cat([t.reshape(-1) for t in total])
+
+
+@pytest.mark.parametrize("weighting", ["example", "token"])
+def test_one_step_gradient_is_the_weighted_mean(tiny_template, tmp_path, weighting):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lessctl.data.pool import build_training_set
+    from lessctl.models import load_tokenizer
+    from lessctl.training import train_lora
+
+    cfg = one_step_workspace(tiny_template, tmp_path / weighting, weighting)
+    out = tmp_path / weighting / "warm"
+    res = train_lora(cfg, cfg.warmup, cfg.train_files(), out, save_each_epoch=True, device="cpu")
+    assert [c["step"] for c in res.checkpoints] == [1] and res.plan["steps_per_epoch"] == 1
+    ckpt = out / "checkpoint-1"
+    # the schedule's first learning rate is 0 (linear warmup from 0), so the checkpoint's adapter is the one
+    # the gradient was taken at
+    assert json.loads((ckpt / "lessctl_lrs.json").read_text())["lrs"] == [0.0]
+
+    tok = load_tokenizer(cfg.model_ref())
+    examples, _ = build_training_set(cfg.train_files(), tok, cfg.model.max_seq_length, "tulu", 1.0, 0)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_template / "model"), dtype=torch.float32), str(ckpt)
+    )
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    model.eval()
+    want = {w: reference_step_gradient(model, examples, w) for w in ("example", "token")}
+    cos = torch.nn.functional.cosine_similarity(want["example"], want["token"], dim=0)
+    assert cos < 0.999, cos  # the two weightings differ here, so the test tells them apart
+
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    beta1 = opt["param_groups"][0]["betas"][0]
+    exp_avg = torch.cat([opt["state"][i]["exp_avg"].reshape(-1) for i in sorted(opt["state"])])
+    g = exp_avg / (1 - beta1)  # after one step, exp_avg = (1 - beta1) g
+    ref = want[weighting]
+    clip = min(1.0, 1.0 / (ref.norm().item() + 1e-6))  # the Trainer clips the gradient norm to 1 (max_grad_norm)
+    torch.testing.assert_close(g, ref * clip, rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_three_seeds_have_less_defaults():
+    from lessctl.config import Config
+
+    cfg = Config()
+    assert (cfg.warmup.sample_data_seed, cfg.warmup.seed, cfg.warmup.data_seed) == (42, 0, 3)
+    # LESS's finetune script passes no --data_seed: the Trainer orders the data with its seed, 0
+    assert (cfg.finetune.seed, cfg.finetune.data_seed) == (0, 0)
+    for t in (cfg.warmup, cfg.finetune):  # LESS's loss and precision are the defaults of both stages
+        assert t.loss_weighting == "example" and t.autocast is True
+
+
+def test_bad_loss_weighting_is_named():
+    from lessctl.config import build_config
+    from lessctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"finetune.loss_weighting: expected example or token, got 'tokens'"):
+        build_config({"finetune": {"loss_weighting": "tokens"}})
+
+
+def test_warmup_subset_is_less_sample_over_the_pooled_files(data_dir, tiny_template):
+    """The warmup trains on numpy.random.seed(42); permutation(N)[:int(0.05 N)] of the files' lines
+    concatenated in config order (LESS loads its train files as one json dataset, in the order given)."""
+    import numpy as np
+
+    from lessctl.config import Config
+    from lessctl.data.pool import build_training_set
+    from lessctl.models import load_tokenizer
+
+    files = {n: data_dir / "train" / "processed" / n / f"{n}_data.jsonl" for n in ("cot", "dolly", "oasst1")}
+    pooled = [
+        (name, i) for name, path in files.items() for i, line in enumerate(path.read_text().split("\n")) if line.strip()
+    ]
+    n = len(pooled)
+    np.random.seed(42)
+    want = [pooled[i] for i in np.random.permutation(n)[: int(0.05 * n)]]
+
+    tok = load_tokenizer(str(tiny_template / "model"))
+    t = Config().warmup
+    examples, counts = build_training_set(files, tok, 2048, "tulu", t.percentage, t.sample_data_seed)
+    assert counts == {"pool": n, "subset": int(0.05 * n), "dropped_no_labels": 0}
+    assert [(e.source, e.line) for e in examples] == want
+
+
+# --------------------------------------------------------------------------- effective batch
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "llama2-13b", "mistral-7b"])
+def test_paper_presets_step_on_128_examples_on_any_number_of_devices(tmp_path, preset):
+    from lessctl.training import accumulation_steps, training_plan
+    from lessctl.workspace import init_workspace
+
+    cfg = load_config(init_workspace(tmp_path / preset, preset))
+    for section in ("warmup", "finetune"):
+        t = getattr(cfg, section)
+        for devices in (1, 2, 4, 8):
+            acc = accumulation_steps(t, section, devices)
+            assert t.batch_size * acc * devices == 128
+            assert training_plan(13533, t, acc, devices, True)["examples_per_step"] == 128
+    # 13,533 warmup examples (the README's) at 128 per step: ceil(13533 / 128) = 106 steps per epoch
+    plan = training_plan(13533, cfg.warmup, accumulation_steps(cfg.warmup, "warmup", 4), 4, True)
+    assert plan["steps_per_epoch"] == 106 and plan["checkpoints"] == [106, 212, 318, 424]
+
+
+def test_effective_batch_that_does_not_divide_is_an_error(tiny_template, tmp_path, cli, monkeypatch):
+    path = fresh_workspace(tiny_template, tmp_path / "ws")
+    raw = read_toml(path)
+    raw["warmup"]["effective_batch_size"] = 8  # batch_size 4 x 3 devices = 12 does not divide 8
+    path.write_text(to_toml(raw))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    r = cli("--config", path, "warmup", "--device", "cpu")
+    assert r.code == 2, r
+    assert r.err.strip() == (
+        "error: [warmup] effective_batch_size = 8 is not a multiple of batch_size 4 x 3 device(s) = 12"
+    )
+    assert not (path.parent / "out" / "warmup" / MANIFEST).exists()
+
+
+def test_warmup_prints_its_steps_and_checkpoints_before_training(tiny_template, tmp_path, cli):
+    path = fresh_workspace(tiny_template, tmp_path / "ws")  # 18 examples, 4 x 2 per step: 3 steps, 3 epochs
+    raw = read_toml(path)
+    raw["warmup"].update(effective_batch_size=8, gradient_accumulation_steps=5)  # 8 / (4 x 1 device) = 2
+    path.write_text(to_toml(raw))
+    r = cli("--config", path, "warmup", "--device", "cpu")
+    assert r.code == 0, r
+    err = " ".join(r.err.split())  # the console wraps long lines
+    first = err.index("18 examples, 8 per optimizer step (4 x 2 accumulation x 1 device(s)), 3 steps per epoch")
+    assert err.index("checkpoints: checkpoint-3, checkpoint-6, checkpoint-9") > first
+    assert err.index("warmup on 18 of") > first  # the summary after training comes later
+    manifest = json.loads((path.parent / "out" / "warmup" / MANIFEST).read_text())
+    assert [c["step"] for c in manifest] == [3, 6, 9]
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "loaded", "bf16"),
+    [
+        ("bf16", True, "fp32", True),
+        ("bf16", False, "bf16", True),
+        ("fp32", True, "fp32", False),
+        ("auto", True, "fp32", False),
+    ],
+)
+def test_precision_loads_float32_under_autocast(tmp_path, dtype, autocast, loaded, bf16):
+    """LESS's way (autocast, the default): float32 base weights, bf16 autocast; else the weights in [model] dtype."""
+    from lessctl.config import build_config
+    from lessctl.training import _precision, _training_args
+
+    cfg = build_config({"model": {"dtype": dtype}, "warmup": {"autocast": autocast}})
+    assert _precision(cfg, cfg.warmup, "cpu")[0] == loaded
+    args = _training_args(cfg, cfg.warmup, tmp_path, "cpu", True, 32)
+    assert args.bf16 is bf16 and args.fp16 is False
+    assert (args.seed, args.data_seed, args.gradient_accumulation_steps) == (0, 3, 32)

@@ -44,7 +44,7 @@ def eval_(
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
     from lessctl.errors import ConfigError
-    from lessctl.evaluation.runner import EVAL_TASKS, check_data, models_to_evaluate, run_evaluation
+    from lessctl.evaluation.runner import EVAL_TASKS, check_data, models_to_evaluate, run_evaluation, task_options
     from lessctl.models import load_model_for_eval
 
     tasks = list(dict.fromkeys(task or []))
@@ -73,7 +73,7 @@ def eval_(
     for spec in specs:
         loaded = load_model_for_eval(spec.path, dtype=cfg.model.dtype, device=device)  # once for all tasks
         for t in tasks:
-            extra = {"examples_per_task": cfg.eval.bbh_examples_per_task or None} if t == "bbh" else {}
+            extra = task_options(cfg.eval, t)
             with ProgressBar(f"{t} {spec.name}", unit="examples", quiet=json_out) as bar:
                 outcome = run_evaluation(
                     spec, t, data, cfg.output_dir, loaded=loaded, progress=BarCallback(bar), **options, **extra

@@ -191,7 +191,10 @@ def grads(
     )
     for r in table:
         if r["rows_without_labels"]:
-            con.print(f"[yellow]{r['name']}: {r['rows_without_labels']} examples have no label tokens (zero features)")
+            con.print(
+                f"[yellow]{r['name']}: {r['rows_without_labels']} examples have no label tokens after truncation: "
+                f"zero feature rows, never selected by match"
+            )
 
 
 def _per_store(rows: list[dict]) -> list[dict]:

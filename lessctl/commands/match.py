@@ -110,6 +110,11 @@ def match(
         ],
     )
     for r in results:
+        if r.summary.get("no_label_rows"):
+            err_console().print(
+                f"[yellow]{r.target}/{r.method}: {r.summary['no_label_rows']} examples have no label tokens (zero "
+                f"features, no score): never selected"
+            )
         if "weights" in r.summary:
             err_console().print(
                 f"{r.target}: checkpoints {r.summary['checkpoints']} weights "

@@ -25,11 +25,25 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or
 
 def _progress_logger(bar: ProgressBar):
     def on_log(rec: dict) -> None:
+        if "plan" in rec:
+            bar.log(describe_plan(rec["plan"]))
         bar.update(completed=rec["step"], total=rec["max_steps"])
         if "loss" in rec:
             bar.update(status=f"loss {rec['loss']:.3f}")
 
     return on_log
+
+
+def describe_plan(plan: dict) -> str:
+    """The training plan in one or two lines: examples, batch, steps per epoch, the checkpoints to come."""
+    text = (
+        f"{plan['examples']} examples, {plan['examples_per_step']} per optimizer step ({plan['batch_size']} x "
+        f"{plan['gradient_accumulation_steps']} accumulation x {plan['devices']} device(s)), "
+        f"{plan['steps_per_epoch']} steps per epoch x {plan['epochs']} epochs, {plan['loss_weighting']}-weighted loss"
+    )
+    if plan["checkpoints"]:
+        text += "\ncheckpoints: " + ", ".join(f"checkpoint-{s}" for s in plan["checkpoints"])
+    return text
 
 
 def warmup(
@@ -54,6 +68,7 @@ def warmup(
         "counts": res.counts,
         "seconds": round(res.seconds, 1),
         "resumed_from": res.resumed_from,
+        "plan": res.plan,
     }
     if json_out:
         emit_json(summary)

@@ -16,7 +16,7 @@ _PUNCT = set(string.punctuation)
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # open-instruct's BBH pattern: "the answer is X." (so "So the answer is (B)." gives "(B)").
-_ANSWER_IS = re.compile(r"[tT]he answer is (.*?)\.")
+_ANSWER_IS = re.compile(r"So the answer is (.*?)\.")  # open-instruct's BBH pattern, exactly
 
 
 def normalize_squad(text: str) -> str:
@@ -49,7 +49,8 @@ def squad_scores(prediction: str, truths: Sequence[str]) -> tuple[float, float]:
 
 
 def extract_bbh_answer(output: str) -> str:
-    """The text of "the answer is (.*?)." when the output has it, else its first paragraph, stripped."""
+    """The text of the first "So the answer is (.*?)." when the output has it, else its first paragraph, stripped
+    (open-instruct's BBH extraction)."""
     m = _ANSWER_IS.search(output)
     if m:
         return m.group(1).strip()

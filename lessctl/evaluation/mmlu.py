@@ -121,8 +121,12 @@ def evaluate_mmlu(
 ) -> dict:
     """Accuracy (percent, micro over all questions) with per-subject and per-category breakdowns.
 
-    limit: questions per subject (the first ones of each test file). Prompts longer than
-    `max_prompt_tokens` (or the model's context, if shorter) drop shots until they fit.
+    limit: questions per subject (the first ones of each test file). Shots are dropped as open-instruct's
+    run_eval.py drops them: the count starts at `shots` for each subject and, question by question in file
+    order, goes down by one while the prompt is over `max_prompt_tokens` tokens (counted without special
+    tokens); it is not reset for the next question, so once reduced it stays reduced for the rest of the
+    subject. Here it stops at zero (open-instruct's count would go negative, which means all shots again);
+    a prompt still over the limit, or over the model's context, keeps its end.
     chat_format "plain" is open-instruct's protocol; "tulu"/"llama2" wrap the prompt as a user turn
     whose answer starts with "The answer is:".
     """
@@ -142,29 +146,31 @@ def evaluate_mmlu(
         cap = min(cap, ctx)
 
     prompts: list[list[int]] = []
-    meta: list[tuple[str, int, str]] = []  # (subject, row index, answer)
+    meta: list[tuple[str, int, str, int]] = []  # (subject, row index, answer, shots)
     fewer_shots = 0
     for subject in chosen:
         dev = read_mmlu_csv(root / "dev" / f"{subject}_dev.csv")
         test = read_mmlu_csv(root / "test" / f"{subject}_test.csv")
         if limit:
             test = test[:limit]
+        k = shots  # per subject, carried from question to question
         for j, row in enumerate(test):
-            k = shots
             while True:
                 text = build_prompt(subject, dev, row, k)
                 if chat_format != "plain":
                     text = wrap_user_turn(text, "The answer is:", chat_format)
                 ids = encode(tokenizer, text)
-                if len(ids) <= cap or k == 0:
+                n = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+                over = n > max_prompt_tokens or bool(ctx and len(ids) > ctx)
+                if not over or k == 0:
                     break
                 k -= 1
             if k < shots:
                 fewer_shots += 1
-            if len(ids) > cap:  # even zero-shot is too long: keep the end, where the question is
+            if over:  # even zero-shot is too long: keep the end, where the question is
                 ids = ids[len(ids) - cap :]
             prompts.append(ids)
-            meta.append((subject, j, row[5].strip()))
+            meta.append((subject, j, row[5].strip(), k))
 
     hook = ProgressHook(progress, "mmlu")
     hook.start(len(prompts))
@@ -172,12 +178,14 @@ def evaluate_mmlu(
 
     per_subject: dict[str, list[int]] = {s: [0, 0] for s in chosen}
     predictions = []
-    for (subject, j, answer), logp in zip(meta, scores):
+    for (subject, j, answer, k), logp in zip(meta, scores):
         pred = MMLU_CHOICES[pick_choice(logp)]
         correct = pred == answer
         per_subject[subject][0] += int(correct)
         per_subject[subject][1] += 1
-        predictions.append({"subject": subject, "index": j, "prediction": pred, "answer": answer, "correct": correct})
+        predictions.append(
+            {"subject": subject, "index": j, "shots": k, "prediction": pred, "answer": answer, "correct": correct}
+        )
     per_cat: dict[str, list[int]] = {}
     for s, (c, n) in per_subject.items():
         acc = per_cat.setdefault(SUBJECT_CATEGORY.get(s, "other"), [0, 0])

@@ -69,6 +69,15 @@ def check_data(task: str, data_dir: str | Path) -> None:
         harness(task)
 
 
+def task_options(eval_cfg: Any, task: str) -> dict:
+    """The [eval] settings a task's harness takes beyond limit and batch size: the seeded samples' sizes."""
+    if task == "bbh":
+        return {"examples_per_task": eval_cfg.bbh_examples_per_task or None}
+    if task == "tydiqa":
+        return {"questions_per_language": eval_cfg.tydiqa_questions_per_language or None}
+    return {}
+
+
 def evaluate_task(task: str, model: Any, tokenizer: Any, data_dir: str | Path, **options: Any) -> dict:
     """Runs the harness of `task`; options are its keyword arguments (limit, batch_size, progress, ...)."""
     return harness(task)(model, tokenizer, data_dir, **options)

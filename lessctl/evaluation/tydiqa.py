@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ DEV_LAYOUT = (
     '{"data": [{"paragraphs": [{"context", "qas": [{"id": "<language>-...", "question", "answers": [{"text"}]}]}]}]}'
 )
 SHOTS_LAYOUT = "<data_dir>/eval/tydiqa/tydiqa-one-shot.json (language -> [{context, question, answers}])"
+TRAIN_FILE = "tydiqa-goldp-v1.1-train.json"  # open-instruct's source of demonstrations, SQuAD layout
 STOP = ("\n",)
+QUESTIONS_PER_LANGUAGE = 200  # LESS's eval_tydiqa.sh: --max_num_examples_per_lang 200
 
 
 def dev_file(tydiqa_dir: Path) -> Path:
@@ -79,8 +82,63 @@ def read_shots(path: Path) -> dict[str, dict]:
         raise InputError(f"{path}: expected {SHOTS_LAYOUT}") from None
 
 
+def read_exemplars(tydiqa_dir: Path) -> tuple[dict[str, list[dict]], Path]:
+    """{language: [{id, context, question, answer}]}, the demonstrations to choose from, and their file:
+    the GoldP train set when present (open-instruct samples its shot there), else every example of
+    `tydiqa-one-shot.json`."""
+    train = tydiqa_dir / TRAIN_FILE
+    if train.is_file():
+        pool: dict[str, list[dict]] = {}
+        for ex in read_dev(train):
+            pool.setdefault(ex["lang"], []).append({**ex, "answer": ex["answers"][0]})
+        return pool, train
+    path = tydiqa_dir / "tydiqa-one-shot.json"
+    data = read_json(path, SHOTS_LAYOUT)
+    try:
+        return {
+            lang: [
+                {"id": e.get("id"), "context": e["context"], "question": e["question"]}
+                | {"answer": e["answers"][0]["text"]}
+                for e in exs
+            ]
+            for lang, exs in data.items()
+        }, path
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise InputError(f"{path}: expected {SHOTS_LAYOUT}") from None
+
+
+def is_same_question(shot: dict, ex: dict) -> bool:
+    return (shot.get("id") is not None and shot.get("id") == ex["id"]) or shot["question"] == ex["question"]
+
+
+def pick_demonstration(pool: list[dict], ex: dict, lang: str, seed: int) -> dict | None:
+    """The demonstration of a question: the first of the language's exemplars in a seeded order (the same
+    for every question of the language, as open-instruct samples one per language) that is not the question
+    itself; None when the language has no other exemplar."""
+    order = list(pool)
+    random.Random(f"{seed}:{lang}").shuffle(order)
+    return next((shot for shot in order if not is_same_question(shot, ex)), None)
+
+
+def sample_questions(dev: list[dict], per_language: int | None, seed: int) -> list[dict]:
+    """At most `per_language` questions of each language: a seeded sample (depending only on the seed and the
+    language) when there are more, kept in file order; all of them when None."""
+    by_lang: dict[str, list[int]] = {}
+    for i, ex in enumerate(dev):
+        by_lang.setdefault(ex["lang"], []).append(i)
+    keep: set[int] = set()
+    for lang, idx in by_lang.items():
+        if per_language and len(idx) > per_language:
+            idx = random.Random(f"{seed}:{lang}").sample(idx, per_language)
+        keep.update(idx)
+    return [ex for i, ex in enumerate(dev) if i in keep]
+
+
 def trim_context(tokenizer: Any, context: str, max_tokens: int | None) -> str:
-    """The context cut to its first `max_tokens` tokens (unchanged when it is shorter)."""
+    """The context cut to its first `max_tokens` tokens (unchanged when it is shorter).
+
+    The cut is decoded without special tokens: LESS's script encodes with the BOS token and decodes it back,
+    which leaves a literal `<s>` at the start of every cut context, mid-prompt; here the text is only cut."""
     if not max_tokens:
         return context
     ids = tokenizer.encode(context, add_special_tokens=False, verbose=False)
@@ -129,51 +187,62 @@ def evaluate_tydiqa(
     max_new_tokens: int = 50,
     chat_format: str = "tulu",
     shots: int = 1,
+    questions_per_language: int | None = QUESTIONS_PER_LANGUAGE,
+    seed: int = 42,
 ) -> dict:
     """F1 and exact match (percent): per language, and their mean over languages (`f1` is the headline).
 
-    limit: questions per language (the first ones of the dev file). The shot of a language is the
-    first example of that language in `tydiqa-one-shot.json`; with the 9-example `_ini` dev file it
-    is the question itself, which is counted in `settings.shot_is_question`, not refused.
+    questions_per_language: LESS's cap, a seeded sample of that many questions per language (None: all);
+    limit caps it further (the first ones, for quick runs). The demonstration of a question comes from the
+    language's exemplars (`pick_demonstration`: the GoldP train set, else `tydiqa-one-shot.json`) and is
+    never the question itself; a question with no other exemplar (the 9-example `_ini` dev file holds the
+    one-shot exemplars themselves) runs without one, counted in `settings.no_demonstration`.
     """
     start = time.time()
     root = task_dir(data_dir, "tydiqa")
     dev_path = dev_file(root)
     dev = read_dev(dev_path)
-    shot_by_lang = read_shots(root / "tydiqa-one-shot.json") if shots else {}
+    pool, exemplar_path = read_exemplars(root) if shots else ({}, None)
     if shots:
-        missing = sorted({ex["lang"] for ex in dev} - set(shot_by_lang))
+        missing = sorted({ex["lang"] for ex in dev} - set(pool))
         if missing:
-            raise InputError(
-                f"{root / 'tydiqa-one-shot.json'}: no exemplar for {', '.join(missing)}; expected {SHOTS_LAYOUT}"
-            )
-        for shot in shot_by_lang.values():
-            shot["context"] = trim_context(tokenizer, shot["context"], max_context_tokens)
+            raise InputError(f"{exemplar_path}: no exemplar for {', '.join(missing)}; expected {SHOTS_LAYOUT}")
 
-    per_lang_count: dict[str, int] = {}
-    picked: list[dict] = []
-    for ex in dev:
-        n = per_lang_count.get(ex["lang"], 0)
-        if limit and n >= limit:
-            continue
-        per_lang_count[ex["lang"]] = n + 1
-        picked.append(ex)
+    picked = sample_questions(dev, questions_per_language, seed)
+    if limit:
+        per_lang_count: dict[str, int] = {}
+        kept = []
+        for ex in picked:
+            n = per_lang_count.get(ex["lang"], 0)
+            if n < limit:
+                per_lang_count[ex["lang"]] = n + 1
+                kept.append(ex)
+        picked = kept
 
     prompts: list[str] = []
-    shot_is_question = 0
+    shot_is_question = no_demonstration = 0
+    trimmed: dict[int, dict] = {}
     for ex in picked:
-        shot = shot_by_lang.get(ex["lang"]) if shots else None
-        if shot is not None and (shot.get("id") == ex["id"] or shot["question"] == ex["question"]):
-            shot_is_question += 1
+        shot = None
+        if shots:
+            shot_is_question += any(is_same_question(s, ex) for s in pool[ex["lang"]])
+            shot = pick_demonstration(pool[ex["lang"]], ex, ex["lang"], seed)
+            if shot is None:
+                no_demonstration += 1
+            else:
+                if id(shot) not in trimmed:
+                    cut = trim_context(tokenizer, shot["context"], max_context_tokens)
+                    trimmed[id(shot)] = {**shot, "context": cut}
+                shot = trimmed[id(shot)]
         context = trim_context(tokenizer, ex["context"], max_context_tokens)
         prompts.append(build_prompt(ex["lang"], shot, context, ex["question"], chat_format))
-    if shot_is_question:
+    if no_demonstration:
         log.warning(
-            "%d of %d TydiQA questions are their own one-shot exemplar (%s has only the exemplars): "
-            "scores are not comparable to the full dev set",
-            shot_is_question,
+            "%d of %d TydiQA questions have no exemplar other than themselves in %s and run without a "
+            "demonstration: scores are not comparable to the full dev set",
+            no_demonstration,
             len(picked),
-            dev_path.name,
+            exemplar_path.name if exemplar_path else "",
         )
 
     hook = ProgressHook(progress, "tydiqa")
@@ -221,7 +290,11 @@ def evaluate_tydiqa(
             "stop": list(STOP),
             "chat_format": chat_format,
             "dev_file": str(dev_path),
-            "shot_is_question": shot_is_question,
+            "exemplar_file": str(exemplar_path) if exemplar_path else None,
+            "questions_per_language": questions_per_language,
+            "seed": seed,
+            "shot_is_question": shot_is_question,  # questions that are exemplars themselves (never their own shot)
+            "no_demonstration": no_demonstration,
             "truncated_prompts": truncated,
         },
         "seconds": round(time.time() - start, 3),

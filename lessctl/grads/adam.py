@@ -1,7 +1,9 @@
 """LESS's optimizer-state transforms of gradient rows (LESS.md section 3): adam, sgd and sign.
 
-adam: m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2, feature = m' / (sqrt(v') + eps) with the bias
-corrections of the checkpoint's step, using the Adam moments saved with each warmup checkpoint.
+adam: m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2, feature = m' / sqrt(v' + eps) (no bias correction,
+eps inside the square root, as LESS computes it), using the Adam moments saved with each warmup checkpoint.
+An example without label tokens has no gradient; the engine gives it a zero row rather than this transform
+of g = 0.
 """
 
 from __future__ import annotations

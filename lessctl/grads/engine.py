@@ -359,7 +359,9 @@ class PerExampleGradients:
 
         The transform runs per parameter slice as its rows arrive, so no [B, P] float32 matrix is ever held, and
         writes into `out` when given ([B, P] float16, e.g. the next rows of the collector's staging buffer, so the
-        rows are not copied again).
+        rows are not copied again). An example without label tokens has no loss and no gradient: its rows are
+        zero (the adam transform of a zero gradient would be the constant m'/sqrt(v'), the same for every such
+        example), so its projected feature is a zero row, which `lessctl match` never selects.
         """
         import torch
 
@@ -384,6 +386,10 @@ class PerExampleGradients:
                 off, n = self.offsets[id(p)]
                 for rows in (feats, raw) if raw is not None else (feats,):
                     rows[:, off : off + n] = 0
+        empty = (count == 0).nonzero().flatten()
+        if len(empty):
+            for rows in (feats, raw) if raw is not None else (feats,):
+                rows[empty.to(rows.device)] = 0
         return feats, raw, loss, count
 
 

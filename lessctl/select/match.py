@@ -32,7 +32,7 @@ SUMMARY_KEYS = ("family", "dataset", "source_task")
 
 
 def top_order(scores: np.ndarray) -> np.ndarray:
-    """Row positions by descending score; ties keep pool order."""
+    """Row positions by descending score; ties keep pool order; rows without a score (NaN) come last."""
     return np.argsort(-scores, kind="stable")
 
 
@@ -206,7 +206,8 @@ def run_match(
         info = {"seed": cfg.experiment.seed}
 
     total = len(scored.scores)
-    k = n_selected(total, percentage, max_samples)
+    unscored = int(np.isnan(scored.scores).sum())
+    k = min(n_selected(total, percentage, max_samples), total - unscored)  # rows without a score are never taken
     order = top_order(scored.scores)
     out_dir = paths.selection_dir(cfg.output_dir, target, out_name or method)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +231,7 @@ def run_match(
             for key in SUMMARY_KEYS
             if any(key in r.data for r in chosen)
         },
+        "no_label_rows": unscored,
         "score": _stats(scored.scores),
         "selected_score": _stats(sel_scores),
         "subtasks": len(set(subtasks)),
@@ -262,6 +264,7 @@ def _count(values) -> dict:
 
 
 def _stats(x: np.ndarray) -> dict:
+    x = x[np.isfinite(x)]
     if len(x) == 0:
         return {}
     return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "median": float(np.median(x))}

@@ -57,7 +57,7 @@ class Scored:
 
     names: list[str]  # training-set name of each row
     index: np.ndarray  # [N] line in its file
-    scores: np.ndarray  # [N] float64
+    scores: np.ndarray  # [N] float64; NaN: the row has no score (an example without label tokens)
 
 
 def less_scores(
@@ -111,8 +111,20 @@ def less_scores(
                         progress(done, total)
         names += [name] * n
         index.append(readers[0].index)
-        scores.append(out.double().cpu().numpy())
+        s = out.double().cpu().numpy()
+        s[unscored_rows(readers, dim)] = np.nan
+        scores.append(s)
     return Scored(names, np.concatenate(index), np.concatenate(scores))
+
+
+def unscored_rows(readers: list[Any], dim: int) -> np.ndarray:
+    """[N] bool: rows whose feature is zero at some checkpoint (examples without label tokens, `grads.engine`).
+    They have no gradient and so no influence: LESS's division by their zero norm made them NaN, which its
+    descending sort put first; here they score NaN too, and selections never take them."""
+    empty = np.zeros(readers[0].n_rows, dtype=bool)
+    for r in readers:
+        empty |= r.norms(dim) == 0
+    return empty
 
 
 class _BlockReader:

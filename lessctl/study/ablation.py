@@ -118,6 +118,8 @@ def rank_correlation(a: Any, b: Any) -> float | None:
             if key in pos
         ]
         x, y = np.asarray(pairs, dtype=np.float64).reshape(-1, 2).T
+    keep = np.isfinite(x) & np.isfinite(y)  # rows without a score (no label tokens) do not rank
+    x, y = x[keep], y[keep]
     if len(x) < 2:
         return None
     if np.all(x == x[0]) or np.all(y == y[0]):
@@ -468,9 +470,9 @@ def _evaluate_subset(
             spec, plan.task, plan.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts
         )
     else:
-        if plan.task == "bbh":
-            opts["examples_per_task"] = cfg.eval.bbh_examples_per_task or None
-        out = run_evaluation(spec, plan.task, data_dir, cfg.output_dir, **opts)
+        from lessctl.evaluation.runner import task_options
+
+        out = run_evaluation(spec, plan.task, data_dir, cfg.output_dir, **opts, **task_options(cfg.eval, plan.task))
     return {
         "status": "done",
         "task": plan.task,

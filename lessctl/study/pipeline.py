@@ -113,7 +113,7 @@ def _finetune(cfg: Config, device) -> list[StageReport]:
 
 def _eval(cfg: Config, device) -> list[StageReport]:
     from lessctl.evaluation.results import eval_json_path
-    from lessctl.evaluation.runner import describe_model, run_custom_evaluation, run_evaluation
+    from lessctl.evaluation.runner import describe_model, run_custom_evaluation, run_evaluation, task_options
 
     reps = []
     data_dir = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
@@ -134,7 +134,7 @@ def _eval(cfg: Config, device) -> list[StageReport]:
             "limit": cfg.eval.limit or None,
         }
         if isinstance(spec, str):
-            res = run_evaluation(model_spec, task, data_dir, cfg.output_dir, **opts)
+            res = run_evaluation(model_spec, task, data_dir, cfg.output_dir, **opts, **task_options(cfg.eval, task))
         else:
             res = run_custom_evaluation(
                 model_spec,

@@ -1,0 +1,219 @@
+"""The evaluation protocols of LESS's open-instruct scripts, from their definitions: BBH's answer and blank-line
+stop, TydiQA's demonstrations and seeded sample, MMLU's carried shot count; golden prompts of real examples."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from eval_helpers import DATA, build_model_dir
+
+from lessctl.evaluation import bbh, mmlu, tydiqa
+from lessctl.evaluation.generation import cut_at_stop
+from lessctl.evaluation.metrics import extract_bbh_answer
+
+needs_data = pytest.mark.skipif(not (DATA / "eval").is_dir(), reason=f"real data not found at {DATA}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny evaluation model (a random 2-layer Llama with a tokenizer trained on the evaluation texts)."""
+    from lessctl.models import load_model_for_eval
+
+    if not (DATA / "eval").is_dir():
+        pytest.skip(f"real data not found at {DATA}")
+    return load_model_for_eval(build_model_dir(tmp_path_factory.mktemp("tiny") / "base"), device="cpu")
+
+
+@needs_data
+def test_bbh_cot_prompt_is_less_file_text_after_its_two_header_lines():
+    """LESS reads a cot-prompts file as "".join(lines[2:]) (the canary line and the rule dropped), then strips it."""
+    files = sorted((DATA / "eval/bbh/cot-prompts").glob("*.txt"))
+    assert len(files) == 27
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            want = "".join(fh.readlines()[2:]).strip()
+        assert bbh.read_cot_prompt(f) == want, f.name
+
+
+@needs_data
+def test_bbh_answer_at_the_blank_line_is_the_full_generation_answer():
+    """LESS generates the full 512 tokens (its stop sequence never triggers) and takes the first "So the answer is
+    (.*?)." of all of it; lessctl stops at the first blank line. A model continuing a real 3-shot prompt writes its
+    answer, then, as the exemplars taught it, further "Q: ... A: ..." blocks with their own answers: built here
+    from each task's own exemplars, the answer extracted from the stopped text is the full generation's."""
+    tasks = sorted(p.stem for p in (DATA / "eval/bbh/cot-prompts").glob("*.txt"))
+    for task in tasks:
+        cot = bbh.read_cot_prompt(DATA / f"eval/bbh/cot-prompts/{task}.txt")
+        question = json.loads((DATA / f"eval/bbh/bbh/{task}.json").read_text())["examples"][0]["input"]
+        prompt = bbh.build_prompt(cot, question)
+        assert prompt.endswith("\n\nQ: " + question + "\nA:")
+        exemplars = cot.split("\n\nQ: ")[1:]  # "question\nA: answer" of each shot
+        answers = [e.split("\nA:", 1)[1] for e in exemplars]
+        full = answers[0] + "".join("\n\nQ: " + e for e in exemplars[1:]) + "\n\nQ: " + question + "\nA:" + answers[2]
+        stopped = cut_at_stop(full, bbh.STOP)
+        assert stopped == answers[0] and len(stopped) < len(full)
+        assert extract_bbh_answer(stopped) == extract_bbh_answer(full), task
+        assert extract_bbh_answer(full) == re.search(r"So the answer is (.*?)\.", full).group(1).strip()
+
+
+def test_bbh_answer_differs_only_when_the_first_paragraph_has_no_answer():
+    """Where the first paragraph lacks "So the answer is X." LESS's full generation takes the answer of a later,
+    invented question, and lessctl the first paragraph: the documented difference."""
+    full = "Let's think step by step. It is (A)\n\nQ: another question\nA: Let's think. So the answer is (C)."
+    assert extract_bbh_answer(full) == "(C)"
+    assert extract_bbh_answer(cut_at_stop(full, bbh.STOP)) == "Let's think step by step. It is (A)"
+
+
+def write_tydiqa(root: Path, dev: list[dict], shots: dict[str, list[dict]]) -> Path:
+    d = root / "eval" / "tydiqa"
+    d.mkdir(parents=True)
+    paras = [
+        {"context": ex["context"], "qas": [{"id": ex["id"], "question": ex["question"], "answers": ex["answers"]}]}
+        for ex in dev
+    ]
+    (d / "tydiqa-goldp-v1.1-dev.json").write_text(json.dumps({"data": [{"paragraphs": paras}]}))
+    (d / "tydiqa-one-shot.json").write_text(json.dumps(shots))
+    return root
+
+
+def _qa(lang: str, i: int) -> dict:
+    return {
+        "id": f"{lang}-{i}",
+        "context": f"Passage {i} says the answer is a{i}.",
+        "question": f"What is q{i}?",
+        "answers": [{"text": f"a{i}", "answer_start": 0}],
+    }
+
+
+def test_tydiqa_demonstration_is_never_the_question_itself(tmp_path):
+    dev = [_qa("english", i) for i in range(3)]
+    shots = {"english": [{k: v for k, v in _qa("english", i).items() if k != "id"} for i in (0, 1)]}
+    root = write_tydiqa(tmp_path, dev, shots)
+    pool, path = tydiqa.read_exemplars(root / "eval/tydiqa")
+    assert path.name == "tydiqa-one-shot.json" and [s["question"] for s in pool["english"]] == [
+        "What is q0?",
+        "What is q1?",
+    ]
+    picks = [tydiqa.pick_demonstration(pool["english"], ex, "english", 42)["question"] for ex in read_dev_plain(root)]
+    first = tydiqa.pick_demonstration(pool["english"], {"id": "x", "question": "none"}, "english", 42)["question"]
+    other = ({"What is q0?", "What is q1?"} - {first}).pop()
+    # one demonstration for the language (seeded), except for the question that is that demonstration
+    assert picks == [other if q == first else first for q in ("What is q0?", "What is q1?", "What is q2?")]
+    assert all(p != q for p, q in zip(picks, ("What is q0?", "What is q1?", "What is q2?")))
+    only = [{k: v for k, v in _qa("english", 0).items() if k != "id"}]
+    assert tydiqa.pick_demonstration(only, dev[0], "english", 42) is None
+
+
+def read_dev_plain(root: Path) -> list[dict]:
+    return tydiqa.read_dev(root / "eval/tydiqa/tydiqa-goldp-v1.1-dev.json")
+
+
+def test_tydiqa_caps_each_language_at_a_seeded_200(tmp_path):
+    dev = [_qa("english", i) for i in range(250)] + [_qa("finnish", i) for i in range(30)]
+    root = write_tydiqa(tmp_path, dev, {})
+    rows = read_dev_plain(root)
+    a = tydiqa.sample_questions(rows, tydiqa.QUESTIONS_PER_LANGUAGE, 42)
+    en = [ex["id"] for ex in a if ex["lang"] == "english"]
+    assert len(en) == 200 and len(set(en)) == 200
+    assert [ex["id"] for ex in a if ex["lang"] == "finnish"] == [f"finnish-{i}" for i in range(30)]  # fewer: all
+    assert en == sorted(en, key=lambda x: int(x.split("-")[1]))  # kept in file order
+    assert a == tydiqa.sample_questions(rows, 200, 42) and a != tydiqa.sample_questions(rows, 200, 43)
+    # the sample of a language depends on the seed and the language only
+    assert [ex for ex in tydiqa.sample_questions(rows[:250], 200, 42)] == [ex for ex in a if ex["lang"] == "english"]
+    assert len(tydiqa.sample_questions(rows, None, 42)) == 280
+
+
+@needs_data
+def test_tydiqa_golden_prompt_without_its_own_demonstration(tiny):
+    """The shared dev file holds only the one-shot exemplars: each question's only exemplar is itself, so
+    it runs without a demonstration (LESS would show the question with its answer)."""
+    _, tok = tiny
+    root = DATA / "eval/tydiqa"
+    pool, _ = tydiqa.read_exemplars(root)
+    en = [ex for ex in tydiqa.read_dev(root / "tydiqa-goldp-v1.1-dev_ini.json") if ex["lang"] == "english"][0]
+    assert tydiqa.pick_demonstration(pool["english"], en, "english", 42) is None
+    prompt = tydiqa.build_prompt("english", None, en["context"], en["question"])
+    assert prompt == (
+        "<|user|>\nAnswer the following question based on the information in the given passage.\n\n"
+        "Passage: Home Box Office (HBO) is an American premium cable and satellite television network that is owned "
+        "by the namesake unit Home Box Office, Inc., a division of AT&T's WarnerMedia. The program which featured on "
+        "the network consists primarily of theatrically released motion pictures and original television shows, "
+        "along with made-for-cable movies, documentaries and occasional comedy and concert specials.\n"
+        "Question: Who owns HBO?\n\n<|assistant|>\nAnswer:"
+    )
+
+
+def test_tydiqa_context_cut_has_no_literal_bos(tiny):
+    _, tok = tiny
+    ctx = "apple river stone " * 200
+    cut = tydiqa.trim_context(tok, ctx, 20)
+    assert "<s>" not in cut and ctx.startswith(cut.strip()[:10])
+    assert len(tok.encode(cut, add_special_tokens=False)) <= 21
+
+
+@needs_data
+def test_mmlu_shot_count_carries_over_within_a_subject(tiny):
+    """open-instruct's run_eval.py: k starts at 5 per subject and, question after question, drops while the prompt
+    (tokens without special tokens) is over the limit; it is never raised again within the subject."""
+    model, tok = tiny
+    subject = "high_school_european_history"
+    with open(DATA / f"eval/mmlu/dev/{subject}_dev.csv", newline="") as fh:
+        dev = list(csv.reader(fh))
+    with open(DATA / f"eval/mmlu/test/{subject}_test.csv", newline="") as fh:
+        rows = list(csv.reader(fh))[:12]
+
+    def length(row, k):
+        return len(tok(mmlu.build_prompt(subject, dev, row, k), add_special_tokens=False)["input_ids"])
+
+    def carried(cap):  # the definition: k is carried from question to question
+        k, out = 5, []
+        for row in rows:
+            while length(row, k) > cap and k > 0:
+                k -= 1
+            out.append(k)
+        return out
+
+    def reset(cap):  # every question from 5 again
+        return [max([k for k in range(6) if length(row, k) <= cap] or [0]) for row in rows]
+
+    caps = sorted({length(row, k) for row in rows for k in range(6)})
+    cap = next(c for c in caps if carried(c) != reset(c))  # a limit at which carrying the count matters
+    want = carried(cap)
+    assert min(want) >= 0 and want != reset(cap)
+    res = mmlu.evaluate_mmlu(model, tok, DATA, limit=12, subjects=[subject], max_prompt_tokens=cap, batch_size=16)
+    assert [p["shots"] for p in res["predictions"]] == want
+    assert res["settings"]["prompts_with_fewer_shots"] == sum(k < 5 for k in want)
+
+
+@needs_data
+def test_mmlu_golden_prompt_of_a_real_question():
+    root = DATA / "eval/mmlu"
+    with open(root / "dev/anatomy_dev.csv", newline="") as fh:
+        dev = list(csv.reader(fh))
+    with open(root / "test/anatomy_test.csv", newline="") as fh:
+        row = next(csv.reader(fh))
+    prompt = mmlu.build_prompt("anatomy", dev, row, 1)
+    assert prompt == (
+        "The following are multiple choice questions (with answers) about  anatomy.\n\n"
+        "What is the embryological origin of the hyoid bone?\nA. The first pharyngeal arch\n"
+        "B. The first and second pharyngeal arches\nC. The second pharyngeal arch\n"
+        "D. The second and third pharyngeal arches\nAnswer: D\n\n"
+        "A lesion causing compression of the facial nerve at the stylomastoid foramen will cause ipsilateral\n"
+        "A. paralysis of the facial muscles.\nB. paralysis of the facial muscles and loss of taste.\n"
+        "C. paralysis of the facial muscles, loss of taste and lacrimation.\n"
+        "D. paralysis of the facial muscles, loss of taste, lacrimation and decreased salivation.\nAnswer:"
+    )
