@@ -128,12 +128,14 @@ def collect_gradients(
     from lessctl.grads.collector import FeatureCollector
     from lessctl.grads.engine import PerExampleGradients
     from lessctl.grads.projection.choose import choose_projector_kind, make_projector
-    from lessctl.grads.store.schema import store_complete, store_path
+    from lessctl.grads.store.schema import store_path, store_sha256
     from lessctl.grads.store.writer import StoreWriter
-    from lessctl.models import default_device, load_adapter_model
+    from lessctl.models import load_adapter_model, resolve_device
     from lessctl.training import checkpoint_dir
 
-    device = device or default_device()
+    device = resolve_device(device)
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens: must be at least 1, got {batch_tokens}")
     batch_tokens = batch_tokens or cfg.grads.batch_tokens
     check_steps(cfg, steps)
     sets = data_sets(cfg, train, targets, grad_type)
@@ -149,10 +151,17 @@ def collect_gradients(
 
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
-        todo = [ds for ds in sets if force or not store_complete(store_paths[ds.name])]
+        todo, stale = [], set()
         for ds in sets:
-            if ds not in todo:
-                results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped"))
+            if not force and (sha := store_sha256(store_paths[ds.name])) is not None:
+                if ds.name not in hashes:
+                    hashes[ds.name] = source_sha256(ds.files)
+                if sha == hashes[ds.name]:
+                    results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped"))
+                    continue
+                log.warning("%s changed since %s was written; recomputing it", ds.files[0], store_paths[ds.name])
+                stale.add(ds.name)
+            todo.append(ds)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)
@@ -201,6 +210,9 @@ def collect_gradients(
                 "row_start": start,
                 "max_seq_length": cfg.model.max_seq_length,
                 "chat_format": cfg.model.chat_format,
+                "batch_tokens": batch_tokens,
+                "merge": bool(cfg.grads.merge),
+                "compile": bool(cfg.grads.compile),
                 "lessctl_version": __version__,
                 "shard": shard[0] if shard else 1,
                 "num_shards": shard[1] if shard else 1,
@@ -208,7 +220,9 @@ def collect_gradients(
             }
             t0 = time.time()
             zero = 0
-            with StoreWriter(store_paths[ds.name], dims=dims, index=index, attrs=attrs, force=force) as w:
+            with StoreWriter(
+                store_paths[ds.name], dims=dims, index=index, attrs=attrs, force=force, replace=ds.name in stale
+            ) as w:
                 done0 = w.rows_completed
                 status = "resumed" if done0 else "written"
                 pos = start + done0
