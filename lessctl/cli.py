@@ -117,13 +117,19 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     except KeyboardInterrupt:
-        if STATE.debug:
-            raise
-        sys.stderr.write(
-            "interrupted: finished outputs are kept as they were, a partial gradient store (.part) or warmup "
-            f"checkpoint is kept to resume from; `lessctl {shlex.join(given)}` resumes\n"
-        )
-        sys.exit(130)
+        _interrupted(given)
+    except SystemExit as exc:  # Typer turns Ctrl-C into exit code 130
+        if exc.code == 130:
+            _interrupted(given)
+        raise
+
+
+def _interrupted(given: list[str]) -> None:
+    sys.stderr.write(
+        "interrupted: finished outputs are kept as they were, a partial gradient store (.part) or warmup "
+        f"checkpoint is kept to resume from; `lessctl {shlex.join(given)}` resumes\n"
+    )
+    sys.exit(130)
 
 
 if __name__ == "__main__":

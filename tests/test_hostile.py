@@ -92,6 +92,14 @@ def flip_bit(path: Path, dataset: str, row: int, byte_in_row: int, bit: int) -> 
         fh.write(bytes([b ^ (1 << bit)]))
 
 
+def own_stores(ws: Path) -> None:
+    """Stores record the absolute path of their base model: make the copied workspace's stores name its own
+    model, as stores written in this folder do (resuming or mixing them compares the path)."""
+    for p in (ws / "out" / "grads").glob("*.h5*"):
+        with h5py.File(p, "r+") as f:
+            f.attrs["base_model"] = str((ws / "model").resolve())
+
+
 def to_part(path: Path, rows_completed: int) -> Path:
     """A complete store turned into the `.part` an interrupted run leaves."""
     part = path.with_name(path.name + ".part")
@@ -204,6 +212,7 @@ def s_delete_group(ws):
 
 
 def s_part(ws):
+    own_stores(ws)
     to_part(store(ws, "sorting", "sgd"), 3)
 
 
@@ -246,7 +255,10 @@ def s_full_grads(ws):
 
 
 def s_toml(old: str, new: str):
-    return lambda ws: edit_toml(ws, old, new)
+    def setup(ws):
+        edit_toml(ws, old, new)
+
+    return setup
 
 
 def s_toml_bytes(ws):
@@ -263,7 +275,10 @@ def s_beir(ws):
 
 
 def s_a_file(name: str):
-    return lambda ws: (ws / name).write_text("not a folder")
+    def setup(ws):
+        (ws / name).write_text("not a folder")
+
+    return setup
 
 
 G, W = "tiny_grads_ws", "tiny_ws"  # the workspace each case starts from: with gradient stores, or warmed up only
@@ -431,7 +446,7 @@ def test_hostile(request, ws_name, setup, args, code, needle, cli):
     assert len(errors) == 1, res
     assert needle in errors[0], (needle, errors[0])
     if needle.startswith("--"):
-        assert "lessctl.toml" not in errors[0], errors[0]  # an option's value is blamed on the option
+        assert "lessctl.toml: " not in errors[0], errors[0]  # an option's value is blamed on the option
     changed = {k for k in before if before[k] != after.get(k)}
     assert not changed, f"changed or deleted: {sorted(changed)}"
     stray = [k for k in set(after) - set(before) if k.endswith((".tmp", ".part")) or ".new" in k]
@@ -452,6 +467,7 @@ def _env() -> dict:
 def test_changed_target_is_recomputed_by_grads_then_matched(tiny_grads_ws, cli):
     ws = tiny_grads_ws
     cfg = ("--config", ws / "lessctl.toml")
+    own_stores(ws)
     s_copy_target(ws)
     res = cli(*cfg, "grads", "--target", T, "--device", "cpu", "--projector", "basic", "--json")
     assert res.code == 0, res
@@ -461,6 +477,7 @@ def test_changed_target_is_recomputed_by_grads_then_matched(tiny_grads_ws, cli):
 
 def test_incomplete_store_advice_resumes_it(tiny_grads_ws, cli):
     ws = tiny_grads_ws
+    own_stores(ws)
     ref = store(ws, T, "sgd")
     with h5py.File(ref) as f:
         want = f["dim128/features"][:]
@@ -611,19 +628,35 @@ def test_ctrl_c_says_what_was_kept(tiny_ws):
 
 
 def test_two_writers_one_store(tiny_ws):
-    """Two `lessctl grads` on the same store at once: one writes it, the other refuses (no mixed file)."""
-    args = ("grads", "--target", T, "--ckpt", str(steps(tiny_ws)[0]), "--device", "cpu")
-    env = {"LESSCTL_FLUSH_ROWS": "1"}
-    a = _run_lessctl(tiny_ws, *args, env=env)
-    part = tiny_ws / "out" / "grads" / f"{T}-ckpt{steps(tiny_ws)[0]}-sgd.h5.part"
+    """Two `lessctl grads` on one store: while the first writes (stopped mid-way with SIGSTOP, its lock held),
+    the second, even with --force, refuses and leaves the first's .part alone; the first then completes."""
+    args = ("grads", "--train", S, "--ckpt", str(steps(tiny_ws)[0]), "--device", "cpu")
+    a = _run_lessctl(tiny_ws, *args, env={"LESSCTL_FLUSH_ROWS": "1"})
+    part = store(tiny_ws, S, "adam").with_name(store(tiny_ws, S, "adam").name + ".part")
     deadline = time.time() + 300
-    while time.time() < deadline and a.poll() is None and not part.exists():
+    while time.time() < deadline and a.poll() is None:
+        try:
+            with h5py.File(part, "r", locking=False) as f:
+                if f.attrs["rows_completed"] >= 2:
+                    break
+        except (OSError, KeyError):
+            pass
         time.sleep(0.02)
-    b = _run_lessctl(tiny_ws, *args, "--force", env=env)
-    _, err_b = b.communicate(timeout=300)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        with h5py.File(part, "r", locking=False) as f:
+            rows = int(f.attrs["rows_completed"])
+        for extra in ((), ("--force",)):
+            b = _run_lessctl(tiny_ws, *args, *extra)
+            _, err_b = b.communicate(timeout=300)
+            assert b.returncode == 2 and "open in another process" in err_b, err_b
+            assert err_b.count("error:") == 1 and "Traceback" not in err_b
+            with h5py.File(part, "r", locking=False) as f:
+                assert int(f.attrs["rows_completed"]) == rows  # untouched
+    finally:
+        a.send_signal(signal.SIGCONT)
     _, err_a = a.communicate(timeout=300)
     assert a.returncode == 0, err_a
-    assert b.returncode == 2 and "open in another process" in err_b, err_b
     from lessctl.grads.store.reader import verify_store
 
-    assert verify_store(tiny_ws / "out" / "grads" / f"{T}-ckpt{steps(tiny_ws)[0]}-sgd.h5") == []
+    assert verify_store(store(tiny_ws, S, "adam")) == []
