@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -300,8 +301,17 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
 def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on_log) -> TrainResult:
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
     write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
-    _write_run_file(out, cfg, {"kind": "warmup", "counts": res.counts, "seconds": res.seconds})
+    run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
+    _write_run_file(out, cfg, run)
     return res
+
+
+def warmup_run_id(cfg: Config) -> str | None:
+    """The id of the warmup run whose checkpoints are in warmup/ (stores record it); None before ids existed."""
+    try:
+        return json.loads((warmup_dir(cfg) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_finetune(

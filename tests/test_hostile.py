@@ -152,6 +152,11 @@ def s_swap_pool_lines(ws):
     p.write_text("".join(lines))
 
 
+def s_rewarmed(ws):  # what `warmup --force` leaves: other weights under the same checkpoint steps
+    run = ws / "out" / "warmup" / "lessctl_run.json"
+    run.write_text(json.dumps({**json.loads(run.read_text()), "run_id": "another-warmup"}))
+
+
 def s_selection(ws, cli):
     assert cli("--config", ws / "lessctl.toml", "match", "--target", "sorting").code == 0
 
@@ -289,6 +294,7 @@ CASES = [
     # 1. data lost or silently wrong
     ("target-file-changed", G, s_copy_target, ["match", "--target", T], 2, "sorting_target.jsonl changed"),
     ("pool-file-changed", G, s_swap_pool_lines, ["match", "--target", T], 2, "synth_a.jsonl changed"),
+    ("warmup-retrained", G, s_rewarmed, ["match", "--target", T], 2, "the warmup was trained again"),
     ("weights-nan", G, None, ["match", "--target", T, "--weights", "nan", "1"], 2, "--weights"),
     ("weights-inf", G, None, ["match", "--target", T, "--weights", "1", "inf"], 2, "--weights"),
     ("weights-negative", G, None, ["match", "--target", T, "--weights", "-1", "1"], 2, "--weights"),
@@ -473,6 +479,17 @@ def test_changed_target_is_recomputed_by_grads_then_matched(tiny_grads_ws, cli):
     assert res.code == 0, res
     assert {r["status"] for r in json.loads(res.out)["stores"]} == {"written"}  # not "skipped"
     assert cli(*cfg, "match", "--target", T).code == 0
+
+
+def test_stores_of_a_replaced_warmup_are_recomputed(tiny_grads_ws, cli):
+    ws = tiny_grads_ws
+    own_stores(ws)
+    s_rewarmed(ws)
+    cfg = ("--config", ws / "lessctl.toml")
+    res = cli(*cfg, "grads", "--target", T, "--ckpt", steps(ws)[0], "--device", "cpu", "--projector", "basic", "--json")
+    assert res.code == 0 and json.loads(res.out)["stores"][0]["status"] == "written", res
+    with h5py.File(store(ws, T, "sgd")) as f:
+        assert f.attrs["warmup_run"] == "another-warmup"
 
 
 def test_incomplete_store_advice_resumes_it(tiny_grads_ws, cli):

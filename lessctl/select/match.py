@@ -119,7 +119,7 @@ def run_match(
     """
     from lessctl.data.records import example_text, read_jsonl
     from lessctl.grads.stage import data_sets
-    from lessctl.training import read_checkpoints
+    from lessctl.training import read_checkpoints, warmup_run_id
 
     if method not in METHODS:
         raise ConfigError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -169,8 +169,9 @@ def run_match(
                         f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
                         f"the file changed: recompute with `lessctl grads --train {n}`"
                     )
+            run_id = warmup_run_id(cfg)
             for ds in data_sets(cfg, train, [target], None):
-                _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers)
+                _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
             if target_readers[0].n_rows != len(subtasks):
                 raise InputError(
                     f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "
@@ -243,16 +244,17 @@ def _refuse_existing(out_dir: Path, force: bool) -> None:
         )
 
 
-def _check_source(ds: Any, readers: list[Any]) -> None:
-    """An InputError when a data set's files changed since any of its stores was written."""
+def _check_source(ds: Any, readers: list[Any], run_id: str | None) -> None:
+    """An InputError when a data set's files changed, or the warmup was trained again, since any of its stores
+    was written."""
     from lessctl.files import source_sha256
+    from lessctl.grads.stage import stale_reason
 
     sha = source_sha256(ds.files)
     for r in readers:
-        if r.attrs.get("source_sha256") != sha:
+        if why := stale_reason(r.attrs, sha, run_id, ds.files[0]):
             raise InputError(
-                f"{ds.files[0]} changed since its gradient store {r.paths[0].name} was written (its sha256 differs); "
-                f"`lessctl grads --{ds.role} {ds.name}` recomputes it"
+                f"gradient store {r.paths[0].name}: {why}; `lessctl grads --{ds.role} {ds.name}` recomputes it"
             )
 
 

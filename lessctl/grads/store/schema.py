@@ -41,7 +41,7 @@ ROOT_ATTRS = (
 # Attributes (besides projector_*, dims and index) that must agree for a `.part` to be resumed.
 _RESUME_KEYS = ("grad_type", "step", "base_model", "n_rows", "row_start", "total_rows", "shard", "num_shards")
 # Settings that change the numbers a store holds: a `.part` is resumed only with the same ones (when recorded).
-NUMERIC_KEYS = ("batch_tokens", "merge", "compile", "max_seq_length", "chat_format")
+NUMERIC_KEYS = ("batch_tokens", "merge", "compile", "max_seq_length", "chat_format", "warmup_run")
 # Attributes (besides projector_* and dims) that must agree between the shards of one store.
 _SHARD_KEYS = ("format_version", "grad_type", "step", "base_model", "source_sha256", "total_rows", "num_shards")
 _NAME_RE = re.compile(
@@ -108,6 +108,12 @@ def store_complete(path: Path) -> bool:
 
 def store_sha256(path: Path) -> str | None:
     """The source_sha256 of a complete, structurally sound store; None when it is not one."""
+    a = complete_attrs(path)
+    return None if a is None else a.get("source_sha256")
+
+
+def complete_attrs(path: Path) -> dict | None:
+    """The root attributes of a complete, structurally sound store; None when it is not one."""
     try:
         with _open_read(Path(path)) as f:
             a = _read_attrs(f)
@@ -117,7 +123,7 @@ def store_sha256(path: Path) -> str | None:
                 return None
     except OSError:
         return None
-    return a.get("source_sha256")
+    return a
 
 
 def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_values: bool) -> list[str]:
