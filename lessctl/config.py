@@ -341,7 +341,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
     given = {k for k, v in (overrides or {}).items() if v is not None}  # keys set by command-line options
 
     def label(key: str) -> str:
-        return option_name(key) if key in given else f"{where}{key}"
+        return f"{option_name(key)} sets {key}" if key in given else f"{where}{key}"
 
     for key in sorted(given):
         sec_name, _, fname = key.partition(".")
