@@ -250,6 +250,21 @@ def s_readonly_selected(ws):
     return lambda: d.chmod(0o755)
 
 
+def s_read_only(rel: str):
+    """A read-only folder as root sees one too: a read-only bind mount of the folder onto itself."""
+
+    def setup(ws):
+        d = ws / rel
+        d.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "--bind", str(d), str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot bind-mount here ({r.stderr.decode().strip()}): no read-only-mount case")
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(d)], check=True)
+        return lambda: subprocess.run(["umount", "-l", str(d)], check=False)
+
+    return setup
+
+
 def s_full_selected(ws):
     return mount_tmpfs(ws / "out" / "selected", "4k")
 
@@ -424,6 +439,25 @@ CASES = [
     ("selected-is-a-file", G, s_selected_is_a_file, ["match", "--target", T], 2, "selected"),
     ("grads-is-a-file", W, s_grads_is_a_file, ["grads", "--device", "cpu"], 2, "grads"),
     ("read-only-folder", G, s_readonly_selected, ["match", "--target", T], 2, "selected"),
+    ("read-only-out-match", G, s_read_only("out"), ["match", "--target", T], 2, "Read-only file system"),
+    ("read-only-out-grads", W, s_read_only("out"), ["grads", "--target", T, "--device", "cpu"], 2, "Read-only"),
+    (
+        "read-only-grads-store",
+        G,
+        s_read_only("out/grads"),
+        ["grads", "--target", T, "--ckpt", "{step0}", "--force", "--device", "cpu"],
+        2,
+        "Read-only",
+    ),
+    ("read-only-out-warmup-force", W, s_read_only("out"), ["warmup", "--force", "--device", "cpu"], 2, "Read-only"),
+    (
+        "read-only-out-finetune",
+        W,
+        s_read_only("out"),
+        ["finetune", "--train-file", "data/synth_a.jsonl", "--name", "x", "--device", "cpu", "--epochs", "1"],
+        2,
+        "Read-only",
+    ),
     ("full-disk-match", G, s_full_selected, ["match", "--target", T], 2, "No space left"),
     ("full-disk-grads", W, s_full_grads, ["grads", "--device", "cpu", "--target", T], 2, "free"),
 ]
