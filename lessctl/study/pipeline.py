@@ -93,17 +93,20 @@ def _match(cfg: Config, device) -> list[StageReport]:
 
 def _finetune(cfg: Config, device) -> list[StageReport]:
     from lessctl.models import is_adapter_dir
-    from lessctl.select.match import selection_file
+    from lessctl.select.match import selection_dir, selection_file
     from lessctl.training import adapter_is_stale, run_finetune
 
     reps = []
     for target in cfg.data.targets:
         name = f"{target}-{cfg.select.method}"
-        out, selection = paths.finetune_dir(cfg.output_dir, name), selection_file(cfg, target, cfg.select.method)
-        stale = is_adapter_dir(out) and adapter_is_stale(out, selection)
+        out = paths.finetune_dir(cfg.output_dir, name)
+        has_selection = (selection_dir(cfg, target, cfg.select.method) / "summary.json").is_file()
+        selection = selection_file(cfg, target, cfg.select.method) if has_selection else None
+        stale = is_adapter_dir(out) and selection is not None and adapter_is_stale(out, selection)
         if is_adapter_dir(out) and not stale:
             reps.append(StageReport("finetune", name, "skipped", "adapter exists"))
             continue
+        selection = selection or selection_file(cfg, target, cfg.select.method)  # names `lessctl match`
         run_finetune(
             cfg, selection, name, meta={"target": target, "method": cfg.select.method}, device=device, force=stale
         )
