@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -63,8 +65,28 @@ def _register() -> None:
         register_all(app)
 
 
+# errno values of OSErrors that are the machine's answer to a user's setup, not a bug in lessctl.
+USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+}
+
 # Options that take several values: `--dims 64 128` is read as `--dims 64 --dims 128`.
 MULTI_VALUE_OPTIONS = {"--dims", "--ckpt", "--ckpts", "--weights", "--train", "--target"}
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:
@@ -74,7 +96,7 @@ def expand_multi_values(argv: list[str]) -> list[str]:
         if tok == "--":
             current = None
             out.append(tok)
-        elif tok.startswith("-"):
+        elif tok.startswith("-") and not _is_number(tok):  # `--weights -1 1`: -1 is a value
             current = tok if tok in MULTI_VALUE_OPTIONS else None
             out.append(tok)
         elif current is not None and out and out[-1] != current:
@@ -87,7 +109,8 @@ def expand_multi_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
     _register()
-    argv = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv = expand_multi_values(given)
     try:
         app(args=argv, prog_name="lessctl")
     except LessctlError as exc:
@@ -95,9 +118,29 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the machine refused: permissions, a read-only or full disk, a file in a folder's place
+        if STATE.debug or exc.errno not in USER_ERRNOS:
+            raise
+        where = exc.filename if exc.filename is not None else "a file"
+        sys.stderr.write(
+            f"error: {where}: {exc.strerror or exc}; finished outputs are kept as they were (check the folder's "
+            "permissions and free space, then re-run)\n"
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        _interrupted(given)
+    except SystemExit as exc:  # Typer turns Ctrl-C into exit code 130
+        if exc.code == 130:
+            _interrupted(given)
+        raise
+
+
+def _interrupted(given: list[str]) -> None:
+    sys.stderr.write(
+        "interrupted: finished outputs are kept as they were, a partial gradient store (.part) or warmup "
+        f"checkpoint is kept to resume from; `lessctl {shlex.join(given)}` resumes\n"
+    )
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import tomllib
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,55 +261,97 @@ def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
     return f" (valid: {', '.join(options)})" if list_all else ""
 
 
-def _validate_values(cfg: Config, where: str, problems: list[str]) -> None:
+_OPTIONS = {"eval.bbh_examples_per_task": "--examples-per-task", "grads.merge": "--merge", "grads.compile": "--compile"}
+
+
+def option_name(key: str) -> str:
+    """The command-line option that sets `section.key` (`grads.batch_tokens` -> `--batch-tokens`)."""
+    return _OPTIONS.get(key) or "--" + key.partition(".")[2].replace("_", "-")
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[str]) -> None:
+    def bad(key: str, msg: str) -> None:
+        problems.append(f"{label(key)}: {msg}")
+
     if cfg.model.chat_format not in CHAT_FORMATS:
-        problems.append(f"{where}model.chat_format: expected {spelled(CHAT_FORMATS)}, got {cfg.model.chat_format!r}")
+        bad("model.chat_format", f"expected {spelled(CHAT_FORMATS)}, got {cfg.model.chat_format!r}")
     if cfg.model.dtype not in DTYPES:
-        problems.append(f"{where}model.dtype: expected {spelled(DTYPES)}, got {cfg.model.dtype!r}")
+        bad("model.dtype", f"expected {spelled(DTYPES)}, got {cfg.model.dtype!r}")
     if cfg.model.max_seq_length <= 0:
-        problems.append(f"{where}model.max_seq_length: must be positive")
+        bad("model.max_seq_length", "must be positive")
+    if cfg.lora.r < 1:
+        bad("lora.r", f"the LoRA rank must be at least 1, got {cfg.lora.r}")
+    if cfg.lora.alpha <= 0:
+        bad("lora.alpha", f"must be positive, got {cfg.lora.alpha}")
+    if not 0 <= cfg.lora.dropout < 1:
+        bad("lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.lora.target_modules or not all(isinstance(m, str) and m for m in cfg.lora.target_modules):
+        bad("lora.target_modules", f"expected a list of module names, got {cfg.lora.target_modules!r}")
     for sec in ("warmup", "finetune"):
         t = getattr(cfg, sec)
         if not 0 < t.percentage <= 1:
-            problems.append(f"{where}{sec}.percentage: must be in (0, 1], got {t.percentage}")
+            bad(f"{sec}.percentage", f"must be in (0, 1], got {t.percentage}")
         if t.epochs < 1:
-            problems.append(f"{where}{sec}.epochs: must be at least 1")
+            bad(f"{sec}.epochs", f"must be at least 1, got {t.epochs}")
         if not 0 <= t.warmup_ratio < 1:
-            problems.append(f"{where}{sec}.warmup_ratio: must be in [0, 1)")
+            bad(f"{sec}.warmup_ratio", "must be in [0, 1)")
+        if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+            bad(f"{sec}.learning_rate", f"must be a positive number, got {t.learning_rate}")
         if t.batch_size < 1 or t.gradient_accumulation_steps < 1:
-            problems.append(f"{where}{sec}: batch_size and gradient_accumulation_steps must be at least 1")
-        if t.effective_batch_size < 0:
-            problems.append(f"{where}{sec}.effective_batch_size: must be 0 (unset) or positive")
-        if t.loss_weighting not in LOSS_WEIGHTINGS:
             problems.append(
-                f"{where}{sec}.loss_weighting: expected {' or '.join(LOSS_WEIGHTINGS)}, got {t.loss_weighting!r}"
+                f"{label(sec + '.batch_size')}: batch_size and gradient_accumulation_steps must be at least 1"
             )
+        if t.logging_steps < 1:
+            bad(f"{sec}.logging_steps", "must be at least 1")
+        if t.effective_batch_size < 0:
+            bad(f"{sec}.effective_batch_size", "must be 0 (unset) or positive")
+        if t.loss_weighting not in LOSS_WEIGHTINGS:
+            bad(f"{sec}.loss_weighting", f"expected {spelled(LOSS_WEIGHTINGS)}, got {t.loss_weighting!r}")
     if not 0 < cfg.select.percentage <= 1:
-        problems.append(f"{where}select.percentage: must be in (0, 1], got {cfg.select.percentage}")
+        bad("select.percentage", f"must be in (0, 1], got {cfg.select.percentage}")
     if cfg.select.method not in METHODS:
-        problems.append(f"{where}select.method: expected {spelled(METHODS)}, got {cfg.select.method!r}")
+        bad("select.method", f"expected {spelled(METHODS)}, got {cfg.select.method!r}")
     if cfg.grads.projector not in PROJECTOR_KINDS:
-        problems.append(f"{where}grads.projector: expected {spelled(PROJECTOR_KINDS)}, got {cfg.grads.projector!r}")
+        bad("grads.projector", f"expected {spelled(PROJECTOR_KINDS)}, got {cfg.grads.projector!r}")
     if not cfg.grads.dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in cfg.grads.dims):
-        problems.append(f"{where}grads.dims: expected a list of positive integers, got {cfg.grads.dims!r}")
+        bad("grads.dims", f"expected a list of positive integers, got {cfg.grads.dims!r}")
+    if cfg.grads.batch_tokens < 1:
+        bad("grads.batch_tokens", f"must be at least 1, got {cfg.grads.batch_tokens}")
+    if cfg.grads.block_size < 1:
+        bad("grads.block_size", f"must be at least 1, got {cfg.grads.block_size}")
+    if cfg.eval.batch_size < 1:
+        bad("eval.batch_size", f"must be at least 1, got {cfg.eval.batch_size}")
+    if cfg.eval.limit < 0 or cfg.eval.bbh_examples_per_task < 1:
+        bad("eval.limit", "limit must be 0 or more and bbh_examples_per_task at least 1")
+    for section, names in (("data.train", cfg.data.train), ("data.targets", cfg.data.targets)):
+        for name in names:
+            if not NAME_RE.fullmatch(str(name)):
+                bad(
+                    f"{section}.{name}",
+                    "a data set name may hold letters, digits and _ . + - only (it names files and folders)",
+                )
     for name, path in cfg.data.train.items():
         if not isinstance(path, str):
-            problems.append(f"{where}data.train.{name}: expected a path string, got {path!r}")
+            bad(f"data.train.{name}", f"expected a path string, got {path!r}")
     for name, spec in cfg.data.targets.items():
         if isinstance(spec, str):
             if spec not in BUILTIN_TARGETS:
-                problems.append(
-                    f"{where}data.targets.{name}: unknown built-in target {spec!r}"
-                    f"{closest(spec, list(BUILTIN_TARGETS))}; a custom target is {{file = \"path.jsonl\"}}"
+                bad(
+                    f"data.targets.{name}",
+                    f"unknown built-in target {spec!r}{closest(spec, list(BUILTIN_TARGETS))}; a custom target is "
+                    f'{{file = "path.jsonl"}}',
                 )
         elif isinstance(spec, dict):
             unknown = set(spec) - set(TARGET_KEYS)
             if "file" not in spec:
-                problems.append(f"{where}data.targets.{name}: a custom target needs file = \"path.jsonl\"")
+                bad(f"data.targets.{name}", 'a custom target needs file = "path.jsonl"')
             for k in sorted(unknown):
-                problems.append(f"{where}data.targets.{name}.{k}: unknown key{closest(k, list(TARGET_KEYS))}")
+                bad(f"data.targets.{name}.{k}", f"unknown key{closest(k, list(TARGET_KEYS))}")
         else:
-            problems.append(f"{where}data.targets.{name}: expected a built-in name or a table, got {spec!r}")
+            bad(f"data.targets.{name}", f"expected a built-in name or a table, got {spec!r}")
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, path: Path | None = None) -> Config:
@@ -324,14 +368,17 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
             problems.append(f"{where}{sec_name}: expected a table [{sec_name}]")
             continue
         sections[sec_name] = dict(sec_val)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+    given = {k for k, v in (overrides or {}).items() if v is not None}  # keys set by command-line options
+
+    def label(key: str) -> str:
+        return f"{option_name(key)} sets {key}" if key in given else f"{where}{key}"
+
+    for key in sorted(given):
         sec_name, _, fname = key.partition(".")
         if sec_name not in SECTIONS:  # else the override would be dropped silently
             problems.append(f"unknown key {key}{closest(sec_name, list(SECTIONS))}")
             continue
-        sections.setdefault(sec_name, {})[fname] = value
+        sections.setdefault(sec_name, {})[fname] = overrides[key]
 
     built: dict[str, Any] = {}
     for sec_name in SECTIONS:
@@ -343,7 +390,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
             if k not in fields:
                 problems.append(f"{where}unknown key {sec_name}.{k}{closest(k, list(fields))}")
                 continue
-            kwargs[k] = _check_type(f"{where}{sec_name}.{k}", v, ftypes[k], problems)
+            kwargs[k] = _check_type(label(f"{sec_name}.{k}"), v, ftypes[k], problems)
         try:
             built[sec_name] = cls(**kwargs)
         except TypeError as exc:  # pragma: no cover - guarded by the checks above
@@ -351,7 +398,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
             built[sec_name] = cls()
     cfg = Config(**built, path=path)
     if not problems:
-        _validate_values(cfg, where, problems)
+        _validate_values(cfg, label, problems)
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg
@@ -367,11 +414,18 @@ def find_config(start: Path | None = None) -> Path | None:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    from lessctl.data.records import decode_utf8
+
+    if Path(path).is_dir():
+        raise ConfigError(f"--config: {path} is a folder; give the workspace file, e.g. {Path(path) / CONFIG_NAME}")
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such workspace file; create one with `lessctl init`") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(decode_utf8(data, path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 

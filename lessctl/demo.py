@@ -43,7 +43,7 @@ def run_demo(
     if not (folder / CONFIG_NAME).is_file():
         say("init: building the tiny model, tokenizer and synthetic data")
         init_workspace(folder, "tiny")
-    overrides = {"warmup.epochs": epochs} if epochs else {}
+    overrides = {"warmup.epochs": epochs}
     cfg = load_config(folder / CONFIG_NAME, overrides)
     timings = {}
     if not checkpoints_path(cfg).is_file():
@@ -66,7 +66,7 @@ def run_demo(
         expected = sum(f == target for f in pool) / len(pool)
         entry: dict = {"random_expected_precision": round(expected, 4)}
         for method in METHODS:
-            res = run_match(cfg, target, method=method)
+            res = run_match(cfg, target, method=method, force=True)  # the demo's own workspace
             entry[method] = {
                 "precision": round(selection_precision(res.file, target), 4),
                 "selected": res.n_selected,
@@ -89,7 +89,7 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
     from lessctl.evaluation.runner import ModelSpec, describe_model, run_custom_evaluation
     from lessctl.models import is_adapter_dir
     from lessctl.select.match import selection_file
-    from lessctl.training import run_finetune
+    from lessctl.training import adapter_is_stale, run_finetune
 
     def evaluate(spec, target: str) -> dict:
         p = eval_json_path(cfg.output_dir, spec.name, target)
@@ -118,7 +118,7 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
         for method in METHODS:
             name = f"{target}-{method}"
             out = paths.finetune_dir(cfg.output_dir, name)
-            if not is_adapter_dir(out):
+            if not is_adapter_dir(out) or adapter_is_stale(out, selection_file(cfg, target, method)):
                 say(f"finetune: {name}")
                 run_finetune(
                     cfg,
@@ -126,5 +126,6 @@ def _train_and_evaluate(cfg, report: dict, device, say) -> None:
                     name,
                     meta={"target": target, "method": method},
                     device=device,
+                    force=True,
                 )
             entry[method].update(evaluate(describe_model(out, output_dir=cfg.output_dir), target))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,3 +49,14 @@ def write_atomic(path: Path, text: str) -> None:
     """Writes `text` (UTF-8) to `path` through `atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Moves the complete folder `new` onto `dst`: the old `dst` is renamed aside first, then deleted."""
+    new, dst = Path(new), Path(dst)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(new, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
-from lessctl.errors import ConfigError, MissingArtifactError
+from lessctl.errors import ConfigError, InputError, MissingArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_DEVICE_RE = re.compile(r"(cpu|cuda|mps)(?::(\d+))?")
+
+
+def resolve_device(device: str | None, option: str = "--device") -> str:
+    """`device` checked against what this torch can use (None: the default device); a ConfigError naming
+    `option` for a name torch does not know or a device it cannot reach."""
+    if device is None:
+        return default_device()
+    import torch
+
+    text = str(device).strip()
+    m = _DEVICE_RE.fullmatch(text)
+    if m is None or (m[1] != "cuda" and m[2] is not None):
+        raise ConfigError(f"{option}: unknown device {device!r}; expected cpu, cuda or cuda:N")
+    if m[1] == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ConfigError(
+                f"{option}: {text} is not available: torch {torch.__version__} ({build}) sees no GPU; use --device cpu"
+            )
+        n = torch.cuda.device_count()
+        if m[2] is not None and int(m[2]) >= n:
+            raise ConfigError(f"{option}: {text} does not exist; this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    if m[1] == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option}: mps is not available here; use --device cpu")
+    return text
+
+
 def resolve_dtype(name: str, device: str | None = None):
     """'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
     import torch
 
-    device = device or default_device()
+    device = resolve_device(device)
     if name == "auto":
         if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -75,7 +104,7 @@ def load_base_model(name_or_path: str | Path, dtype: str = "auto", device: str |
     from transformers import AutoModelForCausalLM
 
     quiet_hf()
-    device = device or default_device()
+    device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype, device))
     except (OSError, ValueError) as exc:
@@ -125,8 +154,12 @@ def load_adapter_model(
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     tok = load_tokenizer(tok_src)
     model = load_base_model(base, dtype, device, tokenizer=tok)
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-    return model.to(device or default_device()), tok
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign adapter file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{adapter_dir}: the LoRA adapter cannot be loaded ({first})") from None
+    return model.to(resolve_device(device)), tok
 
 
 def load_model_for_eval(path: str | Path, dtype: str = "auto", device: str | None = None):
@@ -134,7 +167,7 @@ def load_model_for_eval(path: str | Path, dtype: str = "auto", device: str | Non
 
     Returns (model, tokenizer) in eval mode, the tokenizer padding on the left for generation.
     """
-    device = device or default_device()
+    device = resolve_device(device)
     if is_adapter_dir(path):
         model, tok = load_adapter_model(path, dtype=dtype, device=device)
         model = model.merge_and_unload()

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from lessctl import __version__, paths
 from lessctl.config import Config, TrainConfig
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
-from lessctl.files import write_atomic
+from lessctl.files import replace_dir, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,29 @@ def checkpoints_path(cfg: Config) -> Path:
 
 
 def read_checkpoints(cfg: Config) -> list[dict]:
-    """The manifest written by warmup; a user error naming `lessctl warmup` when it is missing."""
+    """The manifest written by warmup; a user error naming `lessctl warmup` when it is missing or damaged."""
     p = checkpoints_path(cfg)
     if not p.is_file():
         raise MissingArtifactError(
             f"no warmup checkpoints in {warmup_dir(cfg)} ({MANIFEST} missing); run `lessctl warmup` first"
         )
-    return json.loads(p.read_text())
+    redo = "run `lessctl warmup --force` to train the warmup again"
+    try:
+        entries = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text (byte {e.start}); {redo}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); {redo}") from None
+    ok = isinstance(entries, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("step"), int)
+        and isinstance(c.get("lr_mean"), (int, float))
+        and math.isfinite(c["lr_mean"])
+        for c in entries
+    )
+    if not ok:
+        raise InputError(f'{p}: expected a list of {{"step": int, "epoch", "lr_mean": number}}; {redo}')
+    return entries
 
 
 def checkpoint_dir(cfg: Config, step: int) -> Path:
@@ -340,7 +357,15 @@ def _manifest(out: Path, history: list[float]) -> list[dict]:
 
 
 def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, on_log=None) -> TrainResult:
-    """`lessctl warmup`: LoRA on the warmup subset, a checkpoint per epoch, then checkpoints.json."""
+    """`lessctl warmup`: LoRA on the warmup subset, a checkpoint per epoch, then checkpoints.json.
+
+    Without force an interrupted warmup resumes in place. With force the new warmup is trained in
+    `warmup.new/` and replaces `warmup/` only once it is complete: a failure (a bad data line, a device
+    torch cannot use, Ctrl-C) leaves the old warmup as it was.
+    """
+    from lessctl.models import resolve_device
+
+    device = resolve_device(device)
     out = warmup_dir(cfg)
     files = cfg.train_files()
     if not files:
@@ -348,17 +373,36 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
             f"{cfg.path or 'config'}: [data] train is empty; add training files, e.g. train = {{dolly = "
             f"\"dolly.jsonl\"}}"
         )
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        if not force:
-            raise AlreadyExistsError(f"warmup is already complete in {out}; pass --force to train it again")
-        shutil.rmtree(out)
-    elif force and out.exists():
-        shutil.rmtree(out)
-    res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
-    write_atomic(manifest, json.dumps(res.checkpoints, indent=2))
-    _write_run_file(out, cfg, {"kind": "warmup", "counts": res.counts, "seconds": res.seconds})
+    if (out / MANIFEST).is_file() and not force:
+        raise AlreadyExistsError(f"warmup is already complete in {out}; pass --force to train it again")
+    if not (force and out.exists()):
+        return _warmup_into(cfg, files, out, device, on_log)
+    staging = out.with_name(out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        res = _warmup_into(cfg, files, staging, device, on_log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, out)
+    res.output_dir = out
     return res
+
+
+def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on_log) -> TrainResult:
+    res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
+    write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
+    run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
+    _write_run_file(out, cfg, run)
+    return res
+
+
+def warmup_run_id(cfg: Config) -> str | None:
+    """The id of the warmup run whose checkpoints are in warmup/ (stores record it); None before ids existed."""
+    try:
+        return json.loads((warmup_dir(cfg) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_finetune(
@@ -372,14 +416,34 @@ def run_finetune(
     device: str | None = None,
     on_log=None,
 ) -> TrainResult:
-    """`lessctl finetune`: a fresh LoRA on `train_file` (all of it by default) into finetune/<name>/."""
+    """`lessctl finetune`: a fresh LoRA on `train_file` (all of it by default) into finetune/<name>/.
+
+    The adapter is trained in `<name>.new/` and moved into place when complete, so a failed or interrupted
+    run (`--force` included) leaves an existing adapter as it was.
+    """
+    from lessctl.models import resolve_device
+
+    device = resolve_device(device)
+    if not name or "/" in name or name in (".", "..") or name.endswith(".new"):
+        raise ConfigError(f"--name: {name!r} is not a folder name (no '/', not '.', '..' or ending in .new)")
     out = paths.finetune_dir(cfg.output_dir, name)
-    if (out / "adapter_config.json").is_file():
-        if not force:
-            raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
-        shutil.rmtree(out)
+    if (out / "adapter_config.json").is_file() and not force:
+        raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
     if not Path(train_file).is_file():
         raise MissingArtifactError(f"{train_file}: no such training file")
+    staging = out.with_name(out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, out)
+    res.output_dir = out
+    return res
+
+
+def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, device, on_log) -> TrainResult:
     res = train_lora(
         cfg,
         cfg.finetune,
@@ -398,6 +462,7 @@ def run_finetune(
         {
             "kind": "finetune",
             "train_file": str(train_file),
+            "train_file_sha256": sha256_file(train_file),
             "base_model": base,
             "selection_model": selector,
             "transfer": base != selector,
@@ -411,4 +476,17 @@ def run_finetune(
 
 def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:
     rec = {"lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "config": cfg.to_dict()}
-    (out / RUN_FILE).write_text(json.dumps(rec, indent=2, default=str))
+    write_atomic(out / RUN_FILE, json.dumps(rec, indent=2, default=str))
+
+
+def adapter_is_stale(adapter_dir: Path, train_file: Path) -> bool:
+    """True when `train_file` (a selection) is not the file the adapter in `adapter_dir` was trained on:
+    its sha256 differs from the recorded one (runs without the record: the file is newer than the run)."""
+    run = Path(adapter_dir) / RUN_FILE
+    try:
+        recorded = json.loads(run.read_text()).get("train_file_sha256")
+    except (OSError, ValueError):
+        return True
+    if recorded:
+        return recorded != sha256_file(train_file)
+    return Path(train_file).stat().st_mtime > run.stat().st_mtime

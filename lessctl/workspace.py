@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from lessctl.config import CONFIG_NAME, build_config, to_toml
 from lessctl.errors import AlreadyExistsError, ConfigError
+from lessctl.files import write_atomic
 from lessctl.vocab import EXTRA_PRESETS, PRESETS
 
 _HUB = {
@@ -153,24 +156,50 @@ HEADER = """\
 
 
 def init_workspace(folder: Path, preset: str, *, data_dir: str = "data", force: bool = False) -> Path:
-    """Writes `folder/lessctl.toml` for the preset; the tiny preset also builds its data and model."""
+    """Writes `folder/lessctl.toml` for the preset; the tiny presets also build their data and model.
+
+    `force` replaces lessctl.toml only: a tiny preset's data files and model already in the folder are kept
+    (the preset's are built aside and only the missing ones moved in), so edited data are never overwritten.
+    """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--dir: {folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CONFIG_NAME
     if path.exists() and not force:
         raise AlreadyExistsError(f"{path} exists; pass --force to overwrite it")
     raw = preset_config(preset, data_dir)
     build_config(raw, path=path)  # a preset must always validate
-    if preset == "tiny":
-        from lessctl.tiny import build_tiny_model, corpus_texts, write_tiny_data
-
-        files = write_tiny_data(folder / "data")
-        texts = corpus_texts(list(files["train"].values()) + list(files["targets"].values()))
-        build_tiny_model(folder / "model", texts)
-    elif preset == "tiny-ir":
-        from lessctl.ir.tiny import build_tiny_ir_workspace
-
-        build_tiny_ir_workspace(folder, data_dir)
+    if preset in ("tiny", "tiny-ir") and not ((folder / "data").is_dir() and (folder / "model").is_dir()):
+        _build_missing(folder, preset, data_dir)
     target = next(iter(raw["data"]["targets"]))
-    path.write_text(HEADER.format(preset=preset, target=target) + to_toml(raw))
+    write_atomic(path, HEADER.format(preset=preset, target=target) + to_toml(raw))
     return path
+
+
+def _build_missing(folder: Path, preset: str, data_dir: str) -> None:
+    """Builds a tiny preset's data and model in a folder aside, then moves in what `folder` lacks."""
+    aside = folder / ".lessctl-init.new"
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        if preset == "tiny":
+            from lessctl.tiny import build_tiny_model, corpus_texts, write_tiny_data
+
+            files = write_tiny_data(aside / "data")
+            texts = corpus_texts(list(files["train"].values()) + list(files["targets"].values()))
+            build_tiny_model(aside / "model", texts)
+        else:
+            from lessctl.ir.tiny import build_tiny_ir_workspace
+
+            build_tiny_ir_workspace(aside, data_dir)
+        if not (folder / "model").exists():
+            os.replace(aside / "model", folder / "model")
+        (folder / "data").mkdir(exist_ok=True)
+        for f in sorted((aside / "data").rglob("*")):
+            dst = folder / "data" / f.relative_to(aside / "data")
+            if f.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            elif not dst.exists():
+                os.replace(f, dst)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

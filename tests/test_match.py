@@ -76,7 +76,9 @@ def test_ckpt_subset_and_explicit_weights(tiny_grads_ws, cli):
     assert res.code == 0, res
     sel = json.loads(res.out)["selections"][0]
     assert sel["weights"] == [1.0] and sel["checkpoints"] == [steps[1]]
-    res = cli("--config", ws / "lessctl.toml", "match", "--target", "sorting", "--weights", "3", "1", "--json")
+    res = cli(
+        "--config", ws / "lessctl.toml", "match", "--target", "sorting", "--weights", "3", "1", "--json", "--force"
+    )
     sel = json.loads(res.out)["selections"][0]
     assert sel["weights"] == pytest.approx([0.75, 0.25])
     res = cli("--config", ws / "lessctl.toml", "match", "--target", "sorting", "--weights", "1")
@@ -130,11 +132,31 @@ def test_bm25_and_random_through_the_cli(tiny_ws, cli):
     sels = {s["method"]: s for s in json.loads(res.out)["selections"]}
     assert sels["bm25"]["selected"] == sels["random"]["selected"] == 18
     first = Path(sels["random"]["file"]).read_text()
-    res = cli("--config", tiny_ws / "lessctl.toml", "match", "--target", "arithmetic", "--method", "random", "--json")
+    res = cli(
+        "--config",
+        tiny_ws / "lessctl.toml",
+        "match",
+        "--target",
+        "arithmetic",
+        "--method",
+        "random",
+        "--json",
+        "--force",
+    )
     assert Path(json.loads(res.out)["selections"][0]["file"]).read_text() == first  # same seed, same subset
     cfg_text = (tiny_ws / "lessctl.toml").read_text().replace("seed = 3", "seed = 4", 1)
     (tiny_ws / "lessctl.toml").write_text(cfg_text)
-    res = cli("--config", tiny_ws / "lessctl.toml", "match", "--target", "arithmetic", "--method", "random", "--json")
+    res = cli(
+        "--config",
+        tiny_ws / "lessctl.toml",
+        "match",
+        "--target",
+        "arithmetic",
+        "--method",
+        "random",
+        "--json",
+        "--force",
+    )
     assert Path(json.loads(res.out)["selections"][0]["file"]).read_text() != first
 
 

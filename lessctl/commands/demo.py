@@ -34,8 +34,15 @@ def demo(
 ) -> None:
     """Run LESS on the tiny offline workspace and report selection precision per target and method."""
     from lessctl.demo import run_demo
+    from lessctl.errors import ConfigError
+    from lessctl.models import resolve_device
     from lessctl.vocab import METHODS
 
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--dir: {directory} is a file; give a folder for the demo workspace")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs: must be at least 1, got {epochs}")
+    resolve_device(device or "cpu")
     if fresh and directory.exists():
         shutil.rmtree(directory)
     with ProgressBar("demo", unit="steps", quiet=json_out) as bar:

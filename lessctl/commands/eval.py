@@ -45,7 +45,7 @@ def eval_(
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
     from lessctl.errors import ConfigError
     from lessctl.evaluation.runner import EVAL_TASKS, check_data, models_to_evaluate, run_evaluation, task_options
-    from lessctl.models import load_model_for_eval
+    from lessctl.models import load_model_for_eval, resolve_device
 
     tasks = list(dict.fromkeys(task or []))
     if not tasks:
@@ -62,6 +62,7 @@ def eval_(
             "eval.bbh_examples_per_task": examples_per_task,
         }
     )
+    resolve_device(device)
     data = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
     specs = models_to_evaluate(model, cfg.output_dir, cfg.model_ref())
 

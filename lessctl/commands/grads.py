@@ -267,7 +267,8 @@ def store_verify(
 
     if not paths:
         cfg = load_config()
-        paths = sorted(p for p in layout.grads_dir(cfg.output_dir).glob("*.h5"))
+        grads_dir = layout.grads_dir(cfg.output_dir)
+        paths = sorted([*grads_dir.glob("*.h5"), *grads_dir.glob("*.h5.part")])  # a .part is an incomplete store
         if not paths:
             from lessctl.errors import MissingArtifactError
 

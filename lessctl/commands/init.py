@@ -24,7 +24,14 @@ def init(
     data_dir: Annotated[
         str, typer.Option("--data-dir", help="LESS-layout data folder for real presets; BEIR folders for tiny-ir.")
     ] = "data",
-    force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing lessctl.toml.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            metavar="",
+            help="Overwrite an existing lessctl.toml (only that file: data and model folders already there are kept).",
+        ),
+    ] = False,
 ) -> None:
     """Create lessctl.toml for a preset (tiny builds an offline model and synthetic data too)."""
     from lessctl.workspace import init_workspace

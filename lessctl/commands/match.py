@@ -65,6 +65,9 @@ def match(
             "--dim", help="Projection dimension to match on (default: the largest of grads.dims in lessctl.toml)."
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing selection of the same target and method.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Score every pool example against a target and write the top 5% as jsonl."""
@@ -88,6 +91,7 @@ def match(
                     max_samples=max_samples,
                     train=train,
                     dim=dim,
+                    force=force,
                     progress=lambda done, total: bar.update(completed=done, total=total),
                 )
                 results.append(res)

@@ -20,14 +20,19 @@ def results(
     json_out: JsonOpt = False,
 ) -> None:
     """Show the recorded evaluation results, grouped by task."""
+    from lessctl.errors import ConfigError
     from lessctl.evaluation.results import read_results, results_path
 
     cfg = load_config()
-    records = [
-        r
-        for r in read_results(cfg.output_dir)
-        if (not task or r.get("task") in task) and (not model or r.get("model") in model)
-    ]
+    everything = read_results(cfg.output_dir)
+    for opt, wanted, key in (("--task", task, "task"), ("--model", model, "model")):
+        known = sorted({str(r.get(key)) for r in everything})
+        if unknown := [w for w in wanted or [] if w not in known]:
+            raise ConfigError(
+                f"{opt}: no results for {', '.join(map(repr, unknown))} in {results_path(cfg.output_dir)} "
+                f"(recorded: {', '.join(known) or 'none yet'})"
+            )
+    records = [r for r in everything if (not task or r.get("task") in task) and (not model or r.get("model") in model)]
     if json_out:
         emit_json({"results": records})
         return

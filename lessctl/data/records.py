@@ -25,24 +25,68 @@ class Record:
     data: dict
 
 
+def decode_utf8(data: bytes, path: str | Path) -> str:
+    """`data` decoded as UTF-8; bytes that are not UTF-8 are an InputError naming `file:line` and the column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputError(
+            f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {col} is not UTF-8; save the file as UTF-8"
+        ) from None
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its newline) of a UTF-8 text file, read line by line; a line that
+    is not UTF-8 is an InputError naming `file:line`. Every text reader of data files goes through here."""
+    try:
+        fh = open(path, "rb")
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}:{lineno}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8; "
+                    "save the file as UTF-8"
+                ) from None
+            yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file, newlines as they are; bytes that are not UTF-8 are an InputError naming
+    `file:line`."""
+    try:
+        data = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    return decode_utf8(data, path)
+
+
 def iter_json_lines(path: str | Path, expected: str = "one JSON object a line") -> Iterator[tuple[int, str, dict]]:
     """(1-based line number, raw line, object) for every non-blank line of a jsonl file.
 
-    A line that is not a JSON object is an InputError naming `file:line` and what was expected.
+    A line that is not a JSON object, or not UTF-8, is an InputError naming `file:line` and what was expected.
     """
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InputError(
-                    f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); expected {expected}"
-                ) from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object per line ({expected})")
-            yield lineno, raw, obj
+    for lineno, raw in text_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); expected {expected}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object per line ({expected})")
+        yield lineno, raw, obj
 
 
 def read_jsonl(path: str | Path) -> list[Record]:

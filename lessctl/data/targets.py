@@ -14,6 +14,7 @@ Tokenization (``encode(prompt)``, ``encode(prompt + completion)``, labels maskin
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 from lessctl.config import Config
 from lessctl.data.encoding import join_prompt_completion
-from lessctl.data.records import iter_json_lines
+from lessctl.data.records import iter_json_lines, read_text
 from lessctl.errors import ConfigError, InputError
 from lessctl.vocab import BUILTIN_TARGETS, PROMPT_FORMATS
 
@@ -165,8 +166,7 @@ def require_file(path: Path, layout: str) -> Path:
 def read_json(path: Path, layout: str) -> Any:
     require_file(path, layout)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); expected {layout}") from None
 
@@ -176,13 +176,12 @@ def read_mmlu_csv(path: Path) -> list[list[str]]:
     layout = "a headerless MMLU csv with 6 columns: question,A,B,C,D,answer"
     require_file(path, layout)
     rows: list[list[str]] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row:
-                continue
-            if len(row) != 6 or row[5].strip() not in MMLU_CHOICES:
-                raise InputError(f"{path}: row {lineno} has {len(row)} columns or a bad answer; expected {layout}")
-            rows.append(row)
+    for lineno, row in enumerate(csv.reader(io.StringIO(read_text(path), newline="")), start=1):
+        if not row:
+            continue
+        if len(row) != 6 or row[5].strip() not in MMLU_CHOICES:
+            raise InputError(f"{path}: row {lineno} has {len(row)} columns or a bad answer; expected {layout}")
+        rows.append(row)
     return rows
 
 

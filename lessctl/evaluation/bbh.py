@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lessctl.data.records import read_text
 from lessctl.data.targets import read_json, require_file, task_dir, wrap_user_turn
 from lessctl.errors import ConfigError, InputError
 from lessctl.evaluation.generation import ProgressHook, generate_greedy
@@ -27,7 +28,7 @@ def bbh_tasks(bbh_dir: Path) -> list[str]:
 
 def read_cot_prompt(path: Path) -> str:
     """The few-shot text of a cot-prompts file, without its canary line and the `-----` rule under it."""
-    lines = require_file(path, PROMPT_LAYOUT).read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = read_text(require_file(path, PROMPT_LAYOUT)).splitlines(keepends=True)
     for k, line in enumerate(lines[:3]):
         if line.strip() == "-----":
             lines = lines[k + 1 :]

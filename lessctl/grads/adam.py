@@ -45,7 +45,16 @@ def load_adam_state(ckpt_dir: Path, params: list[tuple[str, Any]], device) -> Ad
             f"{path}: the checkpoint has no optimizer state, which adam features need; "
             "use a checkpoint saved by `lessctl warmup`, or --type sgd"
         )
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(
+            f"{path}: cannot be read as a torch optimizer state ({why}); "
+            "the checkpoint is damaged: `lessctl warmup --force` trains the warmup again"
+        ) from None
+    if not isinstance(sd, dict) or not isinstance(sd.get("state", {}), dict):
+        raise InputError(f"{path}: not an optimizer state (expected a dict with 'state' and 'param_groups')")
     state, groups = sd.get("state", {}), sd.get("param_groups", [{}])
     if groups and all(isinstance(k, int) for k in state):
         order = [i for g in groups for i in g.get("params", [])] or sorted(state)

@@ -147,12 +147,14 @@ def collect_gradients(
     from lessctl.grads.collector import FeatureCollector
     from lessctl.grads.engine import PerExampleGradients
     from lessctl.grads.projection.choose import choose_projector_kind, make_projector
-    from lessctl.grads.store.schema import store_complete, store_path
+    from lessctl.grads.store.schema import complete_attrs, store_path
     from lessctl.grads.store.writer import StoreWriter
-    from lessctl.models import default_device, load_adapter_model
-    from lessctl.training import checkpoint_dir
+    from lessctl.models import load_adapter_model, resolve_device
+    from lessctl.training import checkpoint_dir, warmup_run_id
 
-    device = device or default_device()
+    device = resolve_device(device)
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens: must be at least 1, got {batch_tokens}")
     batch_tokens = batch_tokens or cfg.grads.batch_tokens
     check_steps(cfg, steps)
     sets = data_sets(cfg, train, targets, grad_type)
@@ -163,15 +165,24 @@ def collect_gradients(
     grads_dir.mkdir(parents=True, exist_ok=True)
     base = cfg.model_ref()
     hashes: dict[str, str] = {}  # computed only for stores that get written, once per run
+    run_id = warmup_run_id(cfg)
     projectors: dict[int, Any] = {}
     results: list[StoreResult] = []
 
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
-        todo = [ds for ds in sets if force or not store_complete(store_paths[ds.name])]
+        todo, stale = [], set()
         for ds in sets:
-            if ds not in todo:
-                results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped"))
+            if not force and (old := complete_attrs(store_paths[ds.name])) is not None:
+                if ds.name not in hashes:
+                    hashes[ds.name] = source_sha256(ds.files)
+                why = stale_reason(old, hashes[ds.name], run_id, ds.files[0])
+                if why is None:
+                    results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped"))
+                    continue
+                log.warning("%s: %s; recomputing it", store_paths[ds.name].name, why)
+                stale.add(ds.name)
+            todo.append(ds)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)
@@ -217,6 +228,10 @@ def collect_gradients(
                 "row_start": start,
                 "max_seq_length": cfg.model.max_seq_length,
                 "chat_format": cfg.model.chat_format,
+                "batch_tokens": batch_tokens,
+                "warmup_run": run_id,
+                "merge": bool(cfg.grads.merge),
+                "compile": bool(cfg.grads.compile),
                 "lessctl_version": __version__,
                 "shard": shard[0] if shard else 1,
                 "num_shards": shard[1] if shard else 1,
@@ -224,7 +239,9 @@ def collect_gradients(
             }
             t0 = time.time()
             zero = 0
-            with StoreWriter(store_paths[ds.name], dims=dims, index=index, attrs=attrs, force=force) as w:
+            with StoreWriter(
+                store_paths[ds.name], dims=dims, index=index, attrs=attrs, force=force, replace=ds.name in stale
+            ) as w:
                 done0 = w.rows_completed
                 status = "resumed" if done0 else "written"
                 pos = start + done0
@@ -260,6 +277,16 @@ def collect_gradients(
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
     return results
+
+
+def stale_reason(attrs: dict, source_sha: str, run_id: str | None, source: Path) -> str | None:
+    """Why a complete store no longer describes its data: its source changed, or the warmup was trained again
+    since (its checkpoints are other weights under the same steps); None when it is current."""
+    if attrs.get("source_sha256") != source_sha:
+        return f"{source} changed since it was written (its sha256 differs)"
+    if attrs.get("warmup_run") and run_id and attrs["warmup_run"] != run_id:
+        return "the warmup was trained again since it was written (another warmup run)"
+    return None
 
 
 def window_rows(flush_rows: int, project_rows: int) -> int:

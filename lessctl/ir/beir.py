@@ -81,23 +81,24 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
         hint = f" (splits here: {', '.join(have)})" if have else ""
         raise InputError(f"{path}: no such qrels file{hint}; expected {LAYOUT}")
     out: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.rstrip("\n").split("\t") if "\t" in line else line.split()
-            if not parts or not line.strip():
+    from lessctl.data.records import text_lines
+
+    for lineno, line in text_lines(path):
+        parts = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+        if not parts or not line.strip():
+            continue
+        if len(parts) == 4:  # TREC: qid iteration docid grade
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise InputError(f"{path}:{lineno}: expected query-id, corpus-id and score separated by tabs")
+        qid, did, score = (p.strip() for p in parts)
+        try:
+            grade = int(float(score))
+        except ValueError:
+            if lineno == 1:  # the header
                 continue
-            if len(parts) == 4:  # TREC: qid iteration docid grade
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise InputError(f"{path}:{lineno}: expected query-id, corpus-id and score separated by tabs")
-            qid, did, score = (p.strip() for p in parts)
-            try:
-                grade = int(float(score))
-            except ValueError:
-                if lineno == 1:  # the header
-                    continue
-                raise InputError(f"{path}:{lineno}: the score {score!r} is not a number") from None
-            out.setdefault(qid, {})[did] = grade
+            raise InputError(f"{path}:{lineno}: the score {score!r} is not a number") from None
+        out.setdefault(qid, {})[did] = grade
     return out
 
 

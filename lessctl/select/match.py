@@ -19,10 +19,10 @@ import numpy as np
 
 from lessctl import paths
 from lessctl.config import Config
-from lessctl.errors import ConfigError, InputError, MissingArtifactError
+from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
 from lessctl.files import write_atomic
 from lessctl.select.baselines import BM25_PARAMS, bm25_scores, random_scores
-from lessctl.select.scores import Scored, check_compatible, less_scores, normalize_weights
+from lessctl.select.scores import Scored, check_compatible, check_rows, less_scores, normalize_weights
 from lessctl.vocab import METHODS
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _open_stores(cfg: Config, names: list[str], steps: list[int], grad_type: str
     try:
         for n in names:
             out[n] = [open_store(grads_dir, n, s, grad_type) for s in steps]
-    except MissingArtifactError:
+    except BaseException:
         for rs in out.values():
             for r in rs:
                 r.close()
@@ -110,12 +110,16 @@ def run_match(
     train: list[str] | None = None,
     dim: int | None = None,
     out_name: str | None = None,
+    force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SelectionResult:
-    """Scores the pool for one target with one method and writes selected/<target>/<method>/."""
+    """Scores the pool for one target with one method and writes selected/<target>/<method>/.
+
+    An existing selection there is replaced only with `force`; every check runs before anything is written.
+    """
     from lessctl.data.records import example_text, read_jsonl
-    from lessctl.files import sha256_file
-    from lessctl.training import read_checkpoints
+    from lessctl.grads.stage import data_sets
+    from lessctl.training import read_checkpoints, warmup_run_id
 
     if method not in METHODS:
         raise ConfigError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -132,6 +136,7 @@ def run_match(
     percentage = cfg.select.percentage if percentage is None else percentage
     if max_samples is None and not 0 < percentage <= 1:
         raise ConfigError(f"--percentage: must be in (0, 1], got {percentage}")
+    out_dir = paths.selection_dir(cfg.output_dir, target, out_name or method)
     records = {n: read_jsonl(files[n]) for n in train}
     subtasks, prompts = _target_subtasks_and_prompts(cfg, target)
     info: dict[str, Any] = {}
@@ -152,6 +157,7 @@ def run_match(
         else:
             w = normalize_weights([by_step[s]["lr_mean"] for s in steps])
         dim = dim or max(cfg.grads.dims)
+        _refuse_existing(out_dir, force)
         train_readers = _open_stores(cfg, train, steps, "adam")
         target_readers = _open_stores(cfg, [target], steps, "sgd")[target]
         try:
@@ -161,20 +167,18 @@ def run_match(
                 if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
                     raise InputError(
                         f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
-                        f"the file changed: recompute with `lessctl grads --train {n} --force`"
+                        f"the file changed: recompute with `lessctl grads --train {n}`"
                     )
-                sha = sha256_file(files[n])
-                if rs[0].attrs.get("source_sha256") != sha:
-                    raise InputError(
-                        f"{files[n]} changed since its gradient store was written; recompute with `lessctl grads "
-                        f"--train {n} --force`"
-                    )
+            run_id = warmup_run_id(cfg)
+            for ds in data_sets(cfg, train, [target], None):
+                _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
             if target_readers[0].n_rows != len(subtasks):
                 raise InputError(
                     f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "
                     f"examples; "
-                    f"recompute with `lessctl grads --target {target} --force`"
+                    f"recompute with `lessctl grads --target {target}`"
                 )
+            check_rows(target_readers, dim)
             scored = less_scores(train_readers, target_readers, w, subtasks, dim, progress)
         finally:
             for r in [r for rs in train_readers.values() for r in rs] + target_readers:
@@ -198,18 +202,22 @@ def run_match(
         texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
         scored, info = dsir_scores(texts, target_texts(cfg, target), cfg.experiment.seed)
     elif method == "bm25":
+        _refuse_existing(out_dir, force)
         texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
         scored = bm25_scores(texts, prompts, subtasks)
         info = {"bm25": dict(BM25_PARAMS)}
     else:
+        _refuse_existing(out_dir, force)
         scored = random_scores({n: [r.line for r in recs] for n, recs in records.items()}, cfg.experiment.seed)
         info = {"seed": cfg.experiment.seed}
 
     total = len(scored.scores)
+    k = n_selected(total, percentage, max_samples)
+    if k == 0:
+        raise ConfigError(f"--percentage: {percentage:g} of {total} examples selects none; give a larger share")
     unscored = int(np.isnan(scored.scores).sum())
-    k = min(n_selected(total, percentage, max_samples), total - unscored)  # rows without a score are never taken
+    k = min(k, total - unscored)  # rows without a score are never taken
     order = top_order(scored.scores)
-    out_dir = paths.selection_dir(cfg.output_dir, target, out_name or method)
     out_dir.mkdir(parents=True, exist_ok=True)
     fname = f"top_n{k}.jsonl" if max_samples is not None else f"top_p{percentage:g}.jsonl"
     raw = {n: {r.line: r for r in recs} for n, recs in records.items()}
@@ -241,6 +249,28 @@ def run_match(
     }
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary, scored)
+
+
+def _refuse_existing(out_dir: Path, force: bool) -> None:
+    if (out_dir / "summary.json").exists() and not force:
+        raise AlreadyExistsError(
+            f"{out_dir} already holds a selection; pass --force to replace it (`lessctl run` then redoes the "
+            "finetune on it)"
+        )
+
+
+def _check_source(ds: Any, readers: list[Any], run_id: str | None) -> None:
+    """An InputError when a data set's files changed, or the warmup was trained again, since any of its stores
+    was written."""
+    from lessctl.files import source_sha256
+    from lessctl.grads.stage import stale_reason
+
+    sha = source_sha256(ds.files)
+    for r in readers:
+        if why := stale_reason(r.attrs, sha, run_id, ds.files[0]):
+            raise InputError(
+                f"gradient store {r.paths[0].name}: {why}; `lessctl grads --{ds.role} {ds.name}` recomputes it"
+            )
 
 
 def _sorted_csv(scored: Scored, order: np.ndarray) -> str:

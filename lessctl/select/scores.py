@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from lessctl.errors import ConfigError, InputError
-from lessctl.models import default_device
+from lessctl.grads.store.schema import UNIT_NORM_TOL
+from lessctl.models import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def aggregate(scores, A):
 
 def normalize_weights(weights: Sequence[float]) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(w).all():
+        raise ConfigError(f"--weights: checkpoint weights must be finite numbers, got {list(weights)}")
     if (w < 0).any() or w.sum() <= 0:
         raise ConfigError(f"--weights: checkpoint weights must be non-negative and not all zero, got {list(weights)}")
     return w / w.sum()
@@ -80,7 +83,7 @@ def less_scores(
     """
     import torch
 
-    dev = torch.device(device or default_device())
+    dev = torch.device(resolve_device(device))
     cuda = dev.type == "cuda"
     _, A = subtask_matrix(subtasks)
     At = torch.from_numpy(A).to(dev)
@@ -88,6 +91,7 @@ def less_scores(
     Y = [torch.from_numpy(r.read(dim).astype(np.float32)).to(dev) for r in target_readers]
     w = [float(x) for x in weights]
     names, index, scores = [], [], []
+    flags = []  # (readers, c, start, b, device bool): blocks holding a row neither unit-norm nor zero
     total = sum(rs[0].n_rows for rs in train_readers.values())
     done = 0
     for name, readers in train_readers.items():
@@ -101,7 +105,11 @@ def less_scores(
                     x = x.to(dev, non_blocking=True)
                     ready = torch.cuda.Event()
                     ready.record()  # buf may be read into again once the copy out of it is done
-                part = w[c] * (x.float() @ Y[c].T)  # [b, M]
+                xf = x.float()
+                part = w[c] * (xf @ Y[c].T)  # [b, M]
+                length = xf.norm(dim=1)  # [b]; checked on the device, read back once at the end
+                unit = length.isfinite() & ((length == 0) | ((length - 1).abs() < UNIT_NORM_TOL))
+                flags.append((readers, c, start, len(xf), ~unit.all()))
                 blocks.release(buf, ready)
                 acc = part if c == 0 else acc + part
                 if c == len(readers) - 1:
@@ -114,6 +122,9 @@ def less_scores(
         s = out.double().cpu().numpy()
         s[unscored_rows(readers, dim)] = np.nan
         scores.append(s)
+    if flags and (bad := torch.stack([f[4] for f in flags]).cpu().numpy()).any():
+        readers, c, start, b, _ = flags[int(np.argmax(bad))]
+        _raise_bad_block(readers[c], dim, start, b)
     return Scored(names, np.concatenate(index), np.concatenate(scores))
 
 
@@ -191,6 +202,33 @@ class _BlockReader:
         self.close()
 
 
+def _raise_bad_block(reader: Any, dim: int, start: int, b: int) -> None:
+    from lessctl.grads.store.schema import bad_rows
+
+    x = np.empty((b, dim), dtype=np.float16)
+    reader.read_into(dim, start, x)
+    rows = bad_rows(x) + start
+    _raise_bad_rows(reader, rows if len(rows) else np.array([start, start + b - 1]))
+
+
+def _raise_bad_rows(reader: Any, rows: np.ndarray) -> None:
+    (path, first), (_, last) = reader.locate(int(rows[0])), reader.locate(int(rows[-1]))
+    raise InputError(
+        f"gradient store {path}: {len(rows)} rows are not unit vectors (NaN, inf or damaged values), rows "
+        f"{first}-{last}; `lessctl store verify` checks every store, `lessctl grads --force` recomputes it"
+    )
+
+
+def check_rows(readers: list[Any], dim: int) -> None:
+    """An InputError naming the file and rows when a (small, target) store holds rows neither unit nor zero."""
+    from lessctl.grads.store.schema import bad_rows
+
+    for r in readers:
+        rows = bad_rows(r.read(dim))
+        if len(rows):
+            _raise_bad_rows(r, rows)
+
+
 def check_compatible(readers: list[Any], dim: int) -> None:
     """Refuses stores of different projections, dimensions or base models."""
     from lessctl.grads.projection.base import same_projection
@@ -198,7 +236,11 @@ def check_compatible(readers: list[Any], dim: int) -> None:
     first = readers[0]
     for r in readers:
         if dim not in r.dims:
-            raise InputError(f"{r.paths[0]} has no dimension {dim} (it has {r.dims}); run `lessctl grads --dims {dim}`")
+            dims = " ".join(map(str, sorted({*r.dims, dim})))
+            raise InputError(
+                f"{r.paths[0]} has no dimension {dim} (it has {', '.join(map(str, r.dims))}); match with --dim "
+                f"{r.dims[-1]}, or add it with `lessctl grads --dims {dims} --force` (recomputes the stores)"
+            )
         diff = same_projection(first.projector, r.projector)
         if diff:
             raise InputError(

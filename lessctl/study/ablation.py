@@ -304,6 +304,7 @@ def run_ablation(
                 percentage=percentage,
                 dim=dim,
                 out_name=f"{method}-ckpt{label}",
+                force=True,  # the ablation's own selections, one per subset
                 progress=cb,
             )
             _note_subset(res.out_dir / "summary.json", subset)

@@ -42,9 +42,13 @@ def run_pipeline(
     say: Callable[[str], None] | None = None,
 ) -> list[StageReport]:
     """Runs the stages from `start` to `until`; each stage skips what a previous run completed."""
+    from lessctl.models import resolve_device
+
     say = say or (lambda s: None)
+    stages = stage_range(start, until)
+    device = resolve_device(device) if device is not None else None  # a bad --device fails before any stage
     out: list[StageReport] = []
-    for stage in stage_range(start, until):
+    for stage in stages:
         say(f"stage {stage}")
         out += _STAGE_FUNCS[stage](cfg, device)
     return out
@@ -91,23 +95,24 @@ def _match(cfg: Config, device) -> list[StageReport]:
 
 def _finetune(cfg: Config, device) -> list[StageReport]:
     from lessctl.models import is_adapter_dir
-    from lessctl.select.match import selection_file
-    from lessctl.training import run_finetune
+    from lessctl.select.match import selection_dir, selection_file
+    from lessctl.training import adapter_is_stale, run_finetune
 
     reps = []
     for target in cfg.data.targets:
         name = f"{target}-{cfg.select.method}"
-        if is_adapter_dir(paths.finetune_dir(cfg.output_dir, name)):
+        out = paths.finetune_dir(cfg.output_dir, name)
+        has_selection = (selection_dir(cfg, target, cfg.select.method) / "summary.json").is_file()
+        selection = selection_file(cfg, target, cfg.select.method) if has_selection else None
+        stale = is_adapter_dir(out) and selection is not None and adapter_is_stale(out, selection)
+        if is_adapter_dir(out) and not stale:
             reps.append(StageReport("finetune", name, "skipped", "adapter exists"))
             continue
+        selection = selection or selection_file(cfg, target, cfg.select.method)  # names `lessctl match`
         run_finetune(
-            cfg,
-            selection_file(cfg, target, cfg.select.method),
-            name,
-            meta={"target": target, "method": cfg.select.method},
-            device=device,
+            cfg, selection, name, meta={"target": target, "method": cfg.select.method}, device=device, force=stale
         )
-        reps.append(StageReport("finetune", name, "done"))
+        reps.append(StageReport("finetune", name, "done", "the selection changed since the last finetune" * stale))
     return reps
 
 
@@ -123,7 +128,9 @@ def _eval(cfg: Config, device) -> list[StageReport]:
         if not isinstance(spec, str) and not spec.get("eval_file"):
             reps.append(StageReport("eval", name, "not applicable", "custom target without eval_file"))
             continue
-        if eval_json_path(cfg.output_dir, name, task).is_file():
+        result = eval_json_path(cfg.output_dir, name, task)
+        trained = paths.finetune_dir(cfg.output_dir, name) / "lessctl_run.json"  # a redone finetune: evaluate again
+        if result.is_file() and (not trained.is_file() or result.stat().st_mtime >= trained.stat().st_mtime):
             reps.append(StageReport("eval", f"{name}/{task}", "skipped", "result exists"))
             continue
         model_spec = describe_model(paths.finetune_dir(cfg.output_dir, name), output_dir=cfg.output_dir)

@@ -17,6 +17,7 @@ from lessctl.grads.store.schema import (
     _file_problems,
     _open_read,
     _read_attrs,
+    incomplete_message,
     parse_store_name,
     part_path,
     store_path,
@@ -57,7 +58,7 @@ class StoreReader:
         row = 0
         for k, (p, a, f) in enumerate(zip(self.paths, self.shard_attrs, self._files), start=1):
             if not a.get("complete") or a.get("rows_completed") != a.get("n_rows"):
-                raise MissingArtifactError(f"gradient store {p} is incomplete; re-running `lessctl grads` resumes it")
+                raise MissingArtifactError(incomplete_message(p))
             if broken := _file_problems(f, p, require_complete=True, check_values=False):
                 raise InputError(f"gradient store {p} is malformed: {broken[0]}")
             keys = [*_SHARD_KEYS, *sorted(x for x in a.keys() | first.keys() if x.startswith(PROJECTOR_PREFIX))]
@@ -83,17 +84,22 @@ class StoreReader:
 
     def read(self, dim: int) -> np.ndarray:
         """All normalized rows of one dimension: [N, D] float16."""
-        return np.concatenate([ds[:] for ds in self._datasets(dim, "features")])
+        return np.concatenate([_read(ds, np.s_[:]) for ds in self._datasets(dim, "features")])
 
     def norms(self, dim: int) -> np.ndarray:
         """The norms before normalization: [N] float32."""
-        return np.concatenate([ds[:] for ds in self._datasets(dim, "norms")])
+        return np.concatenate([_read(ds, np.s_[:]) for ds in self._datasets(dim, "norms")])
 
     def iter_chunks(self, dim: int, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (global start row, [b, D] float16) with b <= rows, in row order across shards."""
         for ds, offset in zip(self._datasets(dim, "features"), self._starts):
             for a in range(0, ds.shape[0], rows):
-                yield offset + a, ds[a : a + rows]
+                yield offset + a, _read(ds, np.s_[a : a + rows])
+
+    def locate(self, row: int) -> tuple[Path, int]:
+        """(file, row in that file) of a global row."""
+        k = max(i for i, s in enumerate(self._starts) if s <= row)
+        return self.paths[k], row - self._starts[k]
 
     def read_into(self, dim: int, start: int, out: np.ndarray) -> None:
         """Fill `out` ([b, D] float16, C-contiguous, e.g. a pinned buffer) with rows start..start+b, across shards.
@@ -110,7 +116,10 @@ class StoreReader:
         for ds, offset in zip(self._datasets(dim, "features"), self._starts):
             a, b = max(start, offset), min(stop, offset + ds.shape[0])
             if a < b:
-                ds.read_direct(out, np.s_[a - offset : b - offset], np.s_[a - start : b - start])
+                try:
+                    ds.read_direct(out, np.s_[a - offset : b - offset], np.s_[a - start : b - start])
+                except OSError as e:
+                    raise _damaged(ds, a - offset, b - offset, e) from e
 
     def close(self) -> None:
         """Close the underlying files."""
@@ -123,6 +132,21 @@ class StoreReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _damaged(ds: h5py.Dataset, a: int, b: int, e: OSError) -> InputError:
+    return InputError(
+        f"gradient store {ds.file.filename} is damaged: {ds.name} rows {a}-{b - 1} cannot be read "
+        f"({str(e).splitlines()[0]}); `lessctl store verify` lists the damage, `lessctl grads --force` recomputes it"
+    )
+
+
+def _read(ds: h5py.Dataset, sel) -> np.ndarray:
+    try:
+        return ds[sel]
+    except OSError as e:
+        a, b, _ = sel[0].indices(ds.shape[0]) if isinstance(sel, tuple) else sel.indices(ds.shape[0])
+        raise _damaged(ds, a, b, e) from e
 
 
 def _scan(grads_dir: Path) -> dict[tuple[str, int, str, int | None], dict[int, Path]]:
@@ -150,9 +174,7 @@ def open_store(grads_dir: Path, name: str, step: int, grad_type: str) -> StoreRe
     what = f"the gradient store for '{name}' at checkpoint {step} ({grad_type})"
     sets = {key[3]: by_k for key, by_k in _scan(grads_dir).items() if key[:3] == (name, step, grad_type)}
     if None in sets and len(sets) == 1:
-        raise MissingArtifactError(
-            f"{what} is incomplete ({part_path(path)}); re-running `lessctl grads --ckpt {step}` resumes it"
-        )
+        raise MissingArtifactError(incomplete_message(part_path(path)))
     sets.pop(None, None)
     if not sets:
         raise MissingArtifactError(
@@ -171,9 +193,7 @@ def open_store(grads_dir: Path, name: str, step: int, grad_type: str) -> StoreRe
             shard_file = store_path(grads_dir, name, step, grad_type, (k, n))
             raise MissingArtifactError(f"shard {k}/{n} of {what} is missing: {shard_file}; run {run} to make it")
         if _is_part(by_k[k]):
-            raise MissingArtifactError(
-                f"shard {k}/{n} of {what} is incomplete ({by_k[k]}); re-running {run} resumes it"
-            )
+            raise MissingArtifactError(f"shard {k}/{n}: {incomplete_message(by_k[k])}")
     return StoreReader([by_k[k] for k in range(1, n + 1)])
 
 
@@ -192,13 +212,15 @@ def list_stores(grads_dir: Path) -> list[dict]:
             try:
                 with _open_read(p) as f:
                     a, dims = _read_attrs(f), _dims_of(f)
+                    sound = not _file_problems(f, p, require_complete=False, check_values=False)
             except OSError as e:
                 log.warning("cannot read %s: %s", p, e)
                 complete = False
                 continue
             done += int(a.get("rows_completed") or 0)
             total, kind = a.get("total_rows", total), a.get(PROJECTOR_PREFIX + "kind", kind)
-            complete &= not _is_part(p) and bool(a.get("complete")) and a.get("rows_completed") == a.get("n_rows")
+            complete &= sound and not _is_part(p) and bool(a.get("complete"))
+            complete &= a.get("rows_completed") == a.get("n_rows")
         missing = [k for k in range(1, (n or 1) + 1) if k not in by_k]
         out.append(
             dict(

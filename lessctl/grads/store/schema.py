@@ -40,6 +40,8 @@ ROOT_ATTRS = (
 )
 # Attributes (besides projector_*, dims and index) that must agree for a `.part` to be resumed.
 _RESUME_KEYS = ("grad_type", "step", "base_model", "n_rows", "row_start", "total_rows", "shard", "num_shards")
+# Settings that change the numbers a store holds: a `.part` is resumed only with the same ones (when recorded).
+NUMERIC_KEYS = ("batch_tokens", "merge", "compile", "max_seq_length", "chat_format", "warmup_run")
 # Attributes (besides projector_* and dims) that must agree between the shards of one store.
 _SHARD_KEYS = ("format_version", "grad_type", "step", "base_model", "source_sha256", "total_rows", "num_shards")
 _NAME_RE = re.compile(
@@ -100,13 +102,28 @@ def _open_read(path: Path) -> h5py.File:
 
 
 def store_complete(path: Path) -> bool:
-    """True when `path` is a readable store marked complete with all its rows written."""
+    """True when `path` is a readable store marked complete with all its rows written and all its datasets."""
+    return store_sha256(path) is not None
+
+
+def store_sha256(path: Path) -> str | None:
+    """The source_sha256 of a complete, structurally sound store; None when it is not one."""
+    a = complete_attrs(path)
+    return None if a is None else a.get("source_sha256")
+
+
+def complete_attrs(path: Path) -> dict | None:
+    """The root attributes of a complete, structurally sound store; None when it is not one."""
     try:
         with _open_read(Path(path)) as f:
             a = _read_attrs(f)
+            if not (bool(a.get("complete")) and "n_rows" in a and a.get("rows_completed") == a["n_rows"]):
+                return None
+            if _file_problems(f, Path(path), require_complete=True, check_values=False):
+                return None
     except OSError:
-        return False
-    return bool(a.get("complete")) and "n_rows" in a and a.get("rows_completed") == a["n_rows"]
+        return None
+    return a
 
 
 def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_values: bool) -> list[str]:
@@ -147,14 +164,24 @@ def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_va
         ]
     if not dims:
         problems.append("no dim<D> groups")
+    recorded = a.get("dims")  # stores written since the attribute exists record their dims
+    if recorded is not None and sorted(int(x) for x in np.atleast_1d(recorded)) != dims:
+        problems.append(f"dims {dims} but the store was written with dims {sorted(np.atleast_1d(recorded).tolist())}")
     for d in dims:
-        feats, norms = f[f"dim{d}"].get("features"), f[f"dim{d}"].get("norms")
+        group = f[f"dim{d}"]
+        if not isinstance(group, h5py.Group):
+            problems.append(f"dim{d} is not a group")
+            continue
+        feats, norms = group.get("features"), group.get("norms")
         if not isinstance(feats, h5py.Dataset) or feats.dtype != np.float16 or feats.shape != (n, d):
             problems.append(f"dim{d}/features must be float16 [{n}, {d}]")
         elif not isinstance(norms, h5py.Dataset) or norms.dtype != np.float32 or norms.shape != (n,):
             problems.append(f"dim{d}/norms must be float32 [{n}]")
         elif check_values and counts_ok:
-            problems += [f"dim{d}: {p}" for p in _value_problems(feats, norms, done)]
+            try:
+                problems += [f"dim{d}: {p}" for p in _value_problems(feats, norms, done)]
+            except OSError as e:  # a Fletcher-32 checksum mismatch, or a truncated file
+                problems.append(f"dim{d}: cannot be read ({str(e).splitlines()[0]})")
     return [f"{path.name}: {p}" for p in problems]
 
 
@@ -179,3 +206,68 @@ def _value_problems(feats: h5py.Dataset, norms: h5py.Dataset, rows: int) -> list
         if mask.any():
             out.append(f"{int(mask.sum())} {kind} (first at row {int(np.argmax(mask))})")
     return out
+
+
+def bad_rows(x: np.ndarray) -> np.ndarray:
+    """Positions of rows that are neither unit-norm nor all zero (NaN, inf, a flipped bit): [k] int."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        length = np.linalg.norm(x, axis=1)
+    ok = np.isfinite(length) & ((length == 0) | (np.abs(length - 1) < UNIT_NORM_TOL))
+    return np.flatnonzero(~ok)
+
+
+def in_use_message(part: Path) -> str:
+    """The one line for a `.part` that another process is writing (grads and match say the same)."""
+    return (
+        f"{part} is open in another process (another `lessctl grads` writing it); wait for it to finish, "
+        "or stop it and re-run the same command to resume it"
+    )
+
+
+def part_in_use(part: Path) -> bool:
+    """True when another process holds `part` open for writing (HDF5's file lock refuses a second writer)."""
+    try:
+        h5py.File(part, "r", locking=True).close()
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        return "lock" in str(e).lower()
+    return False
+
+
+def resume_command(part: Path) -> str:
+    """The `lessctl grads` command that resumes `part` with the settings it was started with."""
+    try:
+        with _open_read(Path(part)) as f:
+            a, dims = _read_attrs(f), _dims_of(f)
+    except OSError:
+        a, dims = {}, []
+    parsed = parse_store_name(Path(part).name)
+    name, step, grad_type, shard = parsed if parsed else (a.get("dataset", "?"), a.get("step", "?"), None, None)
+    role = "target" if a.get("role") == "target" or grad_type in ("sgd", "sign") else "train"
+    cmd = [f"lessctl grads --ckpt {step} --{role} {name}"]
+    if grad_type and grad_type != ("adam" if role == "train" else "sgd"):
+        cmd.append(f"--type {grad_type}")
+    if dims:
+        cmd.append("--dims " + " ".join(map(str, dims)))
+    if shard:
+        cmd.append(f"--shard {shard[0]}/{shard[1]}")
+    if a.get("batch_tokens"):
+        cmd.append(f"--batch-tokens {a['batch_tokens']}")
+    if a.get(PROJECTOR_PREFIX + "kind"):
+        cmd.append(f"--projector {a[PROJECTOR_PREFIX + 'kind']}")
+    return " ".join(cmd)
+
+
+def incomplete_message(part: Path) -> str:
+    """The one line for an incomplete store: in use by another process, or the command that resumes it."""
+    if part_in_use(part):
+        return in_use_message(part)
+    try:
+        with _open_read(Path(part)) as f:
+            a = _read_attrs(f)
+        rows = f" ({a.get('rows_completed')} of {a.get('n_rows')} rows)"
+    except OSError:
+        rows = ""
+    return f"gradient store {part} is incomplete{rows}; `{resume_command(part)}` resumes it"

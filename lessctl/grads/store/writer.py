@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +18,39 @@ from lessctl.grads.store.schema import (
     CALLER_ATTRS,
     FEATURE_TYPES,
     FORMAT_VERSION,
+    NUMERIC_KEYS,
     PROJECTOR_PREFIX,
     _dims_of,
     _file_problems,
     _py,
     _read_attrs,
+    in_use_message,
+    part_in_use,
     part_path,
+    resume_command,
 )
 
 log = logging.getLogger(__name__)
 
 
 class StoreWriter:
-    """Appends rows to `<path>.part`, resuming one left by an interrupted run, and renames it when complete."""
+    """Appends rows to `<path>.part`, resuming one left by an interrupted run, and renames it when complete.
 
-    def __init__(self, path: Path, *, dims: list[int], index: np.ndarray, attrs: dict, force: bool = False):
+    An existing complete store is replaced (force, or replace: its source changed) only when the new one is
+    complete: until then readers keep seeing the old file. A `.part` that another process holds open (HDF5's
+    file lock) is never resumed nor discarded, with or without force.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dims: list[int],
+        index: np.ndarray,
+        attrs: dict,
+        force: bool = False,
+        replace: bool = False,
+    ):
         self.path, self.part = Path(path), part_path(path)
         self.dims = sorted({int(d) for d in dims})
         self.index = np.asarray(index, dtype=np.int64)  # [n]
@@ -42,12 +61,11 @@ class StoreWriter:
         self.rows_completed = 0
         self._finalized = False
         self._file: h5py.File | None = None
-        if self.path.exists():
-            if not force:
-                raise AlreadyExistsError(f"gradient store {self.path} already exists; pass --force to recompute it")
-            log.warning("removing %s to recompute it (--force)", self.path)
-            self.path.unlink()
+        if self.path.exists() and not (force or replace):
+            raise AlreadyExistsError(f"gradient store {self.path} already exists; pass --force to recompute it")
         if self.part.exists() and force:
+            if part_in_use(self.part):
+                raise LessctlError(in_use_message(self.part))
             log.warning("discarding the partial store %s (--force)", self.part)
             self.part.unlink()
         if self.part.exists():
@@ -72,13 +90,27 @@ class StoreWriter:
 
     def _create(self) -> h5py.File:
         self.part.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.part, "w", locking="best-effort")
+        need = sum(self.n_rows * (2 * d + 4) for d in self.dims) + 8 * self.n_rows + (1 << 20)
+        free = shutil.disk_usage(self.part.parent).free
+        if free < need:
+            raise LessctlError(
+                f"{self.part.parent}: {free / 2**20:.1f} MiB free, the store {self.path.name} needs "
+                f"{need / 2**20:.1f} MiB; free some space and re-run"
+            )
+        try:  # "x": never truncate a .part another process has just created
+            f = h5py.File(self.part, "x", locking="best-effort")
+        except (FileExistsError, BlockingIOError) as e:
+            raise LessctlError(in_use_message(self.part)) from e
         for key, value in self.attrs.items():
             f.attrs[key] = h5py.Empty("f8") if value is None else value
-        f.create_dataset("index", data=self.index)
+        f.attrs["dims"] = np.asarray(self.dims, dtype=np.int64)
+        f.create_dataset("index", data=self.index, **_checksummed(self.n_rows, ()))
         for d in self.dims:
-            f.create_dataset(f"dim{d}/features", shape=(self.n_rows, d), dtype=np.float16, dcpl=_early_alloc())
-            f.create_dataset(f"dim{d}/norms", shape=(self.n_rows,), dtype=np.float32, dcpl=_early_alloc())
+            rows = (1 << 20) // (2 * d)  # chunks of about 1 MiB
+            f.create_dataset(
+                f"dim{d}/features", shape=(self.n_rows, d), dtype=np.float16, **_checksummed(self.n_rows, (d,), rows)
+            )
+            f.create_dataset(f"dim{d}/norms", shape=(self.n_rows,), dtype=np.float32, **_checksummed(self.n_rows, ()))
         f.flush()
         log.info("writing %s (%d rows, dims %s)", self.part, self.n_rows, self.dims)
         return f
@@ -87,10 +119,7 @@ class StoreWriter:
         try:
             f = h5py.File(self.part, "r+", locking="best-effort")
         except BlockingIOError as e:
-            raise LessctlError(
-                f"{self.part} is open in another process (another `lessctl grads` writing it?); "
-                "wait for it to finish or stop it"
-            ) from e
+            raise LessctlError(in_use_message(self.part)) from e
         except OSError as e:
             log.warning("cannot read the partial store %s (%s); starting over", self.part, e)
             self.part.unlink()
@@ -109,6 +138,8 @@ class StoreWriter:
                 )
             proj = sorted(k for k in old.keys() | self.attrs.keys() if k.startswith(PROJECTOR_PREFIX))
             checks = [(k, old.get(k), self.attrs.get(k)) for k in (*_RESUME_KEYS, *proj)]
+            # settings that change the numbers; a .part from before they were recorded lacks them
+            checks += [(k, old[k], self.attrs.get(k)) for k in NUMERIC_KEYS if k in old]
             checks.append(("dims", _dims_of(f), self.dims))
             if not np.array_equal(f["index"][:], self.index):
                 checks.append(("index", "other rows", "these rows"))
@@ -116,7 +147,7 @@ class StoreWriter:
                 if was != now:
                     raise InputError(
                         f"the partial store {self.part} was started with {key}={was!r}, not {now!r}; "
-                        "re-run with the original settings or pass --force to start over"
+                        f"`{resume_command(self.part)}` resumes it, --force starts over"
                     )
         except BaseException:
             f.close()
@@ -137,16 +168,25 @@ class StoreWriter:
             raise ValueError(f"{self.path}: bad write of {shapes} at row {start} of {self.n_rows}")
         if b == 0:
             return
+        rows = {}
         for d, x in blocks.items():
             norms = np.linalg.norm(x, axis=1).astype(np.float32)  # [b]
             if not np.isfinite(norms).all():
                 row = self.attrs["row_start"] + start + int(np.argmin(np.isfinite(norms)))
                 raise LessctlError(f"non-finite gradient features (NaN or inf) at row {row} for {self.path.name}")
-            self._file[f"dim{d}/features"][start:stop] = (x / np.where(norms > 0, norms, 1)[:, None]).astype(np.float16)
-            self._file[f"dim{d}/norms"][start:stop] = norms
-        self._file.flush()  # the rows reach the file before the counter that vouches for them
-        self._file.attrs.modify("rows_completed", np.int64(stop))
-        self._file.flush()
+            rows[d] = ((x / np.where(norms > 0, norms, 1)[:, None]).astype(np.float16), norms)
+        try:
+            for d, (unit, norms) in rows.items():
+                self._file[f"dim{d}/features"][start:stop] = unit
+                self._file[f"dim{d}/norms"][start:stop] = norms
+            self._file.flush()  # the rows reach the file before the counter that vouches for them
+            self._file.attrs.modify("rows_completed", np.int64(stop))
+            self._file.flush()
+        except OSError as e:  # a full disk, a quota: the counter still vouches only for rows written before
+            raise LessctlError(
+                f"cannot write {self.part} ({str(e).splitlines()[0]}); its first {start} rows are kept: free "
+                "some space and re-run the same command to resume"
+            ) from e
         self.rows_completed = stop
 
     def finalize(self) -> Path:
@@ -183,11 +223,16 @@ class StoreWriter:
         self.close()
 
 
-def _early_alloc() -> h5py.h5p.PropDCID:
-    # Allocate the whole (contiguous) dataset at creation: later writes touch no HDF5 metadata.
+def _checksummed(n: int, row_shape: tuple, rows: int = 1 << 16) -> dict:
+    """create_dataset options: chunks of `rows` rows, each with HDF5's Fletcher-32 checksum, all allocated
+    at creation (later writes rewrite chunks in place and touch no HDF5 metadata). Empty datasets stay
+    contiguous (HDF5 cannot chunk them)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return dcpl
+    if n == 0:
+        return {"dcpl": dcpl}
+    per_chunk = -(-n // -(-n // max(1, rows)))  # equal chunks: the last one wastes less than one row per chunk
+    return {"dcpl": dcpl, "chunks": (per_chunk, *row_shape), "fletcher32": True}
 
 
 def _as_float32(x: Any) -> np.ndarray:
