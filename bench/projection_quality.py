@@ -324,7 +324,9 @@ def less_scores(Xn: np.ndarray, Yn: np.ndarray, subtasks: list[str]) -> tuple[np
     w = normalize_weights([1.0])
     _, A = subtask_matrix(subtasks)
     cos = float(w[0]) * (Xn @ Yn.T)
-    return cos, aggregate(cos, A).astype(np.float64)
+    scores = aggregate(cos, A).astype(np.float64)
+    scores[~Xn.any(axis=1)] = np.nan  # a zero row (no label tokens) has no score and is never selected
+    return cos, scores
 
 
 def selected(scores: np.ndarray) -> np.ndarray:

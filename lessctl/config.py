@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError
-from lessctl.vocab import BUILTIN_TARGETS, CHAT_FORMATS, DTYPES, LOSS_WEIGHTINGS, METHODS, PROJECTOR_KINDS, spelled
+from lessctl.vocab import (
+    BUILTIN_TARGETS,
+    CHAT_FORMATS,
+    DTYPES,
+    KV_CACHES,
+    LOSS_WEIGHTINGS,
+    METHODS,
+    PROJECTOR_KINDS,
+    spelled,
+)
 
 CONFIG_NAME = "lessctl.toml"
 # Keys of a custom target: its LESS examples, an optional subtask key, an optional held-out eval file.
@@ -150,6 +159,11 @@ class EvalConfig:
     )
     tydiqa_questions_per_language: int = _f(200, "Seeded sample of TydiQA questions per language (LESS: 200; 0: all).")
     limit: int = _f(0, "Examples per subject/task/language (0: all).")
+    kv_cache: str = _f(
+        "auto",
+        "KV cache of BBH and TydiQA generation: auto (static on a GPU: one compiled decoding step; dynamic on the "
+        "CPU), static or dynamic. Both give the same greedy text (tests/test_generation.py).",
+    )
 
 
 @dataclass(frozen=True)
@@ -261,7 +275,7 @@ def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
     return f" (valid: {', '.join(options)})" if list_all else ""
 
 
-_OPTIONS = {"eval.bbh_examples_per_task": "--examples-per-task", "grads.merge": "--merge", "grads.compile": "--compile"}
+_OPTIONS = {"eval.bbh_examples_per_task": "--bbh-examples", "grads.merge": "--merge", "grads.compile": "--compile"}
 
 
 def option_name(key: str) -> str:
@@ -324,6 +338,8 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
         bad("grads.block_size", f"must be at least 1, got {cfg.grads.block_size}")
     if cfg.eval.batch_size < 1:
         bad("eval.batch_size", f"must be at least 1, got {cfg.eval.batch_size}")
+    if cfg.eval.kv_cache not in KV_CACHES:
+        bad("eval.kv_cache", f"expected {spelled(KV_CACHES)}, got {cfg.eval.kv_cache!r}")
     if cfg.eval.limit < 0 or cfg.eval.bbh_examples_per_task < 1:
         bad("eval.limit", "limit must be 0 or more and bbh_examples_per_task at least 1")
     for section, names in (("data.train", cfg.data.train), ("data.targets", cfg.data.targets)):

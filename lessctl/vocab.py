@@ -64,6 +64,9 @@ PRESETS: tuple[str, ...] = ("tiny", "llama2-7b", "llama2-13b", "mistral-7b")
 EXTRA_PRESETS: tuple[str, ...] = ("tiny-ir",)
 """Workspace presets of `lessctl init`; the extra ones need --data-dir."""
 
+KV_CACHES: tuple[str, ...] = ("auto", "static", "dynamic")
+"""Generation's KV cache (`[eval] kv_cache`): auto is static on a GPU, dynamic on the CPU."""
+
 DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 """`[model] dtype` values."""
 

@@ -113,3 +113,22 @@ def test_text_is_decoded_only_for_rows_whose_last_token_may_end_a_stop(tiny):
     assert crit.steps == new.shape[1]
     assert crit.checks == int(table[new].sum())  # the rows checked are the candidate tokens, and only those
     assert crit.checks < crit.steps * len(prompts)
+
+
+def test_auto_cache_is_dynamic_on_the_cpu_and_a_bad_cache_is_refused(tiny_template, cli, tmp_path):
+    """`[eval] kv_cache = "auto"` (the default) picks the static cache on a GPU only; a bad value is one line."""
+    import pytest
+
+    from lessctl.evaluation.generation import generate_greedy
+    from lessctl.models import load_model_for_eval
+
+    model, tok = load_model_for_eval(tiny_template / "model", device="cpu")
+    prompts = ["Q: 1 + 1 =", "Q: sort 3 1 2 ->", "a longer prompt about antonyms: hot ->"]
+    auto, _ = generate_greedy(model, tok, prompts, max_new_tokens=8, stop=("\n",), batch_size=2, cache="auto")
+    dyn, _ = generate_greedy(model, tok, prompts, max_new_tokens=8, stop=("\n",), batch_size=2, cache="dynamic")
+    assert auto == dyn
+    with pytest.raises(ValueError, match="cache"):
+        generate_greedy(model, tok, prompts, max_new_tokens=2, cache="fast")
+    r = cli("--config", tiny_template / "lessctl.toml", "eval", "--task", "bbh", "--kv-cache", "fast")
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert r.code == 2 and len(errors) == 1 and "--kv-cache" in errors[0] and "static" in errors[0], r

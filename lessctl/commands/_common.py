@@ -135,16 +135,16 @@ class ProgressBar:
         self._item_start = 0
         self._every = progress_seconds() if self._plain else 0.0
         self._status = ""
+        self._started = False
 
     def __enter__(self) -> "ProgressBar":
         self._progress.__enter__()
-        if self._plain:
-            self._stage_line("started")
+        self._started = False  # the stage's first line waits for its first update: an error before it prints alone
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         self._progress.__exit__(exc_type, *exc)
-        if self._plain:
+        if self._plain and self._started:
             if self._item != self._stage:
                 self._line("done" if exc_type is None else "stopped")
             self._stage_line("stopped" if exc_type else "finished")
@@ -200,8 +200,18 @@ class ProgressBar:
             self._progress.update(self._task, rate=f"{speed:.1f} {self._unit}/s")
         if not self._plain:
             return
+        counts = bool(completed) or bool(advance) or total is not None
+        if not self._started and not counts:  # nothing done yet: an error now prints alone, so wait
+            if description is not None:
+                self._item, self._item_t0 = description, time.monotonic()
+            return
+        announce = False
+        if not self._started:
+            self._started = True
+            self._stage_line("started")
+            announce = self._item != self._stage  # an item named before the first count starts now
         new_item = description is not None and description != self._item
-        if new_item and self._item != self._stage:
+        if new_item and self._item != self._stage and not announce:
             self._line("done")  # the end of the previous item
         if new_item:
             self._item, self._item_t0 = description, time.monotonic()
@@ -210,7 +220,7 @@ class ProgressBar:
         if completed is not None:
             self._done = completed
         self._done += advance
-        if new_item:
+        if new_item or announce:
             self._item_start = self._done if completed is not None else self._done - advance
             self._line("start")
         elif time.monotonic() - self._last >= self._every:

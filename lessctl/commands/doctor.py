@@ -16,8 +16,9 @@ def doctor(
     strict: Annotated[bool, typer.Option("--strict", metavar="", help="Exit 1 when something is broken.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check the environment: torch, CUDA, the GPU, traker, known-answer tests of fast_jl and lessctl's
-    Triton kernel."""
+    """Check the environment: torch, CUDA, the GPU, traker, and known-answer tests of the projection kernels.
+
+    The known-answer tests run fast_jl and lessctl's Triton kernels against their references."""
     from rich.markup import escape
 
     from lessctl.doctor import run_doctor

@@ -40,6 +40,13 @@ def eval_(
     device: Annotated[
         Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if available).")
     ] = None,
+    kv_cache: Annotated[
+        Optional[str],
+        typer.Option(
+            "--kv-cache",
+            help="BBH and TydiQA generation's KV cache: auto (static on a GPU, dynamic on the CPU), static or dynamic.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
@@ -60,6 +67,7 @@ def eval_(
             "eval.limit": limit,
             "eval.batch_size": batch_size,
             "eval.bbh_examples_per_task": examples_per_task,
+            "eval.kv_cache": kv_cache,
         }
     )
     resolve_device(device)

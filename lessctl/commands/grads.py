@@ -101,8 +101,9 @@ def grads(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Compute LESS gradient features (adam for training sets, sgd for targets), or RDS's representations
-    (--type reps), into HDF5 stores."""
+    """Compute LESS gradient features (adam for pools, sgd for targets) or RDS's reps into HDF5 stores.
+
+    `--type reps` stores RDS's representations instead of gradients."""
     from lessctl.errors import ConfigError
     from lessctl.grads.stage import collect_gradients, parse_shard, resolve_steps
     from lessctl.vocab import FEATURE_TYPES, REPS

@@ -66,7 +66,7 @@ def match(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing selection of the same target and method.")
+        bool, typer.Option("--force", metavar="", help="Replace an existing selection of the same target and method.")
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:

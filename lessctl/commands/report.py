@@ -17,7 +17,9 @@ def report(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write one HTML page: score distributions and cuts, selections by file and subtask, overlaps, checkpoint
+    """Write one HTML page with figures over the workspace's selections, checkpoints and results.
+
+    Score distributions and cuts, selections by file and subtask, overlaps between methods, checkpoint
     weights, ablation heat maps and evaluation results."""
     from lessctl.study.report import build_report
 

@@ -30,7 +30,7 @@ def run(
 
         def say(message: str) -> None:
             if message.startswith("stage "):
-                bar.update(completed=stages.index(message.split()[1]), description=message)
+                bar.update(completed=stages.index(message.split()[1]), total=len(stages), description=message)
             elif not json_out:
                 bar.log(f"[bold]>[/] {message}")
 

@@ -67,6 +67,7 @@ def evaluate_bbh(
     max_new_tokens: int = 512,
     chat_format: str = "plain",
     tasks: list[str] | None = None,
+    kv_cache: str = "auto",
 ) -> dict:
     """Exact match (percent), the mean over tasks of each task's exact match, with the breakdown.
 
@@ -102,7 +103,14 @@ def evaluate_bbh(
     hook = ProgressHook(progress, "bbh")
     hook.start(len(prompts))
     outputs, truncated = generate_greedy(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=STOP, batch_size=batch_size, hook=hook
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop=STOP,
+        batch_size=batch_size,
+        hook=hook,
+        cache=kv_cache,
     )
 
     per_task: dict[str, list[float]] = {t: [] for t in chosen}

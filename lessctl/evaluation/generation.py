@@ -145,7 +145,7 @@ def generate_greedy(
     stop: Sequence[str] = (),
     batch_size: int = 8,
     hook: ProgressHook | None = None,
-    cache: str = "dynamic",
+    cache: str = "dynamic",  # or "static", or "auto": static on a CUDA device, else dynamic
     stats: dict | None = None,
 ) -> tuple[list[str], int]:
     """Greedy continuations of `prompts`, each cut before its first stop string; and the number of
@@ -166,6 +166,10 @@ def generate_greedy(
     from transformers import GenerationConfig, StoppingCriteriaList
 
     device = model_device(model)
+    if cache == "auto":
+        cache = "static" if torch.device(device).type == "cuda" else "dynamic"
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache: expected auto, static or dynamic, got {cache!r}")
     encoded = [encode(tokenizer, p) for p in prompts]
     limit = max_positions(model)
     truncated = 0

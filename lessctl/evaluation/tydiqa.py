@@ -189,6 +189,7 @@ def evaluate_tydiqa(
     shots: int = 1,
     questions_per_language: int | None = QUESTIONS_PER_LANGUAGE,
     seed: int = 42,
+    kv_cache: str = "auto",
 ) -> dict:
     """F1 and exact match (percent): per language, and their mean over languages (`f1` is the headline).
 
@@ -248,7 +249,14 @@ def evaluate_tydiqa(
     hook = ProgressHook(progress, "tydiqa")
     hook.start(len(prompts))
     outputs, truncated = generate_greedy(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=STOP, batch_size=batch_size, hook=hook
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop=STOP,
+        batch_size=batch_size,
+        hook=hook,
+        cache=kv_cache,
     )
 
     per_lang: dict[str, list[tuple[float, float]]] = {}
