@@ -345,7 +345,9 @@ def overlap(sel: np.ndarray, ref: np.ndarray) -> dict:
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
+    keep = np.isfinite(a) & np.isfinite(b)  # rows without label tokens have no score (NaN)
+    a, b = a[keep], b[keep]
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None  # a constant score vector (e.g. a target whose every example lost its label tokens)
     return float(spearmanr(a, b).statistic)
 
@@ -465,7 +467,7 @@ def evaluate(feats: dict, dim: int, device: str, n_seeds: int = 2) -> dict:
         for name, (m, rerun) in reruns.items():
             self_check[name] = {
                 **overlap(selected(rerun[t]), sel[m]),
-                "max_abs_score_diff": float(np.abs(rerun[t] - scores[m][t]).max()),
+                "max_abs_score_diff": float(np.nanmax(np.abs(rerun[t] - scores[m][t]))),
             }
         out[t] = {
             "examples": len(tf["subtasks"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted(given: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut this line or the exit short
     sys.stderr.write(
         "interrupted: finished outputs are kept as they were, a partial gradient store (.part) or warmup "
         f"checkpoint is kept to resume from; `lessctl {shlex.join(given)}` resumes\n"
