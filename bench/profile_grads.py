@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grads_throughput as gt  # noqa: E402
 
-from lessctl.grads.engine import PerExampleGradients, pad_batch, per_example_loss
+from lessctl.grads.engine import PerExampleGradients, pad_batch
+from lessctl.models import per_example_loss
 
 
 def timed(fn, reps: int) -> float:

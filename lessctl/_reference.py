@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import math
 
-from lessctl.grads.engine import pad_batch, per_example_loss, trainable_parameters
+from lessctl.grads.engine import pad_batch, trainable_parameters
 from lessctl.grads.projection.rademacher import factor_rows, thread_seeds, tile_size, xorwow_words
 from lessctl.grads.projection.sketch import source_index
+from lessctl.models import per_example_loss
 
 log = logging.getLogger(__name__)
 

@@ -430,7 +430,7 @@ def find_config(start: Path | None = None) -> Path | None:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    from lessctl.data.records import decode_utf8
+    from lessctl.files import decode_utf8
 
     if Path(path).is_dir():
         raise ConfigError(f"--config: {path} is a folder; give the workspace file, e.g. {Path(path) / CONFIG_NAME}")

@@ -1,4 +1,4 @@
-"""File helpers every stage shares: sha256 of a file or of a set of files, and atomic writes."""
+"""File helpers every stage shares: sha256 of a file or of a set of files, atomic writes, UTF-8 decoding."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from lessctl.errors import InputError
 
 
 def sha256_file(path: Path, block_size: int = 1 << 20) -> str:
@@ -60,3 +62,15 @@ def replace_dir(new: Path, dst: Path) -> None:
         os.replace(dst, old)
     os.replace(new, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def decode_utf8(data: bytes, path: str | Path) -> str:
+    """`data` decoded as UTF-8; bytes that are not UTF-8 are an InputError naming `file:line` and the column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputError(
+            f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {col} is not UTF-8; save the file as UTF-8"
+        ) from None

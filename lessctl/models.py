@@ -177,3 +177,19 @@ def load_model_for_eval(path: str | Path, dtype: str = "auto", device: str | Non
     tok.padding_side = "left"
     model.eval()
     return model, tok
+
+
+def per_example_loss(logits, labels):
+    """Mean next-token cross-entropy over each example's label tokens, and their counts: ([B], [B]) (0 where none).
+
+    The loss LESS takes per example: its gradients are the features (`grads.engine`), and the training
+    stages weigh examples by it (`training`)."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    tok = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    count = (shift_labels != -100).sum(dim=1)
+    return tok.sum(dim=1) / count.clamp(min=1), count

@@ -228,7 +228,7 @@ def trainer_class(loss_weighting: str):
     if loss_weighting == "token":
         return Trainer
 
-    from lessctl.grads.engine import per_example_loss
+    from lessctl.models import per_example_loss
 
     class ExampleWeightedTrainer(Trainer):
         loss_is_scaled_for_ga = True  # compute_loss divides by the examples of the whole optimizer step

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lessctl.errors import InputError
+from lessctl.files import decode_utf8
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +24,6 @@ class Record:
     line: int
     raw: str
     data: dict
-
-
-def decode_utf8(data: bytes, path: str | Path) -> str:
-    """`data` decoded as UTF-8; bytes that are not UTF-8 are an InputError naming `file:line` and the column."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise InputError(
-            f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {col} is not UTF-8; save the file as UTF-8"
-        ) from None
 
 
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:

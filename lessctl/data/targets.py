@@ -13,6 +13,11 @@ Tokenization (``encode(prompt)``, ``encode(prompt + completion)``, labels maskin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config is passed in; data sits below config in the layout
+    from lessctl.config import Config
+
 import csv
 import io
 import json
@@ -22,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lessctl.config import Config
 from lessctl.data.encoding import join_prompt_completion
 from lessctl.data.records import iter_json_lines, read_text
 from lessctl.errors import ConfigError, InputError

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from lessctl.errors import InputError
 from lessctl.grads.adam import AdamState, transform_into
+from lessctl.models import per_example_loss
 from lessctl.vocab import GRAD_TYPES
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,6 @@ def pad_batch(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pa
         lab[i, : len(l)] = torch.tensor(l)
         att[i, : len(s)] = 1
     return ids.to(device), lab.to(device), att.to(device)
-
-
-def per_example_loss(logits, labels):
-    """Mean next-token cross-entropy over each example's label tokens: [B] (0 where none)."""
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shift_labels.shape)
-    count = (shift_labels != -100).sum(dim=1)
-    return tok.sum(dim=1) / count.clamp(min=1), count
 
 
 @dataclass
