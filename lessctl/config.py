@@ -94,6 +94,7 @@ class TrainConfig:
         "Load the base model in float32 and train under [model] dtype's autocast (LESS's way); false: load the base "
         "model in [model] dtype (half the memory in bf16).",
     )
+    report_to: list = _f([], "transformers' report_to (tensorboard, wandb, ...); log_history.jsonl is always written.")
     sample_data_seed: int = _f(42, "Seed of the subset drawn from the pool (LESS's sample_data_seed).")
     seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout (LESS's --seed 0).")
     data_seed: int = _f(3, "Seed of the order of the training data (the Trainer's data_seed; LESS's DATA_SEED=3).")
@@ -322,6 +323,8 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
             bad(f"{sec}.logging_steps", "must be at least 1")
         if t.effective_batch_size < 0:
             bad(f"{sec}.effective_batch_size", "must be 0 (unset) or positive")
+        if not all(isinstance(x, str) for x in t.report_to):
+            bad(f"{sec}.report_to", f"expected a list of names such as ['tensorboard'], got {t.report_to!r}")
         if t.loss_weighting not in LOSS_WEIGHTINGS:
             bad(f"{sec}.loss_weighting", f"expected {spelled(LOSS_WEIGHTINGS)}, got {t.loss_weighting!r}")
     if not 0 < cfg.select.percentage <= 1:

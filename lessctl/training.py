@@ -26,6 +26,7 @@ from lessctl.files import replace_dir, sha256_file, write_atomic
 log = logging.getLogger(__name__)
 
 LR_FILE = "lessctl_lrs.json"  # per-step learning rates so far, saved in every checkpoint
+LOG_FILE = "log_history.jsonl"  # loss, learning rate, ... of every logged step, in the run folder
 MANIFEST = paths.CHECKPOINTS_FILE
 RUN_FILE = "lessctl_run.json"
 
@@ -208,7 +209,7 @@ def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_
         save_strategy="epoch" if save_each_epoch else "no",
         save_only_model=False,
         logging_steps=tcfg.logging_steps,
-        report_to=[],
+        report_to=list(tcfg.report_to),
         seed=tcfg.seed,
         data_seed=tcfg.data_seed,
         remove_unused_columns=False,
@@ -298,14 +299,17 @@ def train_lora(
             log.info("resuming from %s", resume_from)
 
     callbacks: list[Any] = [_lr_callback(history, out)]
-    if on_log is not None:
 
-        class _Log(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs:
-                    on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
+    class _Log(TrainerCallback):  # every logged step into <run>/log_history.jsonl (a resumed run appends)
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                rec = {"step": state.global_step, "max_steps": state.max_steps, **logs}
+                with open(out / LOG_FILE, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                if on_log is not None:
+                    on_log(rec)
 
-        callbacks.append(_Log())
+    callbacks.append(_Log())
     stop_after = os.environ.get("LESSCTL_TEST_EXIT_AFTER_SAVES")
     if stop_after:
         callbacks.append(_stop_after_callback(int(stop_after)))

@@ -417,3 +417,23 @@ def test_precision_loads_float32_under_autocast(tmp_path, dtype, autocast, loade
     args = _training_args(cfg, cfg.warmup, tmp_path, "cpu", True, 32)
     assert args.bf16 is bf16 and args.fp16 is False
     assert (args.seed, args.data_seed, args.gradient_accumulation_steps) == (0, 3, 32)
+
+
+def test_every_logged_step_is_written_to_the_run_folder(tiny_ws, cli):
+    """log_history.jsonl holds the loss and learning rate of every logged step, without any tracking service."""
+    r = cli("--config", tiny_ws / "lessctl.toml", "warmup", "--force", "--epochs", "1", "--json")
+    assert r.code == 0, r
+    lines = [json.loads(ln) for ln in (tiny_ws / "out" / "warmup" / "log_history.jsonl").read_text().splitlines()]
+    steps = [rec for rec in lines if "loss" in rec]
+    assert steps and all("learning_rate" in rec and rec["step"] >= 1 for rec in steps)
+    assert [rec["step"] for rec in steps] == sorted(rec["step"] for rec in steps)
+    cfg = load_config(tiny_ws / "lessctl.toml")
+    assert steps[-1]["step"] <= steps[-1]["max_steps"] and cfg.warmup.report_to == []
+
+
+def test_report_to_must_be_a_list_of_names(tiny_ws, cli):
+    toml = tiny_ws / "lessctl.toml"
+    toml.write_text(toml.read_text().replace("[warmup]\n", '[warmup]\nreport_to = "tensorboard"\n', 1))
+    r = cli("--config", toml, "warmup")
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert r.code == 2 and len(errors) == 1 and "warmup.report_to" in errors[0], r
