@@ -215,28 +215,14 @@ def collect_gradients(
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
-            attrs = {
-                "base_model": str(base),
-                "checkpoint": str(ckpt),
-                "step": step,
-                "grad_type": ds.grad_type,
-                "source": ";".join(str(f) for f in ds.files),
-                "source_sha256": hashes[ds.name],
-                "role": ds.role,
-                "dataset": ds.name,
-                "total_rows": len(enc),
-                "row_start": start,
-                "max_seq_length": cfg.model.max_seq_length,
-                "chat_format": cfg.model.chat_format,
-                "batch_tokens": batch_tokens,
-                "warmup_run": run_id,
-                "merge": bool(cfg.grads.merge),
-                "compile": bool(cfg.grads.compile),
-                "lessctl_version": __version__,
-                "shard": shard[0] if shard else 1,
-                "num_shards": shard[1] if shard else 1,
-                "projector": {**projectors[dims[0]].attrs, "kind": kind},
-            }
+            attrs = _store_attrs(cfg, ds, base, ckpt, step, ds.grad_type, hashes[ds.name], len(enc), start, shard)
+            attrs.update(
+                batch_tokens=batch_tokens,
+                warmup_run=run_id,
+                merge=bool(cfg.grads.merge),
+                compile=bool(cfg.grads.compile),
+                projector={**projectors[dims[0]].attrs, "kind": kind},
+            )
             t0 = time.time()
             zero = 0
             with StoreWriter(
@@ -277,6 +263,38 @@ def collect_gradients(
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
     return results
+
+
+def _store_attrs(
+    cfg: Config,
+    ds: DataSet,
+    base,
+    ckpt,
+    step: int,
+    grad_type: str,
+    source_sha: str,
+    total: int,
+    start: int,
+    shard: tuple[int, int] | None,
+) -> dict:
+    """The attributes every store of a data set at a checkpoint records, whatever its features."""
+    return {
+        "base_model": str(base),
+        "checkpoint": str(ckpt),
+        "step": step,
+        "grad_type": grad_type,
+        "source": ";".join(str(f) for f in ds.files),
+        "source_sha256": source_sha,
+        "role": ds.role,
+        "dataset": ds.name,
+        "total_rows": total,
+        "row_start": start,
+        "max_seq_length": cfg.model.max_seq_length,
+        "chat_format": cfg.model.chat_format,
+        "lessctl_version": __version__,
+        "shard": shard[0] if shard else 1,
+        "num_shards": shard[1] if shard else 1,
+    }
 
 
 def stale_reason(attrs: dict, source_sha: str, run_id: str | None, source: Path) -> str | None:
@@ -378,24 +396,8 @@ def collect_representations(
             start, end = shard_rows(len(enc), shard)
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
-            attrs = {
-                "base_model": str(base),
-                "checkpoint": str(ckpt),
-                "step": step,
-                "grad_type": REPS,
-                "source": ";".join(str(f) for f in ds.files),
-                "source_sha256": hashes[ds.name],
-                "role": ds.role,
-                "dataset": ds.name,
-                "total_rows": len(enc),
-                "row_start": start,
-                "max_seq_length": cfg.model.max_seq_length,
-                "chat_format": cfg.model.chat_format,
-                "lessctl_version": __version__,
-                "shard": shard[0] if shard else 1,
-                "num_shards": shard[1] if shard else 1,
-                "projector": {**REPS_PROJECTOR, "grad_dim": hidden},
-            }
+            attrs = _store_attrs(cfg, ds, base, ckpt, step, REPS, hashes[ds.name], len(enc), start, shard)
+            attrs["projector"] = {**REPS_PROJECTOR, "grad_dim": hidden}
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
             t0 = time.time()
             with StoreWriter(store_paths[ds.name], dims=[hidden], index=index, attrs=attrs, force=force) as w:
