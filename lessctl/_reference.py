@@ -3,6 +3,7 @@
 - `naive_gradients`: one backward per example, the per-example gradient `grads.engine` computes per batch;
 - `fast_jl_matrix`, `reference_project`: fast_jl's Rademacher matrix and projection, in plain numpy/torch;
 - `dense_matrix`: the count sketch (`grads.projection.sketch`) as an explicit [P, D] matrix;
+- `step_gradient`: one optimizer step's gradient, one example at a time (what the training passes compute);
 - `expected_lrs`: the learning rate of every step of the Trainer's linear schedule with warmup;
 - `text_stop_generate`: greedy generation as plain `model.generate` calls with a stop check that decodes
   every row's last tokens at every step (what `evaluation.generation` does with token-id stops).
@@ -167,3 +168,26 @@ def text_stop_generate(model, tokenizer, prompts, *, max_new_tokens: int, stop=(
                 stats["steps"] = stats.get("steps", 0) + seqs.shape[1] - ids.shape[1]
                 stats["batches"] = stats.get("batches", 0) + 1
     return outputs
+
+
+def step_gradient(model, examples, weighting: str):
+    """The gradient of one optimizer step over `examples`, by hand, one example at a time in float32:
+    example: the mean over the examples of each one's mean next-token loss (transformers 4.36, LESS);
+    token: the sum of all examples' token losses over their total label tokens (transformers 5)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    n_tokens = sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    for e in examples:
+        ids, labels = torch.tensor([e.input_ids]), torch.tensor(e.labels[1:])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        token_losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")[labels != -100]
+        if weighting == "example":
+            loss = token_losses.mean() / len(examples)
+        else:
+            loss = token_losses.sum() / n_tokens
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t += g
+    return torch.cat([t.reshape(-1) for t in total])

@@ -94,6 +94,12 @@ class TrainConfig:
         "Load the base model in float32 and train under [model] dtype's autocast (LESS's way); false: load the base "
         "model in [model] dtype (half the memory in bf16).",
     )
+    packing: bool = _f(
+        True,
+        "Train on padding-free packs of each optimizer step's examples (the same examples, loss and schedule, many "
+        "times faster); false: LESS's batch-of-one passes through the Trainer.",
+    )
+    pack_tokens: int = _f(8192, "Tokens per pack when packing (an example longer than this trains alone).")
     report_to: list = _f([], "transformers' report_to (tensorboard, wandb, ...); log_history.jsonl is always written.")
     sample_data_seed: int = _f(42, "Seed of the subset drawn from the pool (LESS's sample_data_seed).")
     seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout (LESS's --seed 0).")
@@ -319,8 +325,8 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
             problems.append(
                 f"{label(sec + '.batch_size')}: batch_size and gradient_accumulation_steps must be at least 1"
             )
-        if t.logging_steps < 1:
-            bad(f"{sec}.logging_steps", "must be at least 1")
+        if t.logging_steps < 1 or t.pack_tokens < 1:
+            bad(f"{sec}.{'pack_tokens' if t.pack_tokens < 1 else 'logging_steps'}", "must be at least 1")
         if t.effective_batch_size < 0:
             bad(f"{sec}.effective_batch_size", "must be 0 (unset) or positive")
         if not all(isinstance(x, str) for x in t.report_to):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lessctl._reference import expected_lrs
+from lessctl._reference import expected_lrs, step_gradient
 from lessctl.config import CONFIG_NAME, load_config, read_toml, to_toml
 from lessctl.training import MANIFEST, RUN_FILE, read_checkpoints, warmup_dir
 
@@ -212,7 +212,7 @@ WEIGHTING_EXAMPLES = [
 ]
 
 
-def one_step_workspace(tiny_template: Path, root: Path, weighting: str):
+def one_step_workspace(tiny_template: Path, root: Path, weighting: str, packing: bool = True):
     """A workspace whose warmup is exactly one optimizer step over all six examples (batch 2 x 3 passes) in
     float32 on the CPU, without LoRA dropout: its first checkpoint holds the Adam state after that step."""
     from lessctl.config import build_config
@@ -230,38 +230,16 @@ def one_step_workspace(tiny_template: Path, root: Path, weighting: str):
     raw["lora"]["dropout"] = 0.0
     raw["data"]["train"] = {"six": str(data)}
     raw["warmup"].update(
-        percentage=1.0, epochs=1, batch_size=2, gradient_accumulation_steps=3, loss_weighting=weighting
+        percentage=1.0, epochs=1, batch_size=2, gradient_accumulation_steps=3, loss_weighting=weighting, packing=packing
     )
     path = root / CONFIG_NAME
     path.write_text(to_toml(raw))
     return build_config(raw, path=path)
 
 
-def reference_step_gradient(model, examples, weighting: str):
-    """The gradient of one optimizer step over `examples`, by hand, one example at a time in float32:
-    example: the mean over the examples of each one's mean next-token loss (transformers 4.36, LESS);
-    token: the sum of all examples' token losses over their total label tokens (transformers 5)."""
-    import torch
-    import torch.nn.functional as F
-
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    n_tokens = sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
-    for e in examples:
-        ids, labels = torch.tensor([e.input_ids]), torch.tensor(e.labels[1:])
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        token_losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")[labels != -100]
-        if weighting == "example":
-            loss = token_losses.mean() / len(examples)
-        else:
-            loss = token_losses.sum() / n_tokens
-        for t, g in zip(total, torch.autograd.grad(loss, params)):
-            t += g
-    return torch.cat([t.reshape(-1) for t in total])
-
-
+@pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("weighting", ["example", "token"])
-def test_one_step_gradient_is_the_weighted_mean(tiny_template, tmp_path, weighting):
+def test_one_step_gradient_is_the_weighted_mean(tiny_template, tmp_path, weighting, packing):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -270,7 +248,7 @@ def test_one_step_gradient_is_the_weighted_mean(tiny_template, tmp_path, weighti
     from lessctl.models import load_tokenizer
     from lessctl.training import train_lora
 
-    cfg = one_step_workspace(tiny_template, tmp_path / weighting, weighting)
+    cfg = one_step_workspace(tiny_template, tmp_path / weighting, weighting, packing)
     out = tmp_path / weighting / "warm"
     res = train_lora(cfg, cfg.warmup, cfg.train_files(), out, save_each_epoch=True, device="cpu")
     assert [c["step"] for c in res.checkpoints] == [1] and res.plan["steps_per_epoch"] == 1
@@ -287,7 +265,7 @@ def test_one_step_gradient_is_the_weighted_mean(tiny_template, tmp_path, weighti
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     model.eval()
-    want = {w: reference_step_gradient(model, examples, w) for w in ("example", "token")}
+    want = {w: step_gradient(model, examples, w) for w in ("example", "token")}
     cos = torch.nn.functional.cosine_similarity(want["example"], want["token"], dim=0)
     assert cos < 0.999, cos  # the two weightings differ here, so the test tells them apart
 
@@ -410,13 +388,27 @@ def test_warmup_prints_its_steps_and_checkpoints_before_training(tiny_template, 
 def test_precision_loads_float32_under_autocast(tmp_path, dtype, autocast, loaded, bf16):
     """LESS's way (autocast, the default): float32 base weights, bf16 autocast; else the weights in [model] dtype."""
     from lessctl.config import build_config
-    from lessctl.training import _precision, _training_args
+    from lessctl.training.loop import _precision, _training_args
 
     cfg = build_config({"model": {"dtype": dtype}, "warmup": {"autocast": autocast}})
     assert _precision(cfg, cfg.warmup, "cpu")[0] == loaded
     args = _training_args(cfg, cfg.warmup, tmp_path, "cpu", True, 32)
     assert args.bf16 is bf16 and args.fp16 is False
-    assert (args.seed, args.data_seed, args.gradient_accumulation_steps) == (0, 3, 32)
+    # packed (the default): the Trainer's batch is the step's 32 examples; batch-of-one: 32 passes of one
+    assert (args.seed, args.data_seed, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        0,
+        3,
+        32,
+        1,
+    )
+    cfg = build_config({"model": {"dtype": dtype}, "warmup": {"autocast": autocast, "packing": False}})
+    args = _training_args(cfg, cfg.warmup, tmp_path, "cpu", True, 32)
+    assert (args.seed, args.data_seed, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        0,
+        3,
+        1,
+        32,
+    )
 
 
 def test_every_logged_step_is_written_to_the_run_folder(tiny_ws, cli):

@@ -1,0 +1,293 @@
+"""The LoRA training loop warmup and finetune share: the Trainer's arguments, the optimizer-step plan,
+the learning-rate record and resume from the last complete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lessctl import paths
+from lessctl.config import Config, TrainConfig
+from lessctl.errors import ConfigError, InputError
+from lessctl.files import write_atomic
+from lessctl.training.trainers import PackingCollator, trainer_class
+
+log = logging.getLogger(__name__)
+
+LR_FILE = "lessctl_lrs.json"  # per-step learning rates so far, saved in every checkpoint
+LOG_FILE = "log_history.jsonl"  # loss, learning rate, ... of every logged step, in the run folder
+MANIFEST = paths.CHECKPOINTS_FILE
+RUN_FILE = "lessctl_run.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    checkpoints: list[dict]
+    counts: dict
+    seconds: float
+    resumed_from: str | None = None
+    plan: dict | None = None  # training_plan(): steps per epoch, checkpoints, batch
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders whose save finished (our LR file is written after the Trainer's files)."""
+    found = []
+    for d in out.glob("checkpoint-*"):
+        if d.is_dir() and (d / LR_FILE).is_file() and (d / "trainer_state.json").is_file():
+            try:
+                found.append((int(d.name.split("-")[1]), d))
+            except ValueError:
+                continue
+    return [d for _, d in sorted(found)]
+
+
+def _lr_callback(history: list[float], output_dir: Path):
+    from transformers import TrainerCallback
+
+    class LearningRateRecorder(TrainerCallback):
+        """Records the learning rate of each optimizer step and saves the history with each checkpoint."""
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            if optimizer is not None:
+                history.append(float(optimizer.param_groups[0]["lr"]))
+
+        def on_save(self, args, state, control, **kw):
+            d = output_dir / f"checkpoint-{state.global_step}"
+            if d.is_dir():
+                write_atomic(d / LR_FILE, json.dumps({"lrs": history[: state.global_step], "epoch": state.epoch}))
+
+    return LearningRateRecorder()
+
+
+def _stop_after_callback(n_saves: int):
+    """Test hook (LESSCTL_TEST_EXIT_AFTER_SAVES): hard-exits the process after n checkpoint saves."""
+    from transformers import TrainerCallback
+
+    class ExitAfterSaves(TrainerCallback):
+        seen = 0
+
+        def on_save(self, args, state, control, **kw):
+            self.seen += 1
+            if self.seen >= n_saves:
+                os._exit(17)
+
+    return ExitAfterSaves()
+
+
+class _ListDataset:
+    def __init__(self, examples: list):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+
+
+def world_size() -> int:
+    """Processes training together: WORLD_SIZE as torchrun and accelerate set it, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def accumulation_steps(tcfg: TrainConfig, section: str, n_devices: int) -> int:
+    """Forward passes per optimizer step: effective_batch_size / (batch_size x devices) when that is set
+    (an error naming the key when it does not divide), else gradient_accumulation_steps."""
+    if not tcfg.effective_batch_size:
+        return tcfg.gradient_accumulation_steps
+    per_pass = tcfg.batch_size * n_devices
+    if tcfg.effective_batch_size % per_pass:
+        raise ConfigError(
+            f"[{section}] effective_batch_size = {tcfg.effective_batch_size} is not a multiple of batch_size "
+            f"{tcfg.batch_size} x {n_devices} device(s) = {per_pass}"
+        )
+    return tcfg.effective_batch_size // per_pass
+
+
+def training_plan(n_examples: int, tcfg: TrainConfig, accumulation: int, n_devices: int, save_each_epoch: bool):
+    """Optimizer steps per epoch as transformers 5's Trainer counts them (each device gets ceil(N / devices)
+    examples, in ceil(. / batch_size) passes; an epoch's last step takes the passes left), and the
+    checkpoints warmup writes."""
+    passes = math.ceil(math.ceil(n_examples / n_devices) / tcfg.batch_size)
+    per_epoch = max(1, math.ceil(passes / accumulation))
+    return {
+        "examples": n_examples,
+        "devices": n_devices,
+        "batch_size": tcfg.batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "examples_per_step": tcfg.batch_size * accumulation * n_devices,
+        "steps_per_epoch": per_epoch,
+        "epochs": tcfg.epochs,
+        "checkpoints": [per_epoch * (e + 1) for e in range(tcfg.epochs)] if save_each_epoch else [],
+        "loss_weighting": tcfg.loss_weighting,
+        "pack_tokens": tcfg.pack_tokens if tcfg.packing else 0,
+    }
+
+
+def _precision(cfg: Config, tcfg: TrainConfig, device: str) -> tuple[str, Any]:
+    """(the dtype the base model is loaded in, the autocast dtype or None)."""
+    import torch
+
+    from lessctl.models import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if tcfg.autocast:
+        return "fp32", (dtype if dtype != torch.float32 else None)
+    return cfg.model.dtype, (torch.bfloat16 if dtype == torch.bfloat16 else None)
+
+
+def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_each_epoch: bool, accumulation: int):
+    import torch
+    from transformers import TrainingArguments
+
+    _, amp = _precision(cfg, tcfg, device)
+    return TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=tcfg.epochs,
+        # packing: one batch holds the step's examples (the same ones the batch-of-one passes would take)
+        per_device_train_batch_size=tcfg.batch_size * (accumulation if tcfg.packing else 1),
+        gradient_accumulation_steps=1 if tcfg.packing else accumulation,
+        learning_rate=tcfg.learning_rate,
+        lr_scheduler_type=tcfg.lr_scheduler,
+        warmup_steps=tcfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=tcfg.weight_decay,
+        optim="adamw_torch",
+        bf16=amp == torch.bfloat16,
+        fp16=amp == torch.float16,
+        save_strategy="epoch" if save_each_epoch else "no",
+        save_only_model=False,
+        logging_steps=tcfg.logging_steps,
+        report_to=list(tcfg.report_to),
+        seed=tcfg.seed,
+        data_seed=tcfg.data_seed,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _manifest(out: Path, history: list[float]) -> list[dict]:
+    """[{"step", "epoch", "lr_mean", "path"}] from the saved checkpoints and the recorded learning rates."""
+    entries = []
+    prev = 0
+    for d in _complete_checkpoints(out):
+        step = int(d.name.split("-")[1])
+        state = json.loads((d / "trainer_state.json").read_text())
+        lrs = history[prev:step]
+        if not lrs:
+            continue
+        entries.append(
+            {
+                "step": step,
+                "epoch": int(round(state.get("epoch", len(entries) + 1))),
+                "lr_mean": sum(lrs) / len(lrs),
+                "path": d.name,
+            }
+        )
+        prev = step
+    return entries
+
+
+def train_lora(
+    cfg: Config,
+    tcfg: TrainConfig,
+    train_files: dict[str, Path],
+    out: Path,
+    *,
+    base_model: str | None = None,
+    save_each_epoch: bool,
+    resume: bool = True,
+    device: str | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Trains a fresh LoRA on the seeded `tcfg.percentage` subset of `train_files` into `out`."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
+
+    from lessctl.data.pool import build_training_set
+    from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
+
+    device = device or default_device()
+    section = "warmup" if tcfg is cfg.warmup else "finetune"
+    n_devices = world_size()
+    accumulation = accumulation_steps(tcfg, section, n_devices)
+    t0 = time.time()
+    base = cfg.model_ref(base_model)
+    tok = load_tokenizer(base)
+    set_seed(tcfg.seed)
+    examples, counts = build_training_set(
+        train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, tcfg.sample_data_seed
+    )
+    if not examples:
+        raise InputError("no training example has trainable tokens; check the data files and max_seq_length")
+    if counts["subset"] < counts["pool"]:
+        torch.manual_seed(tcfg.sample_data_seed)  # LESS draws the subset under temp_seed, which leaves torch so seeded
+    load_dtype, _ = _precision(cfg, tcfg, device)
+    model = load_base_model(base, load_dtype, device, tokenizer=tok)
+    model = add_lora(model, cfg.lora)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = training_plan(len(examples), tcfg, accumulation, n_devices, save_each_epoch)
+
+    resume_from = None
+    history: list[float] = []
+    if resume and save_each_epoch:
+        done = _complete_checkpoints(out)
+        if done:
+            resume_from = done[-1]
+            history = list(json.loads((resume_from / LR_FILE).read_text())["lrs"])
+            log.info("resuming from %s", resume_from)
+
+    callbacks: list[Any] = [_lr_callback(history, out)]
+
+    class _Log(TrainerCallback):  # every logged step into <run>/log_history.jsonl (a resumed run appends)
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                rec = {"step": state.global_step, "max_steps": state.max_steps, **logs}
+                with open(out / LOG_FILE, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                if on_log is not None:
+                    on_log(rec)
+
+    callbacks.append(_Log())
+    stop_after = os.environ.get("LESSCTL_TEST_EXIT_AFTER_SAVES")
+    if stop_after:
+        callbacks.append(_stop_after_callback(int(stop_after)))
+
+    if on_log is not None:
+        on_log({"step": 0, "max_steps": plan["steps_per_epoch"] * plan["epochs"], "plan": plan})
+    if tcfg.packing:  # one batch = the step's examples on this device, packed (training.trainers)
+        collator: Any = PackingCollator(tcfg.pack_tokens)
+    else:
+        collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+    trainer = trainer_class(tcfg.loss_weighting, tcfg.packing)(
+        model=model,
+        args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation),
+        train_dataset=_ListDataset(examples),
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs go to our progress bar, never to stdout
+    trainer.remove_callback(ProgressCallback)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    checkpoints: list[dict] = []
+    if save_each_epoch:
+        checkpoints = _manifest(out, history)
+    else:
+        trainer.save_model(str(out))
+        tok.save_pretrained(str(out))
+    return TrainResult(out, checkpoints, counts, time.time() - t0, str(resume_from) if resume_from else None, plan)

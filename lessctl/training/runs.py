@@ -1,0 +1,195 @@
+"""Warmup and finetune runs: where they train, the checkpoint manifest, the run record, staleness.
+
+Warmup saves a checkpoint (adapter, optimizer state, trainer state) at the end of every epoch and
+writes `warmup/checkpoints.json` = [{"step", "epoch", "lr_mean"}], where lr_mean is the mean of the
+learning rates the optimizer actually used in that epoch's steps (LESS's checkpoint weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from lessctl import __version__, paths
+from lessctl.config import Config
+from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
+from lessctl.files import replace_dir, sha256_file, write_atomic
+from lessctl.training.loop import MANIFEST, RUN_FILE, TrainResult, train_lora
+
+
+def warmup_dir(cfg: Config) -> Path:
+    return paths.warmup_dir(cfg.output_dir)
+
+
+def checkpoints_path(cfg: Config) -> Path:
+    return warmup_dir(cfg) / MANIFEST
+
+
+def read_checkpoints(cfg: Config) -> list[dict]:
+    """The manifest written by warmup; a user error naming `lessctl warmup` when it is missing or damaged."""
+    p = checkpoints_path(cfg)
+    if not p.is_file():
+        raise MissingArtifactError(
+            f"no warmup checkpoints in {warmup_dir(cfg)} ({MANIFEST} missing); run `lessctl warmup` first"
+        )
+    redo = "run `lessctl warmup --force` to train the warmup again"
+    try:
+        entries = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text (byte {e.start}); {redo}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); {redo}") from None
+    ok = isinstance(entries, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("step"), int)
+        and isinstance(c.get("lr_mean"), (int, float))
+        and math.isfinite(c["lr_mean"])
+        for c in entries
+    )
+    if not ok:
+        raise InputError(f'{p}: expected a list of {{"step": int, "epoch", "lr_mean": number}}; {redo}')
+    return entries
+
+
+def checkpoint_dir(cfg: Config, step: int) -> Path:
+    return paths.checkpoint_dir(cfg.output_dir, step)
+
+
+def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, on_log=None) -> TrainResult:
+    """`lessctl warmup`: LoRA on the warmup subset, a checkpoint per epoch, then checkpoints.json.
+
+    Without force an interrupted warmup resumes in place. With force the new warmup is trained in
+    `warmup.new/` and replaces `warmup/` only once it is complete: a failure (a bad data line, a device
+    torch cannot use, Ctrl-C) leaves the old warmup as it was.
+    """
+    from lessctl.models import resolve_device
+
+    device = resolve_device(device)
+    out = warmup_dir(cfg)
+    files = cfg.train_files()
+    if not files:
+        raise InputError(
+            f"{cfg.path or 'config'}: [data] train is empty; add training files, e.g. train = {{dolly = "
+            f"\"dolly.jsonl\"}}"
+        )
+    if (out / MANIFEST).is_file() and not force:
+        raise AlreadyExistsError(f"warmup is already complete in {out}; pass --force to train it again")
+    if not (force and out.exists()):
+        return _warmup_into(cfg, files, out, device, on_log)
+    staging = out.with_name(out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        res = _warmup_into(cfg, files, staging, device, on_log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, out)
+    res.output_dir = out
+    return res
+
+
+def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on_log) -> TrainResult:
+    res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
+    write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
+    run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
+    _write_run_file(out, cfg, run)
+    return res
+
+
+def warmup_run_id(cfg: Config) -> str | None:
+    """The id of the warmup run whose checkpoints are in warmup/ (stores record it); None before ids existed."""
+    try:
+        return json.loads((warmup_dir(cfg) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_finetune(
+    cfg: Config,
+    train_file: Path,
+    name: str,
+    *,
+    base_model: str | None = None,
+    meta: dict | None = None,
+    force: bool = False,
+    device: str | None = None,
+    on_log=None,
+) -> TrainResult:
+    """`lessctl finetune`: a fresh LoRA on `train_file` (all of it by default) into finetune/<name>/.
+
+    The adapter is trained in `<name>.new/` and moved into place when complete, so a failed or interrupted
+    run (`--force` included) leaves an existing adapter as it was.
+    """
+    from lessctl.models import resolve_device
+
+    device = resolve_device(device)
+    if not name or "/" in name or name in (".", "..") or name.endswith(".new"):
+        raise ConfigError(f"--name: {name!r} is not a folder name (no '/', not '.', '..' or ending in .new)")
+    out = paths.finetune_dir(cfg.output_dir, name)
+    if (out / "adapter_config.json").is_file() and not force:
+        raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
+    if not Path(train_file).is_file():
+        raise MissingArtifactError(f"{train_file}: no such training file")
+    staging = out.with_name(out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, out)
+    res.output_dir = out
+    return res
+
+
+def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, device, on_log) -> TrainResult:
+    res = train_lora(
+        cfg,
+        cfg.finetune,
+        {Path(train_file).stem: Path(train_file)},
+        out,
+        base_model=base_model,
+        save_each_epoch=False,
+        resume=False,
+        device=device,
+        on_log=on_log,
+    )
+    base, selector = cfg.model_ref(base_model), cfg.model_ref()
+    _write_run_file(
+        out,
+        cfg,
+        {
+            "kind": "finetune",
+            "train_file": str(train_file),
+            "train_file_sha256": sha256_file(train_file),
+            "base_model": base,
+            "selection_model": selector,
+            "transfer": base != selector,
+            "counts": res.counts,
+            "seconds": res.seconds,
+            **(meta or {}),
+        },
+    )
+    return res
+
+
+def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:
+    rec = {"lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "config": cfg.to_dict()}
+    write_atomic(out / RUN_FILE, json.dumps(rec, indent=2, default=str))
+
+
+def adapter_is_stale(adapter_dir: Path, train_file: Path) -> bool:
+    """True when `train_file` (a selection) is not the file the adapter in `adapter_dir` was trained on:
+    its sha256 differs from the recorded one (runs without the record: the file is newer than the run)."""
+    run = Path(adapter_dir) / RUN_FILE
+    try:
+        recorded = json.loads(run.read_text()).get("train_file_sha256")
+    except (OSError, ValueError):
+        return True
+    if recorded:
+        return recorded != sha256_file(train_file)
+    return Path(train_file).stat().st_mtime > run.stat().st_mtime
