@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -354,3 +355,27 @@ def test_projection_warmup_covers_the_row_counts_of_the_timed_pass():
     assert gt.warm_projections({64: rec}, [6, 3, 6, 2], peg.grad_dim, cpu) == [2, 3, 6]
     assert rec.calls == [2, 3, 6]
     assert gt.engine_notes({64: rec.inner})[64] == "CountSketchProjector: torch on cpu"
+
+
+def test_train_bench_runs_both_paths_with_equal_losses(tmp_path):
+    """bench/train_throughput.py at the tiny shape on the CPU: the batch-of-one and packed Trainers train the same
+    steps with equal losses (dropout off), every figure is there, the speed-up is the ratio of the rates."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    sys.modules["train_throughput"] = tt  # its dataclass looks itself up there
+    spec.loader.exec_module(tt)
+    out = tmp_path / "train.json"
+    argv = ["--shape", "tiny", "--steps", "3", "--examples-per-step", "8", "--pack-tokens", "300"]
+    report = tt.main([*argv, "--lora-dropout", "0", "--device", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    by = {p["path"]: p for p in report["paths"]}
+    assert set(by) == {"batch1", "packed"}
+    for p in by.values():
+        assert p["steps"] == 3 and p["timed_steps"] == 2 and len(p["losses"]) == 3
+        assert p["examples_per_s"] > 0 and p["tokens_per_s"] > p["examples_per_s"]
+    assert report["speedup"] == by["packed"]["examples_per_s"] / by["batch1"]["examples_per_s"]
+    assert report["max_loss_rel_diff"] < 1e-4
+    # a random 2048-token model starts near ln(2048) = 7.62: the losses are the model's, not placeholders
+    assert abs(by["batch1"]["losses"][0] - math.log(2048)) < 0.5

@@ -66,7 +66,7 @@ def _lora_model(tiny_template):
 
 @pytest.mark.parametrize("weighting", ["example", "token"])
 @pytest.mark.parametrize("pack_tokens", [64, 256, 100000])
-def test_a_packed_step_has_the_batch_of_one_gradient(tiny_template, data_dir, weighting, pack_tokens):
+def test_a_packed_step_has_the_batch_of_one_gradient(tiny_template, weighting, pack_tokens):
     """One optimizer step's gradient from packs equals the one-example-at-a-time accumulation (float32,
     no dropout): relative error below 1e-5, for packs of one example, of several, and of the whole step."""
     import torch

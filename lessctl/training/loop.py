@@ -200,6 +200,30 @@ def _manifest(out: Path, history: list[float]) -> list[dict]:
     return entries
 
 
+def build_trainer(
+    cfg, tcfg, model, tok, examples, out: Path, device: str, save_each_epoch: bool, accumulation: int, callbacks
+):
+    """The Trainer over `examples` (each with input_ids and labels): packed passes when tcfg.packing, else
+    batches of tcfg.batch_size padded by the tokenizer; logs go to the callbacks, never to stdout."""
+    from transformers import DataCollatorForSeq2Seq
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if tcfg.packing:  # one batch = the step's examples on this device, packed (training.trainers)
+        collator: Any = PackingCollator(tcfg.pack_tokens)
+    else:
+        collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+    trainer = trainer_class(tcfg.loss_weighting, tcfg.packing)(
+        model=model,
+        args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation),
+        train_dataset=_ListDataset(examples),
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
 def train_lora(
     cfg: Config,
     tcfg: TrainConfig,
@@ -214,7 +238,7 @@ def train_lora(
 ) -> TrainResult:
     """Trains a fresh LoRA on the seeded `tcfg.percentage` subset of `train_files` into `out`."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
+    from transformers import TrainerCallback, set_seed
 
     from lessctl.data.pool import build_training_set
     from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
@@ -267,21 +291,7 @@ def train_lora(
 
     if on_log is not None:
         on_log({"step": 0, "max_steps": plan["steps_per_epoch"] * plan["epochs"], "plan": plan})
-    if tcfg.packing:  # one batch = the step's examples on this device, packed (training.trainers)
-        collator: Any = PackingCollator(tcfg.pack_tokens)
-    else:
-        collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
-    trainer = trainer_class(tcfg.loss_weighting, tcfg.packing)(
-        model=model,
-        args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation),
-        train_dataset=_ListDataset(examples),
-        data_collator=collator,
-        callbacks=callbacks,
-    )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)  # logs go to our progress bar, never to stdout
-    trainer.remove_callback(ProgressCallback)
+    trainer = build_trainer(cfg, tcfg, model, tok, examples, out, device, save_each_epoch, accumulation, callbacks)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     checkpoints: list[dict] = []
