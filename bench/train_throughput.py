@@ -99,9 +99,14 @@ def run_path(args, packing: bool, examples: list[Example], device: str, out: Pat
     tcfg = cfg.warmup
     load_dtype, _ = _precision(cfg, tcfg, device)
     from lessctl.models import resolve_dtype
+    from lessctl.training import varlen
 
     set_seed(tcfg.seed)
-    model = add_lora(build_model(args.shape, device, resolve_dtype(load_dtype, device), args.seed), cfg.lora)
+    base = build_model(args.shape, device, resolve_dtype(load_dtype, device), args.seed)
+    if packing and varlen.available(device) and not args.no_varlen:  # as train_lora does
+        varlen.enable(base)
+    attention = base.config._attn_implementation
+    model = add_lora(base, cfg.lora)
     tok = pad_tokenizer(SHAPES[args.shape]["vocab_size"], out)
     cuda = device.startswith("cuda")
     stamps: list[float] = []
@@ -131,6 +136,7 @@ def run_path(args, packing: bool, examples: list[Example], device: str, out: Pat
     flops = 4 * flop_params * tokens
     res = {
         "path": "packed" if packing else "batch1",
+        "attention": attention,
         "steps": steps,
         "timed_steps": steps - 1,
         "first_step_s": stamps[0] - t0,
@@ -155,6 +161,7 @@ def parse_args(argv=None):
     ap.add_argument("--pack-tokens", type=int, default=8192)
     ap.add_argument("--paths", default="batch1,packed", help="comma-separated: batch1, packed")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--no-varlen", action="store_true", help="packed: sdpa with a block-diagonal mask on CUDA too")
     ap.add_argument("--no-autocast", action="store_true", help="bf16 base weights instead of float32 under autocast")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--mean-tokens", type=float, default=355.0)

@@ -16,6 +16,7 @@ from lessctl import paths
 from lessctl.config import Config, TrainConfig
 from lessctl.errors import ConfigError, InputError
 from lessctl.files import write_atomic
+from lessctl.training import varlen as attention
 from lessctl.training.trainers import PackingCollator, trainer_class
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ def build_trainer(
         collator: Any = PackingCollator(tcfg.pack_tokens)
     else:
         collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
-    trainer = trainer_class(tcfg.loss_weighting, tcfg.packing)(
+    varlen = tcfg.packing and model.config._attn_implementation == attention.NAME
+    trainer = trainer_class(tcfg.loss_weighting, tcfg.packing, varlen)(
         model=model,
         args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation),
         train_dataset=_ListDataset(examples),
@@ -260,6 +262,8 @@ def train_lora(
         torch.manual_seed(tcfg.sample_data_seed)  # LESS draws the subset under temp_seed, which leaves torch so seeded
     load_dtype, _ = _precision(cfg, tcfg, device)
     model = load_base_model(base, load_dtype, device, tokenizer=tok)
+    if tcfg.packing and attention.available(device):
+        attention.enable(model)
     model = add_lora(model, cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
     plan = training_plan(len(examples), tcfg, accumulation, n_devices, save_each_epoch)

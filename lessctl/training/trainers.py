@@ -17,6 +17,7 @@ backpropagates its share of the step's loss, and the step's gradient is the batc
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any
 
 
@@ -70,21 +71,32 @@ class PackingCollator:
                     "labels": torch.tensor([labels]),
                     "example_index": torch.tensor(index),
                     "n_examples": len(group),
+                    "cu_seq_lens": torch.tensor(
+                        [0, *itertools.accumulate(lengths[i] for i in group)], dtype=torch.int32
+                    ),
+                    "max_length": max(lengths[i] for i in group),
                 }
             )
         n_tokens = sum(sum(1 for x in f["labels"][1:] if x != -100) for f in features)
         return {"packs": packs, "n_examples": len(features), "n_label_tokens": n_tokens}
 
 
-def pack_loss(model: Any, pack: dict, loss_weighting: str):
-    """The summed loss of one pack: its examples' mean token losses ("example") or its token losses ("token")."""
+def pack_loss(model: Any, pack: dict, loss_weighting: str, varlen: bool = False):
+    """The summed loss of one pack: its examples' mean token losses ("example") or its token losses ("token").
+    varlen: the model runs `training.varlen`'s attention, which reads the boundaries from cu_seq_lens."""
     import torch
     import torch.nn.functional as F
 
     shift = pack["labels"][0, 1:]
     keep = (shift != -100).nonzero().squeeze(1)  # positions whose next token is a label: the only logits needed
     # no cache: transformers reads restarting position ids as packed sequences only without one
-    out = model(input_ids=pack["input_ids"], position_ids=pack["position_ids"], use_cache=False, logits_to_keep=keep)
+    extra = {}
+    if varlen:
+        cu, longest = pack["cu_seq_lens"], pack["max_length"]
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    out = model(
+        input_ids=pack["input_ids"], position_ids=pack["position_ids"], use_cache=False, logits_to_keep=keep, **extra
+    )
     token_losses = F.cross_entropy(out.logits[0].float(), shift[keep], reduction="none")
     if loss_weighting == "token":
         return token_losses.sum()
@@ -94,12 +106,13 @@ def pack_loss(model: Any, pack: dict, loss_weighting: str):
     return (sums / torch.bincount(example, minlength=n).clamp(min=1)).sum()
 
 
-def trainer_class(loss_weighting: str, packing: bool = False):
-    """The Trainer for a loss weighting and a way of taking passes (module docstring)."""
+def trainer_class(loss_weighting: str, packing: bool = False, varlen: bool = False):
+    """The Trainer for a loss weighting and a way of taking passes (module docstring); varlen: packs attend
+    through `training.varlen` (the model must be switched to it)."""
     from transformers import Trainer
 
     if packing:
-        return _packed_trainer(loss_weighting)
+        return _packed_trainer(loss_weighting, varlen)
     if loss_weighting == "token":
         return Trainer
 
@@ -123,7 +136,7 @@ def trainer_class(loss_weighting: str, packing: bool = False):
     return ExampleWeightedTrainer
 
 
-def _packed_trainer(loss_weighting: str):
+def _packed_trainer(loss_weighting: str, varlen: bool):
     from transformers import Trainer
 
     class PackedTrainer(Trainer):
@@ -154,7 +167,7 @@ def _packed_trainer(loss_weighting: str):
                 last = i == len(packs) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     with self.compute_loss_context_manager():
-                        loss = pack_loss(model, pack, loss_weighting) * (scale / max(1, denominator))
+                        loss = pack_loss(model, pack, loss_weighting, varlen) * (scale / max(1, denominator))
                     self.accelerator.backward(loss)
                 total += loss.detach() / scale
             return total
