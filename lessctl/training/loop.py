@@ -260,9 +260,9 @@ def train_lora(
         raise InputError("no training example has trainable tokens; check the data files and max_seq_length")
     if counts["subset"] < counts["pool"]:
         torch.manual_seed(tcfg.sample_data_seed)  # LESS draws the subset under temp_seed, which leaves torch so seeded
-    load_dtype, _ = _precision(cfg, tcfg, device)
+    load_dtype, amp = _precision(cfg, tcfg, device)
     model = load_base_model(base, load_dtype, device, tokenizer=tok)
-    if tcfg.packing and attention.available(device):
+    if tcfg.packing and attention.available(device, amp is not None or load_dtype in ("bf16", "fp16")):
         attention.enable(model)
     model = add_lora(model, cfg.lora)
     out.mkdir(parents=True, exist_ok=True)

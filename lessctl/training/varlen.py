@@ -15,9 +15,10 @@ from typing import Any
 NAME = "lessctl_varlen"
 
 
-def available(device: str) -> bool:
-    """True when `device` is CUDA and this torch has the varlen kernel."""
-    if not str(device).startswith("cuda"):
+def available(device: str, half_precision: bool = True) -> bool:
+    """True when `device` is CUDA, training runs in half precision (weights or autocast: the kernel takes
+    bf16/fp16 only) and this torch has the varlen kernel."""
+    if not (str(device).startswith("cuda") and half_precision):
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -35,10 +36,14 @@ def _causal_kwargs(fn) -> dict:
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature: query/key/value [1, heads, T, head_dim] -> ([1, T, heads, head_dim], None)."""
+    import torch
     from torch.nn.attention.varlen import varlen_attn
 
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    # under autocast with float32 weights the rotary embedding hands over float32 q and k; sdpa would run
+    # them in the autocast dtype, and so does the flash kernel (which takes only half precision)
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    q, k, v = (x[0].transpose(0, 1).to(half).contiguous() for x in (query, key, value))
     if k.shape[1] != q.shape[1]:  # grouped-query attention: every query head gets its key/value head
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
