@@ -6,17 +6,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import JsonOpt, ProgressBar, complete_stages, emit_json, load_config, print_table
-from lessctl.vocab import METHODS, STAGES, spelled
+from lessctl.commands._common import (
+    JsonOpt,
+    MethodsOpt,
+    ProgressBar,
+    complete_stages,
+    emit_json,
+    load_config,
+    print_table,
+    split_values,
+)
+from lessctl.vocab import STAGES, spelled
 
-MethodsOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--methods",
-        help=f"Selection methods to compare ({spelled(METHODS)}), instead of [study] methods (or, without a [study] "
-        "table, [select] method alone).",
-    ),
-]
 ItemsOpt = Annotated[
     Optional[list[str]],
     typer.Option("--items", help="Run only these jobs, by the names --dry-run lists (e.g. 'finetune tydiqa-less')."),
@@ -52,10 +53,10 @@ def run(
     from lessctl.study.pipeline import run_pipeline, stage_range
 
     stages = stage_range(start, until)  # validate before loading anything
-    methods = _split(methods)
+    methods = split_values(methods)
     cfg = load_config()
     if dry_run:
-        _dry_run(cfg, stages, methods, _split(items), json_out)
+        _dry_run(cfg, stages, methods, split_values(items), json_out)
         return
     with ProgressBar("run", total=len(stages), unit="stages", quiet=json_out) as bar:
 
@@ -66,7 +67,7 @@ def run(
                 bar.log(f"[bold]>[/] {message}")
 
         reports = run_pipeline(
-            cfg, start=start, until=until, device=device, say=say, methods=methods, items=_split(items)
+            cfg, start=start, until=until, device=device, say=say, methods=methods, items=split_values(items)
         )
         bar.update(completed=len(stages))
     rows = [{"stage": r.stage, "item": r.item, "status": r.status, "detail": r.detail} for r in reports]
@@ -78,13 +79,6 @@ def run(
             ["stage", "item", "status", "detail"],
             [[r["stage"], r["item"], r["status"], r["detail"]] for r in rows],
         )
-
-
-def _split(values: list[str] | None) -> list[str] | None:
-    """`--methods a b` and `--methods a,b` alike ('finetune x' keeps its space: items are split on commas only)."""
-    if values is None:
-        return None
-    return [v.strip() for x in values for v in x.split(",") if v.strip()]
 
 
 def _dry_run(cfg, stages: list[str], methods, items, json_out: bool) -> None:

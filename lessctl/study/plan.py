@@ -127,11 +127,12 @@ def random_selection(cfg: Config, seed: int) -> str:
     return "random" if seed == cfg.experiment.seed else f"random-seed{seed}"
 
 
-def resolve_plan(cfg: Config, methods: Sequence[str] | None = None) -> Plan:
+def resolve_plan(cfg: Config, methods: Sequence[str] | None = None, check_models: bool = True) -> Plan:
     """The plan of this workspace; `methods` (`--methods`) replaces `[study] methods`.
 
     Raises ConfigError naming the option or key: an unknown method, a transfer model that is neither a
-    folder nor a cached hub model. Nothing is run or written.
+    folder nor a cached hub model (unless not `check_models`: reading results needs no model). Nothing is
+    run or written.
     """
     if methods is not None:
         for m in methods:
@@ -146,7 +147,7 @@ def resolve_plan(cfg: Config, methods: Sequence[str] | None = None) -> Plan:
     chosen = tuple(dict.fromkeys(methods if methods is not None else s.methods))
     seeds = tuple(s.random_seeds) or (cfg.experiment.seed,)
     subsets = tuple(tuple(sorted(subset_positions(t) or ())) for t in s.ablation)
-    for t in s.transfer:
+    for t in s.transfer if check_models else ():
         _check_model(cfg, t)
     return Plan(chosen, seeds, tuple(dict.fromkeys(subsets)), tuple(s.transfer), s.base, True)
 
