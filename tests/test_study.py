@@ -1,4 +1,4 @@
-"""The study plan ([study]): validation, `lessctl run` over methods x targets x seeds, `--dry-run`, the results table."""
+"""The study plan ([study]): validation, `lessctl run` over methods x targets x seeds, `--dry-run`, results."""
 
 from __future__ import annotations
 
@@ -47,6 +47,23 @@ def test_run_methods_trains_and_evaluates_every_selection_then_does_nothing(tiny
     done = {(r["stage"], r["item"]) for r in first if r["status"] == "done"}
     assert ("finetune", "sorting-random-seed4") in done and ("eval", "base/sorting") in done
     assert not any(r["stage"] == "grads" and r["item"].endswith("-reps.h5") for r in first)  # no rds: no reps
+
+    res = cli(*cfg, "results", "--study", "--methods", "less", "random", "bm25", "--json")
+    assert res.code == 0, res
+    study = json.loads(res.out)["study"]
+    for t in TARGETS:
+        row = study["targets"][t]
+        assert row["task"] == t and row["paper"] == {}  # the tiny model is none of the paper's
+        assert set(row["methods"]) == {"less", "random", "bm25"} and row["base"]["n"] == 1
+        rnd = row["methods"]["random"]
+        draws = [
+            json.loads((out / "eval" / f"{t}-{s}" / f"{t}.json").read_text())["exact_match"]
+            for s in ("random", "random-seed4")
+        ]
+        assert rnd["n"] == 2 and rnd["draws"] == pytest.approx(draws) and rnd["score"] == pytest.approx(sum(draws) / 2)
+        assert row["methods"]["less"]["score"] is not None
+    res = cli(*cfg, "results", "--study", "--methods", "less", "random", "bm25")
+    assert res.code == 0 and "±" in res.out and "random" in res.out
 
     stamps = snapshot(out)
     res = cli(*cfg, "run", "--methods", "less", "random", "bm25", "--device", "cpu", "--json")
@@ -126,3 +143,37 @@ def test_methods_option_is_checked(tiny_ws, cli):
     assert res.code == 2 and res.err.strip().startswith("error: --methods: unknown method 'rnd'"), res
     res = cli("--config", tiny_ws / "lessctl.toml", "run", "--items", "finetune nope", "--dry-run")
     assert res.code == 2 and "error: --items: no job 'finetune nope'" in res.err, res
+
+
+def _eval_file(out, model: str, task: str, metric: str, score: float) -> None:
+    """An evaluation as record_result writes it: the headline metric first, then the breakdown."""
+    p = out / "eval" / model / f"{task}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({metric: score, "task": task, "metric": metric, "n": 10}))
+
+
+def test_results_table_has_the_papers_numbers_and_the_spread_of_random(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    (tmp_path / "lessctl.toml").write_text(
+        '[model]\nname_or_path = "meta-llama/Llama-2-7b-hf"\n[data]\ntargets = {tydiqa = "tydiqa", mmlu = "mmlu"}\n'
+        '[study]\nmethods = ["less", "random"]\nrandom_seeds = [3, 4, 5]\nablation = ["1"]\n'
+    )
+    out = tmp_path / "out"
+    for model, score in (("tydiqa-less", 57.0), ("tydiqa-random", 50.0), ("tydiqa-random-seed4", 52.0),
+                         ("tydiqa-random-seed5", 54.0), ("base", 40.0), ("tydiqa-less-ckpt1", 55.5)):  # fmt: skip
+        _eval_file(out, model, "tydiqa", "f1", score)
+    _eval_file(out, "mmlu-random", "mmlu", "accuracy", 45.0)
+    res = cli("--config", tmp_path / "lessctl.toml", "results", "--study", "--json")
+    assert res.code == 0, res
+    study = json.loads(res.out)["study"]
+    assert study["paper_model"] == "Llama-2-7B"
+    ty = study["targets"]["tydiqa"]
+    assert ty["paper"] == {"less": 56.2, "random": 52.7, "full": 54.0}
+    assert ty["base"]["score"] == 40.0 and ty["methods"]["less"]["score"] == 57.0
+    assert ty["methods"]["random"] == {"score": 52.0, "n": 3, "of": 3, "spread": 2.0, "draws": [50.0, 52.0, 54.0]}
+    mm = study["targets"]["mmlu"]
+    assert mm["methods"]["random"]["n"] == 1 and mm["methods"]["random"]["of"] == 3 and mm["methods"]["less"]["n"] == 0
+    assert study["ablation"]["tydiqa"]["subsets"]["less-ckpt1"]["score"] == 55.5
+    res = cli("--config", tmp_path / "lessctl.toml", "results", "--study")
+    assert res.code == 0, res
+    assert "52.00 ± 2.00" in res.out and "56.2" in res.out and "45.00 (1/3)" in res.out and "ablation" in res.out

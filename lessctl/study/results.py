@@ -56,9 +56,10 @@ def _summary(scores: list[float | None]) -> dict[str, Any]:
     if got:
         mean = sum(got) / len(got)
         cell["score"] = round(mean, 4)
-        if len(scores) > 1:
-            var = sum((s - mean) ** 2 for s in got) / (len(got) - 1) if len(got) > 1 else 0.0
-            cell |= {"spread": round(math.sqrt(var), 4), "draws": got}
+        if len(got) > 1:  # the sample standard deviation of the evaluated draws
+            cell["spread"] = round(math.sqrt(sum((s - mean) ** 2 for s in got) / (len(got) - 1)), 4)
+    if len(scores) > 1:
+        cell["draws"] = got
     return cell
 
 
