@@ -34,6 +34,10 @@ def run(
     ] = None,
     methods: MethodsOpt = None,
     items: ItemsOpt = None,
+    pick: Annotated[
+        Optional[int],
+        typer.Option("--pick", help="Run only the K-th of --items (1-based; Slurm array tasks pass their task id)."),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -67,7 +71,7 @@ def run(
                 bar.log(f"[bold]>[/] {message}")
 
         reports = run_pipeline(
-            cfg, start=start, until=until, device=device, say=say, methods=methods, items=split_values(items)
+            cfg, start=start, until=until, device=device, say=say, methods=methods, items=split_values(items), pick=pick
         )
         bar.update(completed=len(stages))
     rows = [{"stage": r.stage, "item": r.item, "status": r.status, "detail": r.detail} for r in reports]

@@ -45,15 +45,21 @@ def run_pipeline(
     say: Callable[[str], None] | None = None,
     methods: list[str] | None = None,
     items: list[str] | None = None,
+    pick: int | None = None,
 ) -> list[StageReport]:
     """Runs the plan's jobs of the stages from `start` to `until` in order, skipping complete ones.
 
-    methods replaces the plan's (`--methods`); items keeps only the jobs with these keys (`--items`).
+    methods replaces the plan's (`--methods`); items keeps only the jobs with these keys (`--items`), and
+    pick only the pick-th of them (1-based: a Slurm array task's id).
     """
     from lessctl.models import resolve_device
 
     say = say or (lambda s: None)
     stages = stage_range(start, until)
+    if pick is not None:
+        if not items or not 1 <= pick <= len(items):
+            raise ConfigError(f"--pick: {pick} is not one of the {len(items or [])} --items (1 to {len(items or [])})")
+        items = [items[pick - 1]]
     jobs = study_jobs(cfg, stages, methods, items)
     device = resolve_device(device) if device is not None else None  # a bad --device fails before any stage
     out: list[StageReport] = []

@@ -1,0 +1,111 @@
+"""`lessctl slurm submit` of the study plan: the job graph, skipping complete items, and (marked `slurm`) a real
+local Slurm where one cancelled finetune is all a resubmission runs again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from lessctl.config import load_config
+from lessctl.slurm.jobs import wait_for
+from lessctl.slurm.study import describe_specs, plan_study
+
+TARGETS = ("arithmetic", "antonyms", "sorting")
+SLURM = '\n[slurm]\ncpus = 1\ngpus = 0\ntime = "10:00"\n'
+
+
+def with_study(ws, body: str) -> None:
+    p = ws / "lessctl.toml"
+    p.write_text(p.read_text() + SLURM + "\n[study]\n" + body + "\n")
+
+
+def test_submit_dry_run_graph_of_the_study(tiny_ws, cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch needed for a dry run
+    with_study(tiny_ws, 'methods = ["less", "random", "bm25", "rds"]\nrandom_seeds = [3, 4]\nablation = ["2"]')
+    r = cli("--config", tiny_ws / "lessctl.toml", "slurm", "submit", "--dry-run", "--json")
+    assert r.code == 0, r
+    jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}
+    # the fixture warmed up: no warmup job; grads over the 2 checkpoints, reps at the last
+    assert list(jobs) == ["grads", "grads reps", "match", "finetune", "eval", "eval base"]
+    assert jobs["grads"]["array"] == "1-2" and jobs["grads"]["after"] == []
+    assert "--type reps --ckpt-index 2" in jobs["grads reps"]["script"]
+    assert jobs["match"]["array"] is None and jobs["match"]["after"] == ["grads", "grads reps"]
+    per_target = 1 + 2 + 1 + 1 + 1  # less, random x 2, bm25, rds, less-ckpt2
+    assert len(jobs["match"]["items"]) == 3 * per_target
+    assert jobs["finetune"]["array"] == f"1-{3 * per_target}" and jobs["finetune"]["after"] == ["match"]
+    assert jobs["eval"]["array"] == f"1-{3 * per_target}" and jobs["eval"]["after"] == ["finetune"]
+    assert jobs["eval base"]["array"] == "1-3" and jobs["eval base"]["after"] == []
+    assert "finetune sorting-less-ckpt2" in jobs["finetune"]["items"]
+    script = jobs["finetune"]["script"]
+    assert "run --items 'match" not in script and "run --items 'finetune arithmetic-less'" in script
+    assert script.rstrip().endswith('--pick "${SLURM_ARRAY_TASK_ID}"')
+    assert jobs["eval"]["sbatch"][2] == "--dependency=afterok:<finetune>"
+    assert not (tiny_ws / "out" / "slurm").exists()
+
+    r = cli("--config", tiny_ws / "lessctl.toml", "slurm", "submit", "--dry-run", "--methods", "bm25", "--json")
+    jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}
+    assert list(jobs) == ["match", "finetune", "eval", "eval base"] and jobs["match"]["after"] == []
+    assert "run --methods bm25 --items" in jobs["finetune"]["script"]
+
+
+def test_submit_skips_complete_items(tiny_ws, cli):
+    with_study(tiny_ws, 'methods = ["random", "bm25"]\nrandom_seeds = [3]\nbase = false')
+    cfgp = tiny_ws / "lessctl.toml"
+    assert cli("--config", cfgp, "run", "--until", "match").code == 0
+    cfg = load_config(cfgp)
+    specs = describe_specs(plan_study(cfg))
+    assert [(s["label"], s["array"]) for s in specs] == [("finetune", "1-6"), ("eval", "1-6")]
+    assert plan_study(cfg)[0].after == ()  # the selections exist: the finetunes wait for nothing
+    res = cli("--config", cfgp, "run", "--items", "finetune sorting-bm25", "--items", "eval sorting-bm25/sorting")
+    assert res.code == 0, res
+    specs = describe_specs(plan_study(cfg))
+    assert [(s["label"], s["array"]) for s in specs] == [("finetune", "1-5"), ("eval", "1-5")]
+    assert "finetune sorting-bm25" not in specs[0]["items"]
+    # a changed selection makes its finetune and evaluation pending again
+    assert (
+        cli("--config", cfgp, "match", "--target", "sorting", "--method", "bm25", "--percentage", "0.1", "--force").code
+        == 0
+    )
+    specs = describe_specs(plan_study(cfg))
+    assert "finetune sorting-bm25" in specs[0]["items"] and "eval sorting-bm25/sorting" in specs[1]["items"]
+    res = cli("--config", cfgp, "run", "--items", "finetune sorting-bm25", "--pick", "2")
+    assert res.code == 2 and "error: --pick: 2 is not one of the 1 --items" in res.err
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cancelled_finetune_is_all_a_resubmission_runs(local_slurm, tiny_ws, cli):
+    with_study(tiny_ws, 'methods = ["random", "bm25"]\nrandom_seeds = [3]\nbase = false')
+    cfgp = tiny_ws / "lessctl.toml"
+    r = cli("--config", cfgp, "slurm", "submit", "--json")
+    assert r.code == 0, r
+    jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}
+    assert list(jobs) == ["match", "finetune", "eval"] and jobs["finetune"]["after"] == [jobs["match"]["job_id"]]
+    ft, ev = jobs["finetune"]["job_id"], jobs["eval"]["job_id"]
+    victim = jobs["finetune"]["items"][1]  # array task 2, pending while the match job runs
+    subprocess.run(["scancel", f"{ft}_2"], check=True)
+    states = wait_for([jobs["match"]["job_id"], ft, ev], timeout_s=600, poll_s=1)
+    assert states[jobs["match"]["job_id"]].state == "COMPLETED", states
+    assert states[ft].tasks["2"] == "CANCELLED" and sum(s == "COMPLETED" for s in states[ft].tasks.values()) == 5
+    assert states[ev].state == "CANCELLED", states  # afterok on the array can no longer be satisfied
+    out = tiny_ws / "out"
+    name = victim.split(" ", 1)[1]
+    assert not (out / "finetune" / name / "adapter_config.json").exists()
+    trained = {p: p.stat().st_mtime_ns for p in (out / "finetune").rglob("adapter_model.safetensors")}
+    assert len(trained) == 5
+
+    r = cli("--config", cfgp, "slurm", "submit", "--json")
+    assert r.code == 0, r
+    again = {j["label"]: j for j in json.loads(r.out)["jobs"]}
+    assert list(again) == ["finetune", "eval"] and again["finetune"]["items"] == [victim]
+    assert again["finetune"]["array"] == "1-1" and again["eval"]["array"] == "1-6"
+    states = wait_for([again["finetune"]["job_id"], again["eval"]["job_id"]], timeout_s=600, poll_s=1)
+    assert all(s.state == "COMPLETED" for s in states.values()), states
+    for t in TARGETS:
+        for sel in ("random", "bm25"):
+            assert (out / "eval" / f"{t}-{sel}" / f"{t}.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # the five were not trained again
+    r = cli("--config", cfgp, "slurm", "submit", "--json")
+    assert r.code == 0 and json.loads(r.out)["jobs"] == []
