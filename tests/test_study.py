@@ -130,7 +130,7 @@ def test_only_text_methods_need_no_warmup_or_gradients(tmp_path, cli):
 def test_bad_plans_fail_before_anything_runs(tiny_ws, cli, body, message):
     add_study(tiny_ws, body)
     before = snapshot(tiny_ws)
-    for argv in (("run",), ("run", "--dry-run")):
+    for argv in (("run",), ("run", "--dry-run"), ("slurm", "submit", "--dry-run")):
         res = cli("--config", tiny_ws / "lessctl.toml", *argv)
         assert res.code == 2, (argv, res)
         assert res.err.startswith("error: ") and res.err.count("\n") == 1 and message in res.err, res.err
