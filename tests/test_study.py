@@ -64,6 +64,10 @@ def test_run_methods_trains_and_evaluates_every_selection_then_does_nothing(tiny
         assert row["methods"]["less"]["score"] is not None
     res = cli(*cfg, "results", "--study", "--methods", "less", "random", "bm25")
     assert res.code == 0 and "±" in res.out and "random" in res.out
+    res = cli(*cfg, "report")
+    assert res.code == 0, res
+    page = (out / "report" / "index.html").read_text()
+    assert "<h2>study: model</h2>" in page and " ± " in page
 
     stamps = snapshot(out)
     res = cli(*cfg, "run", "--methods", "less", "random", "bm25", "--device", "cpu", "--json")
