@@ -178,11 +178,13 @@ def submit(
             typer.echo(f"# ===== {r['label']}{after}: {' '.join(r['sbatch'])} < script =====")
             typer.echo(r["script"])
     title = "Slurm jobs (dry run: nothing submitted)" if dry_run else f"Slurm jobs (recorded in {jobs_path(cfg)})"
+    gpu = any("gpu_time" in r for r in rows)  # a dry run of the study: each job's estimated GPU time
     print_table(
         title,
-        ["stage", "job", "array", "after", "log"],
+        ["stage", "job", "array", "after", "log"] + (["GPU time"] if gpu else []),
         [
             [r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), _short(r["log"], cfg.root)]
+            + ([r.get("gpu_time", "")] if gpu else [])
             for r in rows
         ],
     )

@@ -126,4 +126,15 @@ def submit_study(
     from lessctl.slurm.submit import submit_jobs
 
     specs = plan_study(cfg, stages, methods, shards, extra_args)
-    return submit_jobs(cfg, specs, dry_run=dry_run) if specs else []
+    rows = submit_jobs(cfg, specs, dry_run=dry_run) if specs else []
+    if dry_run and rows:
+        from lessctl.study.estimate import clock, estimate_seconds, pool_size
+        from lessctl.study.pipeline import study_jobs
+
+        by_key, pool = {j.key: j for j in study_jobs(cfg, list(stages), methods)}, pool_size(cfg)
+        for row in rows:  # an array's GPU time is the sum over its tasks
+            estimates = [estimate_seconds(cfg, by_key[k], pool)[0] for k in row.get("items", [])]
+            known = [e for e in estimates if e is not None]
+            row["gpu_seconds"] = round(sum(known), 1) if known else None
+            row["gpu_time"] = clock(row["gpu_seconds"]) + (" + ?" if known and len(known) < len(estimates) else "")
+    return rows
