@@ -42,7 +42,9 @@ def test_submit_dry_run_graph_of_the_study(tiny_ws, cli, monkeypatch, tmp_path):
     assert "run --items 'match" not in script and "run --items 'finetune arithmetic-less'" in script
     assert script.rstrip().endswith('--pick "${SLURM_ARRAY_TASK_ID}"')
     assert jobs["eval"]["sbatch"][2] == "--dependency=afterok:<finetune>"
-    assert jobs["grads"]["gpu_seconds"] == pytest.approx(360 * 2 / 33.8, abs=0.05)  # pool rows x checkpoints at the rate
+    assert jobs["grads"]["gpu_seconds"] == pytest.approx(
+        360 * 2 / 33.8, abs=0.05
+    )  # pool rows x checkpoints at the rate
     assert jobs["grads reps"]["gpu_time"] == "?" and jobs["finetune"]["gpu_seconds"] > 0
     assert not (tiny_ws / "out" / "slurm").exists()
 

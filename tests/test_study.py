@@ -181,3 +181,31 @@ def test_results_table_has_the_papers_numbers_and_the_spread_of_random(tmp_path,
     res = cli("--config", tmp_path / "lessctl.toml", "results", "--study")
     assert res.code == 0, res
     assert "52.00 ± 2.00" in res.out and "56.2" in res.out and "45.00 (1/3)" in res.out and "ablation" in res.out
+
+
+@pytest.mark.slow
+def test_ablation_and_transfer_branches_run_and_fill_their_tables(tiny_ws, cli):
+    import shutil
+
+    shutil.copytree(tiny_ws / "model", tiny_ws / "model2")  # another base model folder (LESS-T)
+    add_study(tiny_ws, 'methods = ["less"]\nablation = ["1"]\ntransfer = ["model2"]\nbase = false')
+    cfg = ("--config", tiny_ws / "lessctl.toml")
+    res = cli(*cfg, "run", "--device", "cpu", "--json")
+    assert res.code == 0, res
+    out = tiny_ws / "out"
+    for t in TARGETS:
+        summary = json.loads((out / "selected" / t / "less-ckpt1" / "summary.json").read_text())
+        steps = [c["step"] for c in json.loads((out / "warmup" / "checkpoints.json").read_text())]
+        assert summary["checkpoints"] == steps[:1] and summary["weights"] == [1.0]
+        run = json.loads((out / "finetune" / f"{t}-less-model2" / "lessctl_run.json").read_text())
+        assert run["transfer"] is True and run["base_model"] == str((tiny_ws / "model2").resolve())
+        assert run["train_file"].endswith(f"selected/{t}/less/top_p0.05.jsonl")
+        for model in (f"{t}-less", f"{t}-less-ckpt1", f"{t}-less-model2"):
+            assert (out / "eval" / model / f"{t}.json").is_file()
+    res = cli(*cfg, "results", "--study", "--json")
+    study = json.loads(res.out)["study"]
+    assert study["ablation"]["sorting"]["subsets"]["less-ckpt1"]["n"] == 1
+    assert study["transfer"]["sorting"]["models"]["model2"]["n"] == 1
+    assert study["transfer"]["sorting"]["selection_model"]["n"] == 1
+    res = cli(*cfg, "run", "--device", "cpu", "--json")
+    assert json.loads(res.out)["done"] == 0
