@@ -5,15 +5,34 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
 from lessctl.config import load_config
-from lessctl.slurm.jobs import wait_for
+from lessctl.slurm.jobs import job_states
 from lessctl.slurm.study import describe_specs, plan_study
 
 TARGETS = ("arithmetic", "antonyms", "sorting")
 SLURM = '\n[slurm]\ncpus = 1\ngpus = 0\ntime = "10:00"\n'
+
+
+def wait_tasks(ids, timeout_s: float = 300):
+    """The states once no job or array task is pending or running (a job's state is its worst task's, so it can
+    read CANCELLED while other tasks still run)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = job_states(ids)
+        active = [
+            s
+            for s in states.values()
+            for t in [s.state, *s.tasks.values()]
+            if t in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+        ]
+        if not active:
+            return states
+        assert time.monotonic() < deadline, states
+        time.sleep(1)
 
 
 def with_study(ws, body: str) -> None:
@@ -41,7 +60,10 @@ def test_submit_dry_run_graph_of_the_study(tiny_ws, cli, monkeypatch, tmp_path):
     script = jobs["finetune"]["script"]
     assert "run --items 'match" not in script and "run --items 'finetune arithmetic-less'" in script
     assert script.rstrip().endswith('--pick "${SLURM_ARRAY_TASK_ID}"')
-    assert jobs["eval"]["sbatch"][2] == "--dependency=afterok:<finetune>"
+    assert jobs["eval"]["sbatch"][2] == "--dependency=aftercorr:<finetune>"  # eval task k after finetune task k
+    assert [i.split()[1].split("/")[0] for i in jobs["eval"]["items"]] == [
+        i.split()[1] for i in jobs["finetune"]["items"]
+    ]
     assert jobs["grads"]["gpu_seconds"] == pytest.approx(
         360 * 2 / 33.8, abs=0.05
     )  # pool rows x checkpoints at the rate
@@ -90,11 +112,12 @@ def test_cancelled_finetune_is_all_a_resubmission_runs(local_slurm, tiny_ws, cli
     ft, ev = jobs["finetune"]["job_id"], jobs["eval"]["job_id"]
     victim = jobs["finetune"]["items"][1]  # array task 2, pending while the match job runs
     subprocess.run(["scancel", f"{ft}_2"], check=True)
-    states = wait_for([jobs["match"]["job_id"], ft, ev], timeout_s=600, poll_s=1)
+    states = wait_tasks([jobs["match"]["job_id"], ft, ev])
     assert states[jobs["match"]["job_id"]].state == "COMPLETED", states
     # a pending task cancelled before it started leaves the array's records; the other five ran
     assert states[ft].tasks == {k: "COMPLETED" for k in ("1", "3", "4", "5", "6")}, states
-    assert states[ev].state == "CANCELLED", states  # afterok on the array can no longer be satisfied
+    # aftercorr: the evaluation of the cancelled finetune can never start; the other five ran
+    assert {k: v for k, v in states[ev].tasks.items() if v == "COMPLETED"}.keys() == {"1", "3", "4", "5", "6"}, states
     out = tiny_ws / "out"
     name = victim.split(" ", 1)[1]
     assert not (out / "finetune" / name / "adapter_config.json").exists()
@@ -105,8 +128,8 @@ def test_cancelled_finetune_is_all_a_resubmission_runs(local_slurm, tiny_ws, cli
     assert r.code == 0, r
     again = {j["label"]: j for j in json.loads(r.out)["jobs"]}
     assert list(again) == ["finetune", "eval"] and again["finetune"]["items"] == [victim]
-    assert again["finetune"]["array"] == "1-1" and again["eval"]["array"] == "1-6"
-    states = wait_for([again["finetune"]["job_id"], again["eval"]["job_id"]], timeout_s=600, poll_s=1)
+    assert again["finetune"]["array"] == "1-1" and again["eval"]["items"] == [f"eval {name}/{name.split('-')[0]}"]
+    states = wait_tasks([again["finetune"]["job_id"], again["eval"]["job_id"]])
     assert all(s.state == "COMPLETED" for s in states.values()), states
     for t in TARGETS:
         for sel in ("random", "bm25"):

@@ -3,8 +3,9 @@
 The study's jobs (lessctl.study.graph) that are not complete, and everything downstream of them, become:
 warmup; grads as an array over checkpoints (or one array of shards per checkpoint) and, for rds, one
 representations job at the last checkpoint; one match job for every pending selection; one array of
-finetunes (a task per model); one array of evaluations of the finetuned models and one of the base model.
-Each job waits (afterok) for the jobs its items need. The match, finetune and eval jobs run `lessctl run
+finetunes (a task per model); an array of their evaluations whose task k waits (aftercorr) for finetune
+task k alone; arrays for the evaluations of models already trained and of the base model. Every other job
+waits (afterok) for the jobs its items need. The match, finetune and eval jobs run `lessctl run
 --items ...` with the stage's template and settings, the array task picking its item (`--pick`), so a job
 that finds its item complete (a resubmission) skips it.
 """
@@ -43,7 +44,8 @@ def plan_study(
     if shards is not None and shards < 1:
         raise ConfigError(f"--shards: must be at least 1, got {shards}")
     extra_args = extra_args or {}
-    todo = pending_jobs(cfg, study_jobs(cfg, list(stages), methods))
+    jobs = study_jobs(cfg, list(stages), methods)
+    todo = pending_jobs(cfg, jobs)
     chosen = ("--methods", *methods) if methods else ()
     specs: list[JobSpec] = []
     where: dict[str, tuple[int, ...]] = {}  # study job key -> positions of the Slurm jobs that run it
@@ -79,13 +81,25 @@ def plan_study(
                 specs.append(JobSpec("grads", args, f"1-{n_ckpt}", ("--ckpt-index", TASK), after([job]),
                                      items=(job.key,)))  # fmt: skip
             where[job.key] = tuple(range(start, len(specs)))
+    finetunes = [j for j in todo if j.stage == "finetune"]
+    eval_of = {j.after[0]: j for j in jobs if j.stage == "eval" and j.after}  # a finetune's evaluation
+    paired = [eval_of[f.key] for f in finetunes if f.key in eval_of]
+    if len(paired) < len(finetunes):  # --stages without eval
+        paired = []
+    in_pairs = {j.key for j in paired}
     groups = [
-        ("match", [j for j in todo if j.stage == "match"], False),
-        ("finetune", [j for j in todo if j.stage == "finetune"], True),
-        ("eval", [j for j in todo if j.stage == "eval" and j.model != BASE], True),
-        ("eval base", [j for j in todo if j.stage == "eval" and j.model == BASE], True),
+        ("match", [j for j in todo if j.stage == "match"], False, "afterok"),
+        ("finetune", finetunes, True, "afterok"),
+        ("eval", paired, True, "aftercorr"),  # task k evaluates the model finetune task k trains
+        (
+            "eval trained",
+            [j for j in todo if j.stage == "eval" and j.model != BASE and j.key not in in_pairs],
+            True,
+            "afterok",
+        ),  # fmt: skip
+        ("eval base", [j for j in todo if j.stage == "eval" and j.model == BASE], True, "afterok"),
     ]
-    for label, items, array in groups:
+    for label, items, array, dependency in groups:
         if not items:
             continue
         stage = label.split()[0]
@@ -98,6 +112,7 @@ def plan_study(
             label=label,
             command=("run", *items_args(items)),
             items=tuple(j.key for j in items),
+            dependency=dependency,
         )
         add(spec, [j.key for j in items])
     return specs

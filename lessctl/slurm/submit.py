@@ -80,6 +80,7 @@ class JobSpec:
     overrides: dict = field(default_factory=dict)  # time, gpus, ... for this job
     command: tuple[str, ...] = ()  # the lessctl command run instead of `<stage>` (with the stage's template)
     items: tuple[str, ...] = ()  # the study's jobs it runs (lessctl.study.graph keys)
+    dependency: str = "afterok"  # or aftercorr: array task k waits for task k of the array it is after
 
 
 def plan_pipeline(
@@ -223,7 +224,7 @@ def submit_jobs(cfg: Any, specs: Sequence[JobSpec], dry_run: bool = False) -> li
         for spec, text in zip(specs, texts):
             after = [specs[a].label or specs[a].stage for a in spec.after]
             deps = (
-                ["--dependency=afterok:" + ":".join(f"<{a}>" for a in after), "--kill-on-invalid-dep=yes"]
+                [f"--dependency={spec.dependency}:" + ":".join(f"<{a}>" for a in after), "--kill-on-invalid-dep=yes"]
                 if after
                 else []
             )
@@ -239,7 +240,7 @@ def submit_jobs(cfg: Any, specs: Sequence[JobSpec], dry_run: bool = False) -> li
     ids: list[str] = []
     for spec, text in zip(specs, texts):
         after = [ids[a] for a in spec.after]
-        deps = ["--dependency=afterok:" + ":".join(after), "--kill-on-invalid-dep=yes"] if after else []
+        deps = [f"--dependency={spec.dependency}:" + ":".join(after), "--kill-on-invalid-dep=yes"] if after else []
         try:
             job_id = submit_script(text, cwd=cfg.root, sbatch_args=deps)
         except LessctlError as exc:
