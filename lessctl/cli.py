@@ -79,7 +79,7 @@ USER_ERRNOS = {
 }
 
 # Options that take several values: `--dims 64 128` is read as `--dims 64 --dims 128`.
-MULTI_VALUE_OPTIONS = {"--dims", "--ckpt", "--ckpts", "--weights", "--train", "--target"}
+MULTI_VALUE_OPTIONS = {"--dims", "--ckpt", "--ckpts", "--weights", "--train", "--target", "--methods", "--items"}
 
 
 def _is_number(tok: str) -> bool:

@@ -7,18 +7,18 @@ command. Every problem (unknown key, wrong type, bad value) is reported at once,
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
 import tomllib
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError
+from lessctl.study.plan import StudyConfig, study_problems
 from lessctl.vocab import (
     BUILTIN_TARGETS,
     CHAT_FORMATS,
@@ -27,7 +27,9 @@ from lessctl.vocab import (
     LOSS_WEIGHTINGS,
     METHODS,
     PROJECTOR_KINDS,
+    closest,
     spelled,
+    type_problem,
 )
 
 CONFIG_NAME = "lessctl.toml"
@@ -202,8 +204,10 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    # Not part of the file: where it was read from (None: defaults only).
+    study: StudyConfig = field(default_factory=StudyConfig)
+    # Not part of the file: where it was read from (None: defaults only), and the sections it (or an option) set.
     path: Path | None = field(default=None, compare=False)
+    given: frozenset = field(default=frozenset(), compare=False)
 
     @property
     def root(self) -> Path:
@@ -230,38 +234,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("path", None)
+        d.pop("path", None), d.pop("given", None)
         return d
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "path"}
-
-
-_TYPE_WORDS = {
-    float: "a number",
-    int: "an integer",
-    str: "a string",
-    bool: "true or false",
-    list: "a list",
-    dict: "a table",
-}
-
-
-def type_problem(key: str, value: Any, typ: Any) -> str | None:
-    """The problem with a value of key `key` that should be of type `typ` (a type or its name), or None.
-
-    Numbers accept integers, integers refuse booleans; types other than those of TOML pass unchecked.
-    """
-    typ = {t.__name__: t for t in _TYPE_WORDS}.get(typ, typ)
-    if typ not in _TYPE_WORDS:
-        return None
-    if typ is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif typ is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, typ)
-    return None if ok else f"{key}: expected {_TYPE_WORDS[typ]}, got {value!r}"
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("path", "given")}
 
 
 def _check_type(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
@@ -271,15 +248,6 @@ def _check_type(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
         problems.append(problem)
         return value
     return float(value) if typ in ("float", float) else value
-
-
-def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
-    """A suffix for an error about an unknown `name`: the closest option, else all of them (or nothing)."""
-    options = list(options)
-    m = difflib.get_close_matches(name, options, n=1)
-    if m:
-        return f" (did you mean '{m[0]}'?)"
-    return f" (valid: {', '.join(options)})" if list_all else ""
 
 
 _OPTIONS = {"eval.bbh_examples_per_task": "--bbh-examples", "grads.merge": "--merge", "grads.compile": "--compile"}
@@ -421,9 +389,10 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
         except TypeError as exc:  # pragma: no cover - guarded by the checks above
             problems.append(f"{where}[{sec_name}]: {exc}")
             built[sec_name] = cls()
-    cfg = Config(**built, path=path)
+    cfg = Config(**built, path=path, given=frozenset(sections))
     if not problems:
         _validate_values(cfg, label, problems)
+        problems += study_problems(cfg, label)
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg

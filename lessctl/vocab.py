@@ -2,12 +2,14 @@
 
 Config validation, the commands' checks, their help texts and shell completion all read these
 tuples; the `Literal` types beside them are for signatures. A new method, stage or target is added
-here first.
+here first. `closest` and `type_problem` word the errors about a name or value outside them.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import difflib
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
 
 Method = Literal["less", "random", "bm25", "rds", "dsir"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -39,6 +41,12 @@ CUDA_ENGINES: tuple[str, ...] = get_args(CudaEngine)
 Stage = Literal["warmup", "grads", "match", "finetune", "eval"]
 STAGES: tuple[str, ...] = get_args(Stage)
 """The pipeline's stages in order (`lessctl run`, `lessctl slurm submit`)."""
+
+GRADIENT_METHODS: tuple[str, ...] = CHECKPOINT_METHODS + REPS_METHODS
+"""Methods that need the warmup and the grads stage; the others read the training text alone."""
+
+STUDY_METHODS: tuple[str, ...] = ("less", "random", "bm25", "dsir", "rds")
+"""The study's default comparison (`[study] methods`): every method, in the order of the paper's table."""
 
 SLURM_STAGES: tuple[str, ...] = STAGES + ("ir", "ablate", "run", "demo")
 """Commands `lessctl slurm render` has settings for."""
@@ -75,3 +83,39 @@ def spelled(options: tuple[str, ...] | list[str]) -> str:
     """Options as a sentence lists them: "a, b or c"."""
     options = list(options)
     return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+_TYPE_WORDS = {
+    float: "a number",
+    int: "an integer",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def type_problem(key: str, value: Any, typ: Any) -> str | None:
+    """The problem with a value of key `key` that should be of type `typ` (a type or its name), or None.
+
+    Numbers accept integers, integers refuse booleans; types other than those of TOML pass unchecked.
+    """
+    typ = {t.__name__: t for t in _TYPE_WORDS}.get(typ, typ)
+    if typ not in _TYPE_WORDS:
+        return None
+    if typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, typ)
+    return None if ok else f"{key}: expected {_TYPE_WORDS[typ]}, got {value!r}"
+
+
+def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
+    """A suffix for an error about an unknown `name`: the closest option, else all of them (or nothing)."""
+    options = list(options)
+    m = difflib.get_close_matches(name, options, n=1)
+    if m:
+        return f" (did you mean '{m[0]}'?)"
+    return f" (valid: {', '.join(options)})" if list_all else ""

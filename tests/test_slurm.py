@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurm, unavailable_reason
 
 import lessctl.slurm
 from lessctl.config import load_config
@@ -397,34 +396,6 @@ def test_parsing_squeue_sacct_scontrol():
 
 
 # ------------------------------------------------------------------------------------- real Slurm
-
-
-@pytest.fixture(scope="session")
-def local_slurm(tmp_path_factory):
-    """A single-node Slurm on localhost for the session (skipped, with the reason, where it cannot run)."""
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("LESSCTL_REQUIRE_SLURM"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except Exception as exc:
-        cluster.stop()
-        msg = f"could not start a local Slurm: {exc}\n{cluster.log_tail()}"
-        if os.environ.get("LESSCTL_REQUIRE_SLURM"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    old = {k: os.environ.get(k) for k in cluster.env()}
-    os.environ.update(cluster.env())
-    yield cluster
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    cluster.stop()
 
 
 def wait(ids, timeout_s: float = 90):

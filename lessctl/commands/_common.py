@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lessctl import paths
-from lessctl.vocab import METHODS, STAGES
+from lessctl.vocab import METHODS, STAGES, spelled
 
 
 @dataclass
@@ -26,6 +26,15 @@ class GlobalState:
 STATE = GlobalState()
 
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as one JSON object on stdout.")]
+MethodsOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--methods",
+        autocompletion=lambda incomplete: complete_methods(incomplete),
+        help=f"Selection methods to compare ({spelled(METHODS)}), instead of the workspace's study "
+        "methods (or, without a study table in the workspace file, its select method alone).",
+    ),
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", metavar="", help="Recompute and replace outputs that already exist.")
 ]
@@ -284,3 +293,10 @@ def complete_stages(incomplete: str) -> list[str]:
 
 def complete_methods(incomplete: str) -> list[str]:
     return [m for m in METHODS if m.startswith(incomplete)]
+
+
+def split_values(values: list[str] | None) -> list[str] | None:
+    """`--methods a b` and `--methods a,b` alike ('finetune x' keeps its space: items are split on commas only)."""
+    if values is None:
+        return None
+    return [v.strip() for x in values for v in x.split(",") if v.strip()]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl.commands._common import JsonOpt, emit_json, err_console, load_config, print_table
+from lessctl.commands._common import JsonOpt, MethodsOpt, emit_json, err_console, load_config, print_table, split_values
 
 COLUMNS = ["model", "method", "target", "score", "n", "limit", "time", "version"]
 
@@ -17,13 +17,33 @@ def results(
     model: Annotated[
         Optional[list[str]], typer.Option("--model", help="Only these model names (repeat for several).")
     ] = None,
+    study: Annotated[
+        bool,
+        typer.Option(
+            "--study",
+            metavar="",
+            help="Only the study's tables: a row per target, a column per method and base, the paper's numbers "
+            "beside them, random as mean ± standard deviation over its seeds; then the ablation and transfer tables.",
+        ),
+    ] = False,
+    methods: MethodsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show the recorded evaluation results, grouped by task."""
+    """Show the study's tables (a study table in the workspace file, --study or --methods), then the results by task."""
     from lessctl.errors import ConfigError
     from lessctl.evaluation.results import read_results, results_path
+    from lessctl.study.results import study_results, tables
 
     cfg = load_config()
+    methods = split_values(methods)
+    plan = study_results(cfg, methods) if study or methods is not None or "study" in cfg.given else None
+    if study:
+        if json_out:
+            emit_json({"study": plan})
+            return
+        for title, columns, rows in tables(plan):
+            print_table(title, columns, rows)
+        return
     everything = read_results(cfg.output_dir)
     for opt, wanted, key in (("--task", task, "task"), ("--model", model, "model")):
         known = sorted({str(r.get(key)) for r in everything})
@@ -34,8 +54,10 @@ def results(
             )
     records = [r for r in everything if (not task or r.get("task") in task) and (not model or r.get("model") in model)]
     if json_out:
-        emit_json({"results": records})
+        emit_json({"results": records, **({"study": plan} if plan else {})})
         return
+    for title, columns, rows in tables(plan) if plan else ():
+        print_table(title, columns, rows)
     if not records:
         err_console().print(f"no results in {results_path(cfg.output_dir)}; run `lessctl eval --task TASK` first")
         return

@@ -6,7 +6,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lessctl.commands._common import JsonOpt, emit_json, load_config, print_table
+from lessctl.commands._common import JsonOpt, MethodsOpt, emit_json, load_config, print_table, split_values
+from lessctl.config import closest
+from lessctl.errors import ConfigError
 from lessctl.vocab import STAGES
 
 app = typer.Typer(
@@ -139,14 +141,34 @@ def submit(
         bool, typer.Option("--dry-run", metavar="", help="Print the scripts and sbatch lines; submit nothing.")
     ] = False,
     shards: ShardsOpt = None,
+    methods: MethodsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Submit the stages as a chain of jobs (each after the previous one succeeded)."""
+    """Submit the stages as jobs, each after the jobs it needs succeeded (afterok).
+
+    With a study table in the workspace file (or --methods), the study's jobs not yet complete: warmup, grads,
+    one match job, one finetune array, eval arrays; a resubmission submits only what is missing.
+    """
+    from lessctl.slurm.study import submit_study, uses_study
     from lessctl.slurm.submit import jobs_path, submit_pipeline
 
     cfg = load_config()
     names = [s.strip() for s in stages.split(",") if s.strip()]
-    rows = submit_pipeline(cfg, names, dry_run=dry_run, shards=shards)
+    methods = split_values(methods)
+    if uses_study(cfg, methods):
+        if not names:
+            raise ConfigError("--stages: no stages given")
+        if unknown := [s for s in names if s not in STAGES]:
+            raise ConfigError(f"--stages: unknown stage '{unknown[0]}'{closest(unknown[0], STAGES)}")
+        rows = submit_study(cfg, names, dry_run=dry_run, methods=methods, shards=shards)
+        if not rows:
+            if json_out:
+                emit_json({"dry_run": dry_run, "jobs": [], "jobs_file": None})
+            else:
+                typer.echo("nothing to submit: every job of the study is complete")
+            return
+    else:
+        rows = submit_pipeline(cfg, names, dry_run=dry_run, shards=shards)
     if json_out:
         emit_json({"dry_run": dry_run, "jobs": rows, "jobs_file": None if dry_run else str(jobs_path(cfg))})
         return
@@ -156,11 +178,13 @@ def submit(
             typer.echo(f"# ===== {r['label']}{after}: {' '.join(r['sbatch'])} < script =====")
             typer.echo(r["script"])
     title = "Slurm jobs (dry run: nothing submitted)" if dry_run else f"Slurm jobs (recorded in {jobs_path(cfg)})"
+    gpu = any("gpu_time" in r for r in rows)  # a dry run of the study: each job's estimated GPU time
     print_table(
         title,
-        ["stage", "job", "array", "after", "log"],
+        ["stage", "job", "array", "after", "log"] + (["GPU time"] if gpu else []),
         [
             [r["label"], r["job_id"] or "-", r["array"] or "", ", ".join(r["after"]), _short(r["log"], cfg.root)]
+            + ([r.get("gpu_time", "")] if gpu else [])
             for r in rows
         ],
     )

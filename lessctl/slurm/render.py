@@ -94,6 +94,7 @@ def render_script(
     dependency: str | None = None,
     time: str | None = None,
     python: str | None = None,
+    command: Sequence[str] = (),
     **overrides: Any,
 ) -> str:
     """An sbatch script that runs `lessctl --config <workspace> <stage> <stage_args> <task_args>`.
@@ -103,7 +104,9 @@ def render_script(
     `{task}` becomes $SLURM_ARRAY_TASK_ID; dependency: e.g. "afterok:12:13"; time and overrides
     (partition, account, qos, gpus, cpus, memory, modules, setup, sbatch_extra, env): this job's
     settings over the workspace's [slurm] and [slurm.stages.<stage>]. python: the interpreter that
-    runs lessctl in the job (default: this one; a setup line may set LESSCTL_PYTHON instead).
+    runs lessctl in the job (default: this one; a setup line may set LESSCTL_PYTHON instead). command: the
+    lessctl command line the job runs instead of `<stage>` (e.g. `run --items ...` for the study's jobs), with
+    the stage's template and settings.
     """
     if not isinstance(stage, str) or not _COMMAND.match(stage):
         raise ConfigError(f"stage: {stage!r} is not a lessctl command name")
@@ -184,7 +187,7 @@ def render_script(
     lessctl_args = []
     if cfg.path is not None:
         lessctl_args += ["--config", shlex.quote(str(cfg.path))]
-    lessctl_args.append(stage)
+    lessctl_args += [shlex.quote(a) for a in command] or [stage]
     lessctl_args += [shlex.quote(a) for a in stage_args]
     lessctl_args += [_task_word(a) for a in task_args]
     if stage == "grads" and s["gpus"].value > 1:  # several GPUs in one grads job: one worker per GPU

@@ -78,6 +78,9 @@ class JobSpec:
     after: tuple[int, ...] = ()  # positions in the chain of the jobs this one waits for (afterok)
     label: str = ""  # e.g. "grads ckpt 2"; default: the stage
     overrides: dict = field(default_factory=dict)  # time, gpus, ... for this job
+    command: tuple[str, ...] = ()  # the lessctl command run instead of `<stage>` (with the stage's template)
+    items: tuple[str, ...] = ()  # the study's jobs it runs (lessctl.study.graph keys)
+    dependency: str = "afterok"  # or aftercorr: array task k waits for task k of the array it is after
 
 
 def plan_pipeline(
@@ -212,13 +215,16 @@ def submit_jobs(cfg: Any, specs: Sequence[JobSpec], dry_run: bool = False) -> li
         if any(not 0 <= a < i for a in spec.after):
             raise ValueError(f"job {i} waits for a job that is not before it: {spec.after}")
     # Render everything first so that a config mistake submits nothing.
-    texts = [render_script(cfg, s.stage, s.args, array=s.array, task_args=s.task_args, **s.overrides) for s in specs]
+    texts = [
+        render_script(cfg, s.stage, s.args, array=s.array, task_args=s.task_args, command=s.command, **s.overrides)
+        for s in specs
+    ]
     if dry_run:
         rows = []
         for spec, text in zip(specs, texts):
             after = [specs[a].label or specs[a].stage for a in spec.after]
             deps = (
-                ["--dependency=afterok:" + ":".join(f"<{a}>" for a in after), "--kill-on-invalid-dep=yes"]
+                [f"--dependency={spec.dependency}:" + ":".join(f"<{a}>" for a in after), "--kill-on-invalid-dep=yes"]
                 if after
                 else []
             )
@@ -234,7 +240,7 @@ def submit_jobs(cfg: Any, specs: Sequence[JobSpec], dry_run: bool = False) -> li
     ids: list[str] = []
     for spec, text in zip(specs, texts):
         after = [ids[a] for a in spec.after]
-        deps = ["--dependency=afterok:" + ":".join(after), "--kill-on-invalid-dep=yes"] if after else []
+        deps = [f"--dependency={spec.dependency}:" + ":".join(after), "--kill-on-invalid-dep=yes"] if after else []
         try:
             job_id = submit_script(text, cwd=cfg.root, sbatch_args=deps)
         except LessctlError as exc:
@@ -273,6 +279,7 @@ def _row(
         "script": script,
         "log": str(log_dir(cfg) / pattern),
         "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if job_id else None,
+        **({"items": list(spec.items)} if spec.items else {}),
     }
 
 

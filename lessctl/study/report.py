@@ -237,6 +237,11 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> ReportResult:
             shutil.copyfile(heatmap, copy)
             res.figures.append(copy)
             parts += ["<h3>Checkpoint-subset ablation</h3>", _img(copy, f"{target} ablation overlap")]
+    if "study" in cfg.given:  # the study's tables, as `lessctl results` prints them
+        from lessctl.study.results import study_results, tables
+
+        for title, columns, rows in tables(study_results(cfg)):
+            parts += [f"<h2>{html.escape(title)}</h2>", _table(columns, rows)]
     results = read_results(cfg.output_dir)
     if results:
         parts.append("<h2>Evaluation results</h2>")

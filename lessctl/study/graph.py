@@ -1,0 +1,217 @@
+"""The study's jobs: a Plan expanded into warmup -> grads -> match -> finetune -> eval items, what each waits for,
+whether it is complete on disk, and an estimate of its GPU time.
+
+One job per item: `match <target>/<selection>`, `finetune <model>`, `eval <model>/<task>`. A selection is a
+method's folder under selected/<target>/ (random draws: `random`, `random-seed<s>`; ablation subsets:
+`less-ckpt<subset>`); a model is a folder under finetune/ (`<target>-<selection>`, transfer:
+`<target>-less-<model folder name>`), or `base`. `lessctl run` runs the jobs in order and `lessctl slurm submit`
+submits them; both skip complete ones, so a re-run does only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from lessctl import paths
+from lessctl.config import Config
+from lessctl.study.plan import Plan, random_selection, transfer_name
+from lessctl.vocab import CHECKPOINT_METHODS, REPS, REPS_METHODS, STAGES
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One item of the study. `key` names it (`lessctl run --items`); `after` holds the keys it waits for."""
+
+    key: str
+    stage: str
+    after: tuple[str, ...] = ()
+    branch: str = "main"  # main | ablation | transfer | base
+    target: str | None = None
+    selection: str | None = None  # the folder under selected/<target>/
+    method: str | None = None
+    seed: int | None = None  # a random draw's seed
+    subset: tuple[int, ...] = ()  # ablation: 1-based checkpoint positions
+    model: str | None = None  # finetune: its folder under finetune/; eval: that folder's name or `base`
+    base_model: str | None = None  # transfer: the other base model
+    task: str | None = None  # eval: mmlu, bbh, tydiqa, or a custom target's name
+    eval_file: str | None = None  # eval of a custom target: its held-out file
+    reason: str = ""  # set when the job does not apply (a custom target without eval_file)
+
+    @property
+    def item(self) -> str:
+        """The job as `lessctl run` reports it."""
+        return {"match": f"{self.target}/{self.selection}", "finetune": self.model}.get(
+            self.stage, f"{self.model}/{self.task}" if self.stage == "eval" else self.key
+        )
+
+
+def _eval_of(cfg: Config, target: str) -> tuple[str, str | None, str]:
+    """(task, eval_file, reason): a built-in target's benchmark, a custom target's eval_file, or why there is none."""
+    spec = cfg.data.targets[target]
+    if isinstance(spec, str):
+        return spec, None, ""
+    if spec.get("eval_file"):
+        return target, str(cfg.resolve(spec["eval_file"])), ""
+    return target, None, "custom target without eval_file"
+
+
+def expand(cfg: Config, plan: Plan) -> list[Job]:
+    """Every job of the plan, in stage order (each job after the jobs it waits for)."""
+    from lessctl.study.ablation import subset_label
+
+    methods = plan.methods
+    gradients = any(m in CHECKPOINT_METHODS for m in methods)
+    reps = any(m in REPS_METHODS for m in methods)
+    jobs: list[Job] = []
+    if gradients or reps:
+        jobs.append(Job("warmup", "warmup"))
+    if gradients:
+        jobs.append(Job("grads", "grads", ("warmup",)))
+    if reps:
+        jobs.append(Job("grads reps", "grads", ("warmup",), method=REPS))
+
+    def match_after(method: str) -> tuple[str, ...]:
+        return ("grads",) if method in CHECKPOINT_METHODS else ("grads reps",) if method in REPS_METHODS else ()
+
+    finetunes: list[Job] = []
+    for target in cfg.data.targets:
+        selections: list[Job] = []
+        for method in methods:
+            seeds = plan.random_seeds if method == "random" else (None,)
+            for seed in seeds:
+                sel = random_selection(cfg, seed) if seed is not None else method
+                selections.append(
+                    Job(
+                        f"match {target}/{sel}",
+                        "match",
+                        match_after(method),
+                        target=target,
+                        selection=sel,
+                        method=method,
+                        seed=seed,
+                    )  # fmt: skip
+                )
+        if plan.uses_checkpoints:
+            for subset in plan.ablation:
+                sel = f"less-ckpt{subset_label(subset)}"
+                selections.append(
+                    Job(f"match {target}/{sel}", "match", ("grads",), "ablation", target, sel, "less", subset=subset)
+                )
+        jobs += selections
+        for m in selections:
+            name = f"{target}-{m.selection}"
+            ft = dataclasses.replace(m, key=f"finetune {name}", stage="finetune", after=(m.key,), model=name)
+            finetunes.append(ft)
+        if plan.uses_checkpoints:
+            for other in plan.transfer:
+                name = f"{target}-less-{transfer_name(other)}"
+                finetunes.append(
+                    Job(
+                        f"finetune {name}",
+                        "finetune",
+                        (f"match {target}/less",),
+                        "transfer",
+                        target,
+                        "less",
+                        "less",
+                        model=name,
+                        base_model=other,
+                    )  # fmt: skip
+                )
+    jobs += finetunes
+    for target in cfg.data.targets if plan.base else ():
+        task, eval_file, reason = _eval_of(cfg, target)
+        jobs.append(Job(f"eval {BASE}/{task}", "eval", (), "base", target, model=BASE, task=task, eval_file=eval_file,
+                        reason=reason))  # fmt: skip
+    for ft in finetunes:
+        task, eval_file, reason = _eval_of(cfg, ft.target)
+        jobs.append(dataclasses.replace(ft, key=f"eval {ft.model}/{task}", stage="eval", after=(ft.key,), task=task,
+                                        eval_file=eval_file, reason=reason))  # fmt: skip
+    return jobs
+
+
+def only_stages(jobs: list[Job], stages: list[str]) -> list[Job]:
+    """The jobs of these stages; what they wait for outside them counts as done."""
+    keep = [j for j in jobs if j.stage in stages]
+    keys = {j.key for j in keep}
+    return [dataclasses.replace(j, after=tuple(a for a in j.after if a in keys)) for j in keep]
+
+
+# ----------------------------------------------------------------------------- completion
+
+
+def is_complete(cfg: Config, job: Job) -> bool:
+    """Whether the job's outputs are on disk and current (an eval older than its finetune is not)."""
+    if job.reason:
+        return True
+    out = cfg.output_dir
+    if job.stage == "warmup":
+        return paths.checkpoints_file(out).is_file()
+    if job.stage == "grads":
+        return _grads_complete(cfg, job)
+    if job.stage == "match":
+        return (paths.selection_dir(out, job.target, job.selection) / "summary.json").is_file()
+    if job.stage == "finetune":
+        return finetune_state(cfg, job) == "complete"
+    from lessctl.evaluation.results import eval_json_path
+
+    result = eval_json_path(out, job.model, job.task)
+    if not result.is_file():
+        return False
+    trained = paths.finetune_dir(out, job.model) / "lessctl_run.json"
+    return job.model == BASE or not trained.is_file() or result.stat().st_mtime >= trained.stat().st_mtime
+
+
+def finetune_state(cfg: Config, job: Job) -> str:
+    """complete, stale (the selection changed since the adapter was trained) or missing."""
+    from lessctl.models import is_adapter_dir
+    from lessctl.training import adapter_is_stale
+
+    out = paths.finetune_dir(cfg.output_dir, job.model)
+    if not is_adapter_dir(out):
+        return "missing"
+    summary = paths.selection_dir(cfg.output_dir, job.target, job.selection) / "summary.json"
+    if not summary.is_file():
+        return "complete"
+    from lessctl.select.match import selection_file
+
+    return "stale" if adapter_is_stale(out, selection_file(cfg, job.target, job.selection)) else "complete"
+
+
+def _grads_complete(cfg: Config, job: Job) -> bool:
+    import json
+
+    from lessctl.grads.store.reader import list_stores
+
+    try:
+        steps = [c["step"] for c in json.loads(paths.checkpoints_file(cfg.output_dir).read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    grads_dir = paths.grads_dir(cfg.output_dir)
+    stores = {(s["name"], s["step"], s["grad_type"]): s for s in list_stores(grads_dir)} if grads_dir.is_dir() else {}
+    if job.method == REPS:
+        wanted = [(n, steps[-1], REPS) for n in [*cfg.data.train, *cfg.data.targets]]
+    else:
+        wanted = [(n, s, "adam") for n in cfg.data.train for s in steps]
+        wanted += [(n, s, "sgd") for n in cfg.data.targets for s in steps]
+    dims = set(cfg.grads.dims)
+    return all(
+        (s := stores.get(w)) is not None and s["complete"] and (job.method == REPS or dims <= set(s["dims"]))
+        for w in wanted
+    )
+
+
+def stage_order(jobs: list[Job]) -> list[Job]:
+    """The jobs sorted by stage, keeping their order within a stage."""
+    return sorted(jobs, key=lambda j: STAGES.index(j.stage))
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """The job as `--dry-run --json` shows it."""
+    d = {k: v for k, v in dataclasses.asdict(job).items() if v not in (None, "", ())}
+    d["after"] = list(job.after)
+    return d
