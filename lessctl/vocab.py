@@ -75,3 +75,8 @@ def spelled(options: tuple[str, ...] | list[str]) -> str:
     """Options as a sentence lists them: "a, b or c"."""
     options = list(options)
     return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+DATA_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".parquet")
+"""Training and target data files: jsonl, gzip-compressed jsonl, parquet (as the Hugging Face hub exports data sets).
+A name ending in `.parquet` is read as parquet, one ending in `.gz` as gzip-compressed jsonl, any other as jsonl."""

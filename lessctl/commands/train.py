@@ -88,7 +88,9 @@ def warmup(
 
 
 def finetune(
-    train_file: Annotated[Optional[Path], typer.Option("--train-file", help="A jsonl file to train on.")] = None,
+    train_file: Annotated[
+        Optional[Path], typer.Option("--train-file", help="A data file to train on (.jsonl, .jsonl.gz or .parquet).")
+    ] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Output folder name under finetune/.")] = None,
     target: Annotated[
         Optional[str],
@@ -116,7 +118,8 @@ def finetune(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a fresh LoRA on a selection (--target) or any jsonl file (--train-file)."""
+    """Train a fresh LoRA on a selection (--target) or any data file (--train-file)."""
+    from lessctl.data.records import data_stem
     from lessctl.errors import ConfigError
     from lessctl.training import run_finetune
 
@@ -130,7 +133,7 @@ def finetune(
         name = name or f"{target}-{method}" + (f"-{Path(base_model).name}" if base_model else "")
     if train_file is None:
         raise ConfigError("finetune needs --target NAME or --train-file FILE")
-    name = name or Path(train_file).stem
+    name = name or data_stem(train_file)
     if base_model:
         meta["transfer"] = True
     with ProgressBar(f"finetune {name}", unit="steps", quiet=json_out) as bar:

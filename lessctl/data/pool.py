@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from lessctl.data.encoding import Encoded, encode_record
-from lessctl.data.records import Record, read_jsonl
+from lessctl.data.records import Record, read_examples
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Pool:
 
     @classmethod
     def read(cls, files: dict[str, Path]) -> "Pool":
-        return cls(dict(files), {name: read_jsonl(p) for name, p in files.items()})
+        return cls(dict(files), {name: read_examples(p) for name, p in files.items()})
 
     def flat(self) -> list[tuple[str, Record]]:
         return [(name, r) for name, recs in self.records.items() for r in recs]

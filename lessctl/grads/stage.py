@@ -37,11 +37,11 @@ class DataSet:
 
     def encode(self, cfg: Config, tok) -> list:
         from lessctl.data.encoding import Encoded, encode_record, encode_target
-        from lessctl.data.records import read_jsonl
+        from lessctl.data.records import read_examples
 
         L = cfg.model.max_seq_length
         if self.role == "train":
-            return [encode_record(r, tok, L, cfg.model.chat_format, self.name) for r in read_jsonl(self.files[0])]
+            return [encode_record(r, tok, L, cfg.model.chat_format, self.name) for r in read_examples(self.files[0])]
         out = []
         for i, ex in enumerate(load_target_examples(cfg, self.name, tok)):
             ids, labels = encode_target(ex.prompt, ex.completion, tok, L)
