@@ -39,6 +39,7 @@ class TrainResult:
     seconds: float
     resumed_from: str | None = None
     plan: dict | None = None  # training_plan(): steps per epoch, checkpoints, batch
+    truncation: dict | None = None  # what max_seq_length cut (lessctl.data.encoding.TruncationReport.to_dict)
 
 
 def warmup_dir(cfg: Config) -> Path:
@@ -265,7 +266,7 @@ def train_lora(
     import torch
     from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
-    from lessctl.data.pool import build_training_set
+    from lessctl.data.pool import encode_training_set
     from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
 
     device = device or default_device()
@@ -276,7 +277,7 @@ def train_lora(
     base = cfg.model_ref(base_model)
     tok = load_tokenizer(base)
     set_seed(tcfg.seed)
-    examples, counts = build_training_set(
+    examples, counts, truncation = encode_training_set(
         train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, tcfg.sample_data_seed
     )
     if not examples:
@@ -335,7 +336,8 @@ def train_lora(
     else:
         trainer.save_model(str(out))
         tok.save_pretrained(str(out))
-    return TrainResult(out, checkpoints, counts, time.time() - t0, str(resume_from) if resume_from else None, plan)
+    resumed = str(resume_from) if resume_from else None
+    return TrainResult(out, checkpoints, counts, time.time() - t0, resumed, plan, truncation.to_dict())
 
 
 def _manifest(out: Path, history: list[float]) -> list[dict]:
@@ -397,6 +399,7 @@ def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
     write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
     run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
+    run["truncation"] = res.truncation
     _write_run_file(out, cfg, run)
     return res
 
@@ -471,6 +474,7 @@ def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, d
             "selection_model": selector,
             "transfer": base != selector,
             "counts": res.counts,
+            "truncation": res.truncation,
             "seconds": res.seconds,
             **(meta or {}),
         },

@@ -16,6 +16,7 @@ from lessctl.commands._common import (
     emit_json,
     err_console,
     load_config,
+    truncation_line,
 )
 
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (overrides the file).")]
@@ -66,6 +67,7 @@ def warmup(
         "output_dir": str(res.output_dir),
         "checkpoints": res.checkpoints,
         "counts": res.counts,
+        "truncation": res.truncation,
         "seconds": round(res.seconds, 1),
         "resumed_from": res.resumed_from,
         "plan": res.plan,
@@ -85,6 +87,8 @@ def warmup(
     )
     for c in res.checkpoints:
         con.print(f"  checkpoint-{c['step']}  epoch {c['epoch']}  lr_mean {c['lr_mean']:.6g}")
+    if line := truncation_line(res.truncation, "warmup subset"):
+        con.print(line, markup=False, highlight=False)
 
 
 def finetune(
@@ -147,11 +151,20 @@ def finetune(
             device=device,
             on_log=_progress_logger(bar),
         )
-    summary = {"output_dir": str(res.output_dir), "counts": res.counts, "seconds": round(res.seconds, 1), **meta}
+    summary = {
+        "output_dir": str(res.output_dir),
+        "counts": res.counts,
+        "truncation": res.truncation,
+        "seconds": round(res.seconds, 1),
+        **meta,
+    }
     if json_out:
         emit_json(summary)
-    else:
-        err_console().print(f"finetuned on {res.counts['subset']} examples in {res.seconds:.0f}s -> {res.output_dir}")
+        return
+    con = err_console()
+    con.print(f"finetuned on {res.counts['subset']} examples in {res.seconds:.0f}s -> {res.output_dir}")
+    if line := truncation_line(res.truncation, "training set"):
+        con.print(line, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
