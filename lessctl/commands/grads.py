@@ -194,7 +194,7 @@ def grads(
     )
     for name, truncation in {r["name"]: r["truncation"] for r in table if r["truncation"]}.items():
         if line := truncation_line(truncation, name):
-            con.print(line, markup=False, highlight=False)
+            con.print(line, markup=False, highlight=False, soft_wrap=True)
     for r in table:
         if r["rows_without_labels"]:
             con.print(

@@ -88,7 +88,7 @@ def warmup(
     for c in res.checkpoints:
         con.print(f"  checkpoint-{c['step']}  epoch {c['epoch']}  lr_mean {c['lr_mean']:.6g}")
     if line := truncation_line(res.truncation, "warmup subset"):
-        con.print(line, markup=False, highlight=False)
+        con.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def finetune(
@@ -164,7 +164,7 @@ def finetune(
     con = err_console()
     con.print(f"finetuned on {res.counts['subset']} examples in {res.seconds:.0f}s -> {res.output_dir}")
     if line := truncation_line(res.truncation, "training set"):
-        con.print(line, markup=False, highlight=False)
+        con.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

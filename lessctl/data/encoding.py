@@ -296,8 +296,8 @@ class TruncationReport:
         if self.too_costly:
             warn(
                 log,
-                f"{self.describe(name)}: more than {LOST_LABEL_SHARE_WARNING:.0%}; raise [model] max_seq_length "
-                "or shorten the examples",
+                f"{self.describe(name)}. Over {LOST_LABEL_SHARE_WARNING:.0%} of the label tokens are lost: raise "
+                "[model] max_seq_length or shorten the examples",
             )
         elif self.truncated:
             log.info("%s", self.describe(name))

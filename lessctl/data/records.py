@@ -151,18 +151,21 @@ def parquet_rows(
         have = ", ".join(sorted(names)) or "none"
         raise InputError(f"{path}: the parquet file has no {wanted} column (its columns: {have}); expected {expected}")
     n = 0
-    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{path} row {n + 1}: cannot be read ({_first_line(exc)}); the file is damaged") from None
-        for row in batch.to_pylist():
-            n += 1
-            obj = {k: v for k, v in row.items() if v is not None}
-            yield n, json.dumps(obj, ensure_ascii=False, default=str), obj
+    for group in range(pf.num_row_groups):  # a row group at a time, so that damage is named by its first row
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(
+                    f"{path} row {n + 1}: cannot be read ({_first_line(exc)}); the file is damaged"
+                ) from None
+            for row in batch.to_pylist():
+                n += 1
+                obj = {k: v for k, v in row.items() if v is not None}
+                yield n, json.dumps(obj, ensure_ascii=False, default=str), obj
 
 
 def iter_objects(
