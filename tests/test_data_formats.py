@@ -426,3 +426,41 @@ def test_grads_warns_once_on_stderr_and_records_the_cut_in_the_store(tiny_ws, da
     assert a["truncated_examples"] > 30 and a["lost_label_tokens"] > 0 and a["label_tokens"] > a["lost_label_tokens"]
     assert b["truncated_examples"] == 0 and b["lost_label_tokens"] == 0
     assert f"cot: max_seq_length 128 cut {a['truncated_examples']} of 40 examples" in res.stderr
+
+
+def test_finetune_reports_and_records_the_cut(tiny_ws, data_dir, cli):
+    ws = tiny_ws
+    src = ws / "cot.jsonl"
+    src.write_text("".join(_cot_rows(data_dir, 24)))
+    write_gz(src, ws / "cot.jsonl.gz")
+    res = cli("--config", ws / "lessctl.toml", "finetune", "--train-file", ws / "cot.jsonl.gz", "--epochs", "1",
+              "--device", "cpu", "--json")  # fmt: skip
+    assert res.code == 0, res
+    out = json.loads(res.out)
+    assert out["output_dir"].endswith("/finetune/cot")  # named without .jsonl.gz
+    run = json.loads((ws / "out" / "finetune" / "cot" / "lessctl_run.json").read_text())
+    assert run["truncation"] == out["truncation"] and run["counts"]["subset"] == 24
+    t = run["truncation"]
+    assert t["max_seq_length"] == 128 and t["examples"] == 24 and 0 < t["truncated"] <= 24
+    assert 0 < t["lost_label_tokens"] <= t["truncated_label_tokens"] <= t["label_tokens"]
+    assert t["lost_label_share"] == round(t["lost_label_tokens"] / t["label_tokens"], 6)
+    res = cli("--config", ws / "lessctl.toml", "finetune", "--train-file", ws / "cot.jsonl.gz", "--name", "c2",
+              "--epochs", "1", "--device", "cpu")  # fmt: skip
+    assert res.code == 0, res
+    assert f"training set: max_seq_length 128 cut {t['truncated']} of 24 examples; " in res.err
+
+
+def test_stores_without_truncation_attributes_still_read(tiny_grads_ws, cli):
+    ws = tiny_grads_ws
+    for p in (ws / "out" / "grads").glob("*.h5"):
+        with h5py.File(p, "r+") as f:
+            assert f.attrs["truncated_examples"] == 0 and f.attrs["label_tokens"] > 0
+            for k in ("truncated_examples", "label_tokens", "truncated_label_tokens", "lost_label_tokens"):
+                del f.attrs[k]  # as stores were written before these were kept
+    cfg = ("--config", ws / "lessctl.toml")
+    res = cli(*cfg, "grads", "--projector", "basic", "--dims", "64", "128", "--device", "cpu", "--json")
+    assert res.code == 0, res
+    stores = json.loads(res.out)["stores"]
+    assert stores and all(s["status"] == "skipped" and s["truncation"] is None for s in stores)
+    assert cli(*cfg, "store", "verify").code == 0
+    assert cli(*cfg, "match", "--target", "sorting").code == 0
