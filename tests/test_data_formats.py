@@ -464,3 +464,29 @@ def test_stores_without_truncation_attributes_still_read(tiny_grads_ws, cli):
     assert stores and all(s["status"] == "skipped" and s["truncation"] is None for s in stores)
     assert cli(*cfg, "store", "verify").code == 0
     assert cli(*cfg, "match", "--target", "sorting").code == 0
+
+
+def test_ir_eval_file_in_every_format(tmp_path):
+    from lessctl.ir.evaluate import dataset_name, read_eval_file
+
+    rows = [
+        {
+            "dataset": "scifact" if i else None,
+            "messages": [{"role": "user", "content": f"rank {i}"}, {"role": "assistant", "content": "[B] > [A]"}],
+            "candidates": [
+                {"label": "A", "doc_id": f"d{i}", "grade": 0, "bm25_rank": 1},
+                {"label": "B", "doc_id": f"e{i}", "grade": 2, "bm25_rank": 2},
+            ],
+        }
+        for i in range(3)
+    ]
+    src = tmp_path / "sci_eval.jsonl"
+    src.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    files = three_formats(src, tmp_path / "f")
+    got = {k: read_eval_file(p) for k, p in files.items()}
+    assert got["gz"] == got["jsonl"] == got["parquet"] and len(got["jsonl"]) == 3
+    assert {dataset_name(p, got[k][:1]) for k, p in files.items()} == {"sci"}  # the name without _eval.<suffix>
+    rows[1]["candidates"] = None
+    bad = write_parquet(rows, tmp_path / "bad_eval.parquet")
+    with pytest.raises(InputError, match=r"bad_eval\.parquet row 2: expected "):
+        read_eval_file(bad)
