@@ -14,7 +14,7 @@ import typer
 
 from lessctl import __version__
 from lessctl.commands._common import STATE
-from lessctl.errors import LessctlError
+from lessctl.errors import LessctlError, log_handler
 
 app = typer.Typer(
     name="lessctl",
@@ -56,7 +56,7 @@ def _global(
     STATE.config_path = config
     STATE.debug = debug
     STATE.progress_seconds = progress_seconds
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[log_handler()])
 
 
 def _register() -> None:

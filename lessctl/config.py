@@ -120,7 +120,7 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: dict = _f({}, "Training pool: {name = path to a jsonl file}.")
+    train: dict = _f({}, "Training pool: {name = path to a .jsonl, .jsonl.gz or .parquet file}.")
     targets: dict = _f(
         {}, 'Targets: {name = "mmlu"|"bbh"|"tydiqa"} or {name = {file = "path.jsonl", eval_file = "held-out.jsonl"}}.'
     )

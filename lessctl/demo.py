@@ -31,7 +31,7 @@ def run_demo(
     """init --preset tiny (once), warmup, grads at every checkpoint (and reps at the last), match with each method,
     and (train=True) finetune on each selection and evaluate the target's held-out set before and after; returns
     the report."""
-    from lessctl.data.records import read_jsonl
+    from lessctl.data.records import read_examples
     from lessctl.grads.stage import collect_gradients
     from lessctl.select.match import run_match
     from lessctl.training import checkpoints_path, run_warmup
@@ -58,7 +58,7 @@ def run_demo(
     timings["grads"] = round(time.time() - t, 1)
     say("grads --type reps: representations (RDS) at the last checkpoint")
     collect_gradients(cfg, steps=steps[-1:], dims=[], grad_type=REPS, device=device or "cpu")
-    pool = [r.data.get("family") for p in cfg.train_files().values() for r in read_jsonl(p)]
+    pool = [r.data.get("family") for p in cfg.train_files().values() for r in read_examples(p)]
     report: dict = {"workspace": str(folder.resolve()), "targets": {}}
     t = time.time()
     for target in cfg.data.targets:

@@ -63,6 +63,7 @@ class DoctorReport:
     transformers: str | None
     peft: str | None
     cuda_available: bool
+    pyarrow: str | None = None  # reads .parquet data files
     gpu_count: int = 0
     gpu_name: str | None = None
     gpu_capability: str | None = None  # e.g. "9.0" on H100
@@ -229,7 +230,10 @@ def run_doctor(device: str | None = None) -> DoctorReport:
         transformers=_version("transformers"),
         peft=_version("peft"),
         cuda_available=False,
+        pyarrow=_version("pyarrow"),
     )
+    if rep.pyarrow is None:
+        rep.problems.append("pyarrow does not import: .parquet data files cannot be read (pip install pyarrow)")
     if rep.torch is None:
         rep.problems.append("torch does not import; install it first (see the README)")
         return rep

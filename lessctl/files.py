@@ -64,12 +64,13 @@ def replace_dir(new: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def decode_utf8(data: bytes, path: str | Path) -> str:
-    """`data` decoded as UTF-8; bytes that are not UTF-8 are an InputError naming `file:line` and the column."""
+def decode_utf8(data: bytes, path: str | Path, first_line: int = 1) -> str:
+    """`data` decoded as UTF-8; bytes that are not UTF-8 are an InputError naming `file:line` and the column
+    (`data` starts at line `first_line` of the file)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + first_line
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InputError(
             f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {col} is not UTF-8; save the file as UTF-8"

@@ -119,3 +119,8 @@ def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
     if m:
         return f" (did you mean '{m[0]}'?)"
     return f" (valid: {', '.join(options)})" if list_all else ""
+
+
+DATA_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".parquet")
+"""Training and target data files: jsonl, gzip-compressed jsonl, parquet (as the Hugging Face hub exports data sets).
+A name ending in `.parquet` is read as parquet, one ending in `.gz` as gzip-compressed jsonl, any other as jsonl."""

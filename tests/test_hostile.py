@@ -301,8 +301,55 @@ def s_a_file(name: str):
     return setup
 
 
+def s_pool_as(fmt: str, damage: Callable[[Path], None] | None = None, bad_row: int | None = None):
+    """synth_a as the workspace's pool in another format (`gz`, `parquet`), then damaged, or row `bad_row` made
+    malformed (a message without content)."""
+
+    def setup(ws):
+        import gzip
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        src = ws / "data" / "synth_a.jsonl"
+        rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+        if bad_row is not None:
+            rows[bad_row - 1] = {**rows[bad_row - 1], "messages": [{"role": "user"}]}
+        if fmt == "gz":
+            dst = ws / "data" / "synth_a.jsonl.gz"
+            dst.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        else:
+            dst = ws / "data" / "synth_a.parquet"
+            pq.write_table(pa.Table.from_pylist(rows), dst, row_group_size=50)
+        if damage is not None:
+            damage(dst)
+        edit_toml(ws, 'synth_a = "data/synth_a.jsonl"', f'synth_a = "data/{dst.name}"')
+
+    return setup
+
+
+def cut_in_half(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def s_bad_parquet_file(ws):
+    (ws / "bad.parquet").write_bytes(b"PAR1 a text file named .parquet\n")
+
+
+def s_target_parquet_bad_row(ws):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = ws / "data" / "sorting_target.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    rows[2] = {**rows[2], "messages": rows[2]["messages"][:1]}  # no answer
+    pq.write_table(pa.Table.from_pylist(rows), ws / "data" / "sorting_target.parquet")
+    edit_toml(ws, "data/sorting_target.jsonl", "data/sorting_target.parquet")
+
+
 G, W = "tiny_grads_ws", "tiny_ws"  # the workspace each case starts from: with gradient stores, or warmed up only
 T, S = "sorting", "synth_a"
+WARMUP = ["warmup", "--force", "--device", "cpu"]
 
 # (id, workspace, setup, command (after --config), exit code, what the error line must name)
 CASES = [
@@ -457,6 +504,35 @@ CASES = [
         ["finetune", "--train-file", "data/synth_a.jsonl", "--name", "x", "--device", "cpu", "--epochs", "1"],
         2,
         "Read-only",
+    ),
+    # data files in other formats: damaged, not what their name says, a malformed row
+    ("pool-gz-cut-short", W, s_pool_as("gz", cut_in_half), WARMUP, 2, "synth_a.jsonl.gz:"),
+    ("pool-gz-bad-line", W, s_pool_as("gz", bad_row=3), WARMUP, 2, "synth_a.jsonl.gz:3: messages[0]"),
+    ("pool-parquet-cut-short", W, s_pool_as("parquet", cut_in_half), WARMUP, 2, "synth_a.parquet: not a readable"),
+    ("pool-parquet-bad-row", W, s_pool_as("parquet", bad_row=17), WARMUP, 2, "synth_a.parquet row 17: messages[0]"),
+    (
+        "pool-parquet-bad-row-grads",
+        W,
+        s_pool_as("parquet", bad_row=120),
+        ["grads", "--train", S, "--device", "cpu"],
+        2,
+        "synth_a.parquet row 120",
+    ),
+    (
+        "finetune-not-parquet",
+        W,
+        s_bad_parquet_file,
+        ["finetune", "--train-file", "bad.parquet", "--device", "cpu"],
+        2,
+        "bad.parquet: not a readable parquet file",
+    ),
+    (
+        "target-parquet-bad-row",
+        W,
+        s_target_parquet_bad_row,
+        ["grads", "--target", T, "--device", "cpu"],
+        2,
+        "sorting_target.parquet row 3: the last message",
     ),
     ("full-disk-match", G, s_full_selected, ["match", "--target", T], 2, "No space left"),
     ("full-disk-grads", W, s_full_grads, ["grads", "--device", "cpu", "--target", T], 2, "free"),

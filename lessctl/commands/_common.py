@@ -104,6 +104,15 @@ def _clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def truncation_line(truncation: dict | None, name: str) -> str | None:
+    """What max_seq_length cut, in one line (None when it cut nothing or was not recorded)."""
+    from lessctl.data.encoding import TruncationReport
+
+    if not truncation or not truncation.get("truncated"):
+        return None
+    return TruncationReport.from_dict(truncation).describe(name)
+
+
 class ProgressBar:
     """Progress of a long command on stderr.
 

@@ -52,6 +52,7 @@ def doctor(
             ["lessctl", rep.lessctl],
             ["torch", f"{rep.torch} (CUDA build {rep.torch_cuda_build or 'none'})"],
             ["transformers / peft", f"{rep.transformers} / {rep.peft}"],
+            ["pyarrow (parquet data)", rep.pyarrow or "BROKEN: does not import"],
             ["GPU", gpu],
             ["bf16", "yes" if rep.bf16_supported else "no"],
             ["traker", rep.traker_version if rep.traker else f"BROKEN: {rep.traker_error}"],

@@ -19,6 +19,7 @@ from lessctl.commands._common import (
     err_console,
     load_config,
     print_table,
+    truncation_line,
 )
 from lessctl.vocab import GRAD_TYPES, spelled
 
@@ -174,6 +175,7 @@ def grads(
             "seconds": round(r.seconds, 2),
             "examples_per_s": round(r.examples_per_s, 2),
             "rows_without_labels": r.zero_label_rows,
+            "truncation": r.truncation,
             **{k: v for k, v in r.extra.items() if k in ("shard", "device")},
         }
         for r in results
@@ -190,6 +192,9 @@ def grads(
             for r in table
         ],
     )
+    for name, truncation in {r["name"]: r["truncation"] for r in table if r["truncation"]}.items():
+        if line := truncation_line(truncation, name):
+            con.print(line, markup=False, highlight=False, soft_wrap=True)
     for r in table:
         if r["rows_without_labels"]:
             con.print(

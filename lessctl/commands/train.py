@@ -16,6 +16,7 @@ from lessctl.commands._common import (
     emit_json,
     err_console,
     load_config,
+    truncation_line,
 )
 
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (overrides the file).")]
@@ -66,6 +67,7 @@ def warmup(
         "output_dir": str(res.output_dir),
         "checkpoints": res.checkpoints,
         "counts": res.counts,
+        "truncation": res.truncation,
         "seconds": round(res.seconds, 1),
         "resumed_from": res.resumed_from,
         "plan": res.plan,
@@ -85,10 +87,14 @@ def warmup(
     )
     for c in res.checkpoints:
         con.print(f"  checkpoint-{c['step']}  epoch {c['epoch']}  lr_mean {c['lr_mean']:.6g}")
+    if line := truncation_line(res.truncation, "warmup subset"):
+        con.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def finetune(
-    train_file: Annotated[Optional[Path], typer.Option("--train-file", help="A jsonl file to train on.")] = None,
+    train_file: Annotated[
+        Optional[Path], typer.Option("--train-file", help="A data file to train on (.jsonl, .jsonl.gz or .parquet).")
+    ] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Output folder name under finetune/.")] = None,
     target: Annotated[
         Optional[str],
@@ -116,7 +122,8 @@ def finetune(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a fresh LoRA on a selection (--target) or any jsonl file (--train-file)."""
+    """Train a fresh LoRA on a selection (--target) or any data file (--train-file)."""
+    from lessctl.data.records import data_stem
     from lessctl.errors import ConfigError
     from lessctl.training import run_finetune
 
@@ -130,7 +137,7 @@ def finetune(
         name = name or f"{target}-{method}" + (f"-{Path(base_model).name}" if base_model else "")
     if train_file is None:
         raise ConfigError("finetune needs --target NAME or --train-file FILE")
-    name = name or Path(train_file).stem
+    name = name or data_stem(train_file)
     if base_model:
         meta["transfer"] = True
     with ProgressBar(f"finetune {name}", unit="steps", quiet=json_out) as bar:
@@ -144,11 +151,20 @@ def finetune(
             device=device,
             on_log=_progress_logger(bar),
         )
-    summary = {"output_dir": str(res.output_dir), "counts": res.counts, "seconds": round(res.seconds, 1), **meta}
+    summary = {
+        "output_dir": str(res.output_dir),
+        "counts": res.counts,
+        "truncation": res.truncation,
+        "seconds": round(res.seconds, 1),
+        **meta,
+    }
     if json_out:
         emit_json(summary)
-    else:
-        err_console().print(f"finetuned on {res.counts['subset']} examples in {res.seconds:.0f}s -> {res.output_dir}")
+        return
+    con = err_console()
+    con.print(f"finetuned on {res.counts['subset']} examples in {res.seconds:.0f}s -> {res.output_dir}")
+    if line := truncation_line(res.truncation, "training set"):
+        con.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

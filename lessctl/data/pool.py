@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from lessctl.data.encoding import Encoded, encode_record
-from lessctl.data.records import Record, read_jsonl
+from lessctl.data.encoding import Encoded, TruncationReport, encode_record
+from lessctl.data.records import Record, read_examples
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Pool:
 
     @classmethod
     def read(cls, files: dict[str, Path]) -> "Pool":
-        return cls(dict(files), {name: read_jsonl(p) for name, p in files.items()})
+        return cls(dict(files), {name: read_examples(p) for name, p in files.items()})
 
     def flat(self) -> list[tuple[str, Record]]:
         return [(name, r) for name, recs in self.records.items() for r in recs]
@@ -49,24 +49,29 @@ class Pool:
         return sum(len(v) for v in self.records.values())
 
 
-def build_training_set(
+def encode_training_set(
     files: dict[str, Path], tokenizer: Any, max_len: int, chat_format: str, percentage: float, seed: int
-) -> tuple[list[Encoded], dict[str, int]]:
+) -> tuple[list[Encoded], dict[str, int], TruncationReport]:
     """The examples one trains on: the seeded subset of the pooled files, tokenized, fully-masked ones dropped.
 
-    Returns the examples and counts {"pool", "subset", "dropped_no_labels"}.
+    Returns the examples, counts {"pool", "subset", "dropped_no_labels"} and what the cut at max_len cost the
+    subset (logged: a `warning:` line when it loses more than LOST_LABEL_SHARE_WARNING of the label tokens).
     """
     pool = Pool.read(files).flat()
     idx = subset_indices(len(pool), percentage, seed)
-    out: list[Encoded] = []
-    dropped = 0
-    for i in idx:
-        name, rec = pool[int(i)]
-        enc = encode_record(rec, tokenizer, max_len, chat_format, source=name)
-        if enc.n_label_tokens == 0:
-            dropped += 1
-            continue
-        out.append(enc)
+    encoded = [encode_record(pool[int(i)][1], tokenizer, max_len, chat_format, source=pool[int(i)][0]) for i in idx]
+    truncation = TruncationReport.of(encoded, max_len)
+    truncation.log("training set " + "+".join(files))
+    out = [enc for enc in encoded if enc.n_label_tokens > 0]
+    dropped = len(encoded) - len(out)
     if dropped:
         log.warning("%d of %d examples have no trainable tokens after truncation and were skipped", dropped, len(idx))
-    return out, {"pool": len(pool), "subset": int(len(idx)), "dropped_no_labels": dropped}
+    return out, {"pool": len(pool), "subset": int(len(idx)), "dropped_no_labels": dropped}, truncation
+
+
+def build_training_set(
+    files: dict[str, Path], tokenizer: Any, max_len: int, chat_format: str, percentage: float, seed: int
+) -> tuple[list[Encoded], dict[str, int]]:
+    """`encode_training_set` without the truncation report: the examples and their counts."""
+    examples, counts, _ = encode_training_set(files, tokenizer, max_len, chat_format, percentage, seed)
+    return examples, counts

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.data.encoding import join_prompt_completion
-from lessctl.data.records import iter_json_lines, read_text
+from lessctl.data.records import iter_objects, read_text, where
 from lessctl.errors import ConfigError, InputError
 from lessctl.vocab import BUILTIN_TARGETS, PROMPT_FORMATS
 
@@ -348,8 +348,8 @@ def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, t
     layout = 'one JSON object a line, {"messages": [...]} or {"prompt": ..., "completion": ...}, optional "' + key + '"'
     require_file(path, layout)
     out: list[TargetExample] = []
-    for lineno, _, rec in iter_json_lines(path, layout):
-        where = f"{path}:{lineno}"
+    for number, _, rec in iter_objects(path, layout, (("messages",), ("prompt", "completion"))):
+        at = where(path, number)
         subtask = rec.get(key)
         subtask = name if subtask is None else str(subtask)
         if "messages" in rec:
@@ -360,9 +360,9 @@ def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, t
                 or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
                 or not all(m.get("role") in ("system", "user", "assistant") for m in msgs)
             ):
-                raise InputError(f"{where}: messages must be a list of {{role: system|user|assistant, content: str}}")
+                raise InputError(f"{at}: messages must be a list of {{role: system|user|assistant, content: str}}")
             if msgs[-1]["role"] != "assistant":
-                raise InputError(f"{where}: the last message must be the assistant's (the completion)")
+                raise InputError(f"{at}: the last message must be the assistant's (the completion)")
             prompt, completion = split_messages(msgs, chat_format, tokenizer)
             out.append(TargetExample(prompt, completion, subtask))
         elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
@@ -371,7 +371,7 @@ def _custom_target(spec: dict, name: str, chat_format: str, root: Path | None, t
             joined = join_prompt_completion(prompt, rec["completion"])
             out.append(TargetExample(prompt, joined[len(prompt) :], subtask))
         else:
-            raise InputError(f"{where}: expected {layout}")
+            raise InputError(f"{at}: expected {layout}")
     if not out:
         raise InputError(f"{path}: no examples; expected {layout}")
     return out

@@ -17,16 +17,17 @@ from lessctl.errors import InputError
 def jsonl_prompts(path: Path, tokenizer: Any, chat_format: str = "tulu") -> list[tuple[str, str, str]]:
     """(prompt, reference answer, subtask) for every example of a custom eval file."""
     from lessctl.data.encoding import format_chat
-    from lessctl.data.records import read_jsonl
+    from lessctl.data.records import read_examples, where
 
     out = []
-    for rec in read_jsonl(path):
+    for rec in read_examples(path):
         obj = rec.data
         subtask = str(obj.get("subtask", "all"))
         if "messages" in obj:
             msgs = obj["messages"]
             if msgs[-1]["role"] != "assistant":
-                raise InputError(f"{path}:{rec.line + 1}: the last message must be the assistant's reference answer")
+                at = where(path, rec.line + 1)
+                raise InputError(f"{at}: the last message must be the assistant's reference answer")
             prefix = format_chat(msgs[:-1], tokenizer, chat_format)
             prompt = prefix + ("<|assistant|>\n" if chat_format == "tulu" else "")
             out.append((prompt, msgs[-1]["content"].strip(), subtask))

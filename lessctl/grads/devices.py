@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from lessctl.errors import ConfigError, LessctlError, WorkerError
+from lessctl.errors import ConfigError, LessctlError, WorkerError, log_handler
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 POLL_S = 0.25
@@ -246,7 +246,7 @@ def _worker(k: int, n: int, device: str, cfg, kwargs: dict, q, threads: int, log
     """Runs in a spawned process: shard k/n of every store on `device`; reports through `q`."""
     _exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which terminates the workers
-    logging.basicConfig(level=log_level, format=f"%(name)s [{k}/{n} {device}]: %(message)s")
+    logging.basicConfig(level=log_level, handlers=[log_handler(f"%(name)s [{k}/{n} {device}]: %(message)s")])
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)  # before torch is imported in this process

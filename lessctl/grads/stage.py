@@ -36,17 +36,47 @@ class DataSet:
     spec: Any = None
 
     def encode(self, cfg: Config, tok) -> list:
-        from lessctl.data.encoding import Encoded, encode_record, encode_target
-        from lessctl.data.records import read_jsonl
+        from lessctl.data.encoding import encode_record, encode_target_example
+        from lessctl.data.records import read_examples
 
         L = cfg.model.max_seq_length
         if self.role == "train":
-            return [encode_record(r, tok, L, cfg.model.chat_format, self.name) for r in read_jsonl(self.files[0])]
-        out = []
-        for i, ex in enumerate(load_target_examples(cfg, self.name, tok)):
-            ids, labels = encode_target(ex.prompt, ex.completion, tok, L)
-            out.append(Encoded(ids, labels, i, self.name, {"subtask": ex.subtask}))
-        return out
+            return [encode_record(r, tok, L, cfg.model.chat_format, self.name) for r in read_examples(self.files[0])]
+        return [
+            encode_target_example(ex.prompt, ex.completion, tok, L, i, self.name, {"subtask": ex.subtask})
+            for i, ex in enumerate(load_target_examples(cfg, self.name, tok))
+        ]
+
+
+# What max_seq_length cut of a data set, as store attributes (stores written before them lack them).
+TRUNCATION_ATTRS = {
+    "truncated_examples": "truncated",
+    "label_tokens": "label_tokens",
+    "truncated_label_tokens": "truncated_label_tokens",
+    "lost_label_tokens": "lost_label_tokens",
+}
+
+
+def truncation_report(enc: list, cfg: Config, name: str, shard: tuple[int, int] | None, logged: set[str]):
+    """What the cut at max_seq_length cost the data set (all of its rows, whatever the shard); logged once per
+    run and data set (by shard 1 of a sharded run): a `warning:` line when it is too costly."""
+    from lessctl.data.encoding import TruncationReport
+
+    rep = TruncationReport.of(enc, cfg.model.max_seq_length)
+    if name not in logged and (shard is None or shard[0] == 1):
+        logged.add(name)
+        rep.log(name)
+    return rep
+
+
+def truncation_from_attrs(attrs: dict) -> dict | None:
+    """A store's truncation figures (`TruncationReport.to_dict`); None for a store written before they were kept."""
+    from lessctl.data.encoding import TruncationReport
+
+    if not all(k in attrs for k in TRUNCATION_ATTRS):
+        return None
+    fields = {f: attrs[k] for k, f in TRUNCATION_ATTRS.items()}
+    return TruncationReport(int(attrs["max_seq_length"]), int(attrs["total_rows"]), **fields).to_dict()
 
 
 def data_sets(cfg: Config, train: list[str] | None, targets: list[str] | None, grad_type: str | None) -> list[DataSet]:
@@ -103,6 +133,7 @@ class StoreResult:
     examples_per_s: float = 0.0
     zero_label_rows: int = 0
     extra: dict = field(default_factory=dict)
+    truncation: dict | None = None  # what max_seq_length cut of the data set (TruncationReport.to_dict)
 
 
 def collect_gradients(
@@ -168,6 +199,7 @@ def collect_gradients(
     run_id = warmup_run_id(cfg)
     projectors: dict[int, Any] = {}
     results: list[StoreResult] = []
+    logged: set[str] = set()  # data sets whose truncation was logged
 
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
@@ -178,7 +210,9 @@ def collect_gradients(
                     hashes[ds.name] = source_sha256(ds.files)
                 why = stale_reason(old, hashes[ds.name], run_id, ds.files[0])
                 if why is None:
-                    results.append(StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped"))
+                    res = StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped")
+                    res.truncation = truncation_from_attrs(old)
+                    results.append(res)
                     continue
                 log.warning("%s: %s; recomputing it", store_paths[ds.name].name, why)
                 stale.add(ds.name)
@@ -203,6 +237,7 @@ def collect_gradients(
             if ds.grad_type == "adam" and adam is None:
                 adam = load_adam_state(ckpt, peg.params, device)
             enc = ds.encode(cfg, tok)
+            cut = truncation_report(enc, cfg, ds.name, shard, logged)
             collector = FeatureCollector(
                 peg,
                 projectors,
@@ -222,6 +257,7 @@ def collect_gradients(
                 merge=bool(cfg.grads.merge),
                 compile=bool(cfg.grads.compile),
                 projector={**projectors[dims[0]].attrs, "kind": kind},
+                **{k: getattr(cut, f) for k, f in TRUNCATION_ATTRS.items()},
             )
             t0 = time.time()
             zero = 0
@@ -256,6 +292,7 @@ def collect_gradients(
                     secs,
                     n_new / secs if secs > 0 else 0.0,
                     zero,
+                    truncation=cut.to_dict(),
                 )
             )
         peg.remove()
@@ -378,6 +415,7 @@ def collect_representations(
     base = cfg.model_ref()
     hashes: dict[str, str] = {}
     results: list = []
+    logged: set[str] = set()
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, REPS, shard) for ds in sets}
         todo = [ds for ds in sets if force or not store_complete(store_paths[ds.name])]
@@ -393,11 +431,13 @@ def collect_representations(
             announce(f"representations: the last hidden state ({hidden} dimensions) at checkpoint {step}")
         for ds in todo:
             enc = ds.encode(cfg, tok)
+            cut = truncation_report(enc, cfg, ds.name, shard, logged)
             start, end = shard_rows(len(enc), shard)
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
             attrs = _store_attrs(cfg, ds, base, ckpt, step, REPS, hashes[ds.name], len(enc), start, shard)
             attrs["projector"] = {**REPS_PROJECTOR, "grad_dim": hidden}
+            attrs.update({k: getattr(cut, f) for k, f in TRUNCATION_ATTRS.items()})
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
             t0 = time.time()
             with StoreWriter(store_paths[ds.name], dims=[hidden], index=index, attrs=attrs, force=force) as w:
@@ -420,7 +460,9 @@ def collect_representations(
             n_new = end - start - done0
             status = "resumed" if done0 else "written"
             rate = n_new / secs if secs > 0 else 0.0
-            results.append(StoreResult(store_paths[ds.name], ds.name, step, REPS, end - start, status, secs, rate))
+            res = StoreResult(store_paths[ds.name], ds.name, step, REPS, end - start, status, secs, rate)
+            res.truncation = cut.to_dict()
+            results.append(res)
         del model
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()

@@ -122,11 +122,11 @@ def read_eval_file(path: str | Path) -> list[dict]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path}: no such file; expected {EVAL_LAYOUT} (make it with `lessctl ir prepare`)")
-    from lessctl.data.records import iter_json_lines
+    from lessctl.data.records import iter_objects, where
 
     out: list[dict] = []
-    for lineno, _, rec in iter_json_lines(path, EVAL_LAYOUT):
-        where = f"{path}:{lineno}"
+    for number, _, rec in iter_objects(path, EVAL_LAYOUT, (("messages", "candidates"),)):
+        at = where(path, number)
         try:
             msgs, cands = rec["messages"], rec["candidates"]
             ok = (
@@ -146,7 +146,7 @@ def read_eval_file(path: str | Path) -> list[dict]:
         except (KeyError, TypeError, IndexError):
             ok = False
         if not ok:
-            raise InputError(f"{where}: expected {EVAL_LAYOUT}")
+            raise InputError(f"{at}: expected {EVAL_LAYOUT}")
         out.append(rec)
     if not out:
         raise InputError(f"{path}: no examples; expected {EVAL_LAYOUT}")
@@ -154,14 +154,15 @@ def read_eval_file(path: str | Path) -> list[dict]:
 
 
 def dataset_name(path: str | Path, records: Sequence[dict]) -> str:
-    """The collection's name: the records' `dataset`, else the file name without `_eval.jsonl`."""
+    """The collection's name: the records' `dataset`, else the file name without `_eval.jsonl` (or .jsonl.gz,
+    .parquet)."""
+    from lessctl.data.records import data_stem
+
     name = records[0].get("dataset") if records else None
     if isinstance(name, str) and name:
         return name
-    stem = Path(path).name
-    for suffix in (".jsonl", "_eval"):
-        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
-    return stem
+    stem = data_stem(path)
+    return stem[: -len("_eval")] if stem.endswith("_eval") else stem
 
 
 def task_name(dataset: str) -> str:

@@ -117,7 +117,7 @@ def run_match(
 
     An existing selection there is replaced only with `force`; every check runs before anything is written.
     """
-    from lessctl.data.records import example_text, read_jsonl
+    from lessctl.data.records import example_text, read_examples
     from lessctl.grads.stage import data_sets
     from lessctl.training import read_checkpoints, warmup_run_id
 
@@ -137,7 +137,7 @@ def run_match(
     if max_samples is None and not 0 < percentage <= 1:
         raise ConfigError(f"--percentage: must be in (0, 1], got {percentage}")
     out_dir = paths.selection_dir(cfg.output_dir, target, out_name or method)
-    records = {n: read_jsonl(files[n]) for n in train}
+    records = {n: read_examples(files[n]) for n in train}
     subtasks, prompts = _target_subtasks_and_prompts(cfg, target)
     info: dict[str, Any] = {}
 

@@ -35,6 +35,7 @@ class TrainResult:
     seconds: float
     resumed_from: str | None = None
     plan: dict | None = None  # training_plan(): steps per epoch, checkpoints, batch
+    truncation: dict | None = None  # what max_seq_length cut (lessctl.data.encoding.TruncationReport.to_dict)
 
 
 def _complete_checkpoints(out: Path) -> list[Path]:
@@ -242,7 +243,7 @@ def train_lora(
     import torch
     from transformers import TrainerCallback, set_seed
 
-    from lessctl.data.pool import build_training_set
+    from lessctl.data.pool import encode_training_set
     from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
 
     device = device or default_device()
@@ -253,7 +254,7 @@ def train_lora(
     base = cfg.model_ref(base_model)
     tok = load_tokenizer(base)
     set_seed(tcfg.seed)
-    examples, counts = build_training_set(
+    examples, counts, truncation = encode_training_set(
         train_files, tok, cfg.model.max_seq_length, cfg.model.chat_format, tcfg.percentage, tcfg.sample_data_seed
     )
     if not examples:
@@ -304,4 +305,5 @@ def train_lora(
     else:
         trainer.save_model(str(out))
         tok.save_pretrained(str(out))
-    return TrainResult(out, checkpoints, counts, time.time() - t0, str(resume_from) if resume_from else None, plan)
+    resumed = str(resume_from) if resume_from else None
+    return TrainResult(out, checkpoints, counts, time.time() - t0, resumed, plan, truncation.to_dict())

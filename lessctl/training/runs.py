@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lessctl import __version__, paths
 from lessctl.config import Config
+from lessctl.data.records import data_stem
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
 from lessctl.files import replace_dir, sha256_file, write_atomic
 from lessctl.training.loop import MANIFEST, RUN_FILE, TrainResult, train_lora
@@ -96,6 +97,7 @@ def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
     write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
     run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
+    run["truncation"] = res.truncation
     _write_run_file(out, cfg, run)
     return res
 
@@ -150,7 +152,7 @@ def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, d
     res = train_lora(
         cfg,
         cfg.finetune,
-        {Path(train_file).stem: Path(train_file)},
+        {data_stem(train_file): Path(train_file)},
         out,
         base_model=base_model,
         save_each_epoch=False,
@@ -170,6 +172,7 @@ def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, d
             "selection_model": selector,
             "transfer": base != selector,
             "counts": res.counts,
+            "truncation": res.truncation,
             "seconds": res.seconds,
             **(meta or {}),
         },
