@@ -33,6 +33,14 @@ def test_feature_collector_equals_per_batch_projection(tiny_template):
     finally:
         peg.remove()
     assert len(small.batches) > 1 and all(b <= 3 for b, _ in big.batches)
-    np.testing.assert_allclose(small.features[64], big.features[64], rtol=1e-4, atol=1e-4)
+    # Features are sums over thousands of float32 products with entries in the hundreds: an entry near zero
+    # carries the row's rounding, so each row is compared by its relative error, not entry by entry.
     expected = proj[64].project(transform(naive, "adam", adam)).numpy()
-    np.testing.assert_allclose(big.features[64], expected, rtol=1e-3, atol=1e-3)
+    assert _row_rel_err(small.features[64], big.features[64]) < 1e-5
+    assert _row_rel_err(big.features[64], expected) < 1e-4
+
+
+def _row_rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest ||a_i - b_i|| / ||b_i|| over rows."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())

@@ -149,3 +149,33 @@ def test_match_rds_is_the_aggregated_cosine(reps_ws, cli):
 def test_match_rds_without_reps_names_the_command(tiny_ws, cli):
     res = cli("--config", tiny_ws / "lessctl.toml", "match", "--target", "sorting", "--method", "rds")
     assert res.code == 2 and "lessctl grads --type reps" in res.err, res
+
+
+def test_stale_reps_are_recomputed(reps_ws, cli):
+    """A reps store, like a gradient store, is current only for its source and its warmup: a re-run skips it,
+    another warmup (what `warmup --force` leaves) or an edited source has it written again, in place."""
+    ws = reps_ws
+    step = _steps(ws)[-1]
+    cfg = ("--config", ws / "lessctl.toml")
+    args = (*cfg, "grads", "--type", "reps", "--train", "synth_a", "--ckpt", step, "--json")
+
+    def status() -> str:
+        res = cli(*args)
+        assert res.code == 0, res
+        (s,) = [s for s in json.loads(res.out)["stores"] if s["name"] == "synth_a"]
+        return s["status"]
+
+    _, _, attrs = _reps(ws, "synth_a", step)
+    assert attrs["warmup_run"] and attrs["batch_tokens"] > 0
+    assert status() == "skipped"
+    run = ws / "out" / "warmup" / "lessctl_run.json"
+    run.write_text(json.dumps({**json.loads(run.read_text()), "run_id": "another-warmup"}))
+    assert status() == "written"
+    assert _reps(ws, "synth_a", step)[2]["warmup_run"] == "another-warmup"
+    assert status() == "skipped"
+    pool = ws / "data" / "synth_a.jsonl"
+    lines = pool.read_text().splitlines(keepends=True)
+    pool.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    assert status() == "written"
+    _, index, attrs = _reps(ws, "synth_a", step)
+    assert attrs["complete"] and len(index) == len(lines)

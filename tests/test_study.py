@@ -103,10 +103,26 @@ def test_dry_run_lists_every_job_with_its_edges_and_estimate(tiny_ws, cli):
     pool = view["pool_examples"]
     assert pool == 360 and jobs["grads"]["gpu_seconds"] == pytest.approx(pool * 2 / 33.8)
     assert jobs["grads reps"]["gpu_seconds"] is None and view["not_estimated"] > 0
+    # training at the packed rate (the default), or at the paper's batch-of-one rate when packing is off
+    from lessctl.config import load_config
+
+    cfg = load_config(tiny_ws / "lessctl.toml")
+    n = int(int(pool * cfg.select.percentage) * cfg.finetune.percentage) * cfg.finetune.epochs
+    assert cfg.finetune.packing and jobs["finetune sorting-less"]["gpu_seconds"] == pytest.approx(n / 34.5)
+    n = int(pool * cfg.warmup.percentage) * cfg.warmup.epochs
+    assert jobs["warmup"]["gpu_seconds"] == pytest.approx(n / 34.5)
     assert any("bench/RESULTS.md" in r["source"] for r in view["rates"])
     assert snapshot(tiny_ws) == before
     res = cli("--config", tiny_ws / "lessctl.toml", "run", "--dry-run")
     assert res.code == 0 and "finetune sorting-less-ckpt1" in res.out and "GPU time" in res.out
+    text = (tiny_ws / "lessctl.toml").read_text()
+    (tiny_ws / "lessctl.toml").write_text(text.replace("[finetune]", "[finetune]\npacking = false", 1))
+    res = cli("--config", tiny_ws / "lessctl.toml", "run", "--dry-run", "--json")
+    jobs = {j["key"]: j for j in json.loads(res.out)["jobs"]}
+    n = int(int(pool * cfg.select.percentage) * cfg.finetune.percentage) * cfg.finetune.epochs
+    assert jobs["finetune sorting-less"]["gpu_seconds"] == pytest.approx(
+        n / (13_533 * 4 / (6 * 3600))
+    )  # the paper: 6 h for its warmup
 
 
 def test_only_text_methods_need_no_warmup_or_gradients(tmp_path, cli):

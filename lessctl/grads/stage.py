@@ -178,7 +178,7 @@ def collect_gradients(
     from lessctl.grads.collector import FeatureCollector
     from lessctl.grads.engine import PerExampleGradients
     from lessctl.grads.projection.choose import choose_projector_kind, make_projector
-    from lessctl.grads.store.schema import complete_attrs, store_path
+    from lessctl.grads.store.schema import store_path
     from lessctl.grads.store.writer import StoreWriter
     from lessctl.models import load_adapter_model, resolve_device
     from lessctl.training import checkpoint_dir, warmup_run_id
@@ -203,20 +203,7 @@ def collect_gradients(
 
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
-        todo, stale = [], set()
-        for ds in sets:
-            if not force and (old := complete_attrs(store_paths[ds.name])) is not None:
-                if ds.name not in hashes:
-                    hashes[ds.name] = source_sha256(ds.files)
-                why = stale_reason(old, hashes[ds.name], run_id, ds.files[0])
-                if why is None:
-                    res = StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped")
-                    res.truncation = truncation_from_attrs(old)
-                    results.append(res)
-                    continue
-                log.warning("%s: %s; recomputing it", store_paths[ds.name].name, why)
-                stale.add(ds.name)
-            todo.append(ds)
+        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)
@@ -334,6 +321,28 @@ def _store_attrs(
     }
 
 
+def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, results: list):
+    """(data sets whose store at `step` must be written, the names among them whose complete store is stale);
+    a current complete store is appended to `results` as skipped."""
+    from lessctl.grads.store.schema import complete_attrs
+
+    todo, stale = [], set()
+    for ds in sets:
+        if not force and (old := complete_attrs(store_paths[ds.name])) is not None:
+            if ds.name not in hashes:
+                hashes[ds.name] = source_sha256(ds.files)
+            why = stale_reason(old, hashes[ds.name], run_id, ds.files[0])
+            if why is None:
+                res = StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped")
+                res.truncation = truncation_from_attrs(old)
+                results.append(res)
+                continue
+            log.warning("%s: %s; recomputing it", store_paths[ds.name].name, why)
+            stale.add(ds.name)
+        todo.append(ds)
+    return todo, stale
+
+
 def stale_reason(attrs: dict, source_sha: str, run_id: str | None, source: Path) -> str | None:
     """Why a complete store no longer describes its data: its source changed, or the warmup was trained again
     since (its checkpoints are other weights under the same steps); None when it is current."""
@@ -400,10 +409,10 @@ def collect_representations(
 
     from lessctl.grads.batching import token_batches
     from lessctl.grads.reps import REPS_PROJECTOR, hidden_size, last_token_states
-    from lessctl.grads.store.schema import store_complete, store_path
+    from lessctl.grads.store.schema import store_path
     from lessctl.grads.store.writer import StoreWriter
     from lessctl.models import default_device, load_adapter_model
-    from lessctl.training import checkpoint_dir
+    from lessctl.training import checkpoint_dir, warmup_run_id
     from lessctl.vocab import REPS
 
     device = device or default_device()
@@ -414,13 +423,12 @@ def collect_representations(
     grads_dir.mkdir(parents=True, exist_ok=True)
     base = cfg.model_ref()
     hashes: dict[str, str] = {}
+    run_id = warmup_run_id(cfg)
     results: list = []
     logged: set[str] = set()
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, REPS, shard) for ds in sets}
-        todo = [ds for ds in sets if force or not store_complete(store_paths[ds.name])]
-        skipped = [ds for ds in sets if ds not in todo]
-        results += [StoreResult(store_paths[ds.name], ds.name, step, REPS, 0, "skipped") for ds in skipped]
+        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)
@@ -436,11 +444,13 @@ def collect_representations(
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
             attrs = _store_attrs(cfg, ds, base, ckpt, step, REPS, hashes[ds.name], len(enc), start, shard)
-            attrs["projector"] = {**REPS_PROJECTOR, "grad_dim": hidden}
+            attrs.update(batch_tokens=batch_tokens, warmup_run=run_id, projector={**REPS_PROJECTOR, "grad_dim": hidden})
             attrs.update({k: getattr(cut, f) for k, f in TRUNCATION_ATTRS.items()})
             index = np.array([e.line for e in enc[start:end]], dtype=np.int64)
             t0 = time.time()
-            with StoreWriter(store_paths[ds.name], dims=[hidden], index=index, attrs=attrs, force=force) as w:
+            with StoreWriter(
+                store_paths[ds.name], dims=[hidden], index=index, attrs=attrs, force=force, replace=ds.name in stale
+            ) as w:
                 done0 = w.rows_completed
                 pos = start + done0
                 if progress:

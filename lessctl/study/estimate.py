@@ -28,6 +28,11 @@ RATES: dict[str, Rate] = {
         "example passes/s",
         "LESS.md section 8: the paper's warmup, 4 epochs of 13,533 examples, took 6 h on one A100-80GB",
     ),
+    "train-packed": Rate(
+        34.5,
+        "example passes/s",
+        "bench/RESULTS.md, 'Training: batch-of-one Trainer against packed passes, H200' (packing, 8192-token packs)",
+    ),
     "grads": Rate(
         33.8,
         "examples/s per checkpoint",
@@ -57,6 +62,11 @@ def pool_size(cfg: Config) -> int:
     return n
 
 
+def _train_rate(tcfg) -> float:
+    """Packed passes (the default) at their measured rate; batch-of-one passes at the paper's."""
+    return RATES["train-packed" if tcfg.packing else "train"].per_second
+
+
 def estimate_seconds(cfg: Config, job: Job, pool: int) -> tuple[float | None, str]:
     """(seconds of GPU time or None, how it was reckoned) for one job at the measured rates."""
     if job.reason:
@@ -64,7 +74,8 @@ def estimate_seconds(cfg: Config, job: Job, pool: int) -> tuple[float | None, st
     n_ckpts = cfg.warmup.epochs
     if job.stage == "warmup":
         n = int(pool * cfg.warmup.percentage) * cfg.warmup.epochs
-        return n / RATES["train"].per_second, f"{n:,} example passes at {RATES['train'].per_second:.2f}/s"
+        rate = _train_rate(cfg.warmup)
+        return n / rate, f"{n:,} example passes at {rate:.2f}/s"
     if job.stage == "grads":
         if job.method is not None:  # reps: a forward pass per example, not measured
             return None, "representations: rate not measured"
@@ -77,7 +88,8 @@ def estimate_seconds(cfg: Config, job: Job, pool: int) -> tuple[float | None, st
         return 0.0, "CPU only"
     if job.stage == "finetune":
         n = int(int(pool * cfg.select.percentage) * cfg.finetune.percentage) * cfg.finetune.epochs
-        return n / RATES["train"].per_second, f"{n:,} example passes at {RATES['train'].per_second:.2f}/s"
+        rate = _train_rate(cfg.finetune)
+        return n / rate, f"{n:,} example passes at {rate:.2f}/s"
     limit = cfg.eval.limit or None
     if job.task == "bbh":
         n = BBH_TASKS * min(x for x in (cfg.eval.bbh_examples_per_task, limit) if x)
