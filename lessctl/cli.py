@@ -110,6 +110,7 @@ def expand_multi_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
     _register()
+    _catch_ctrl_c()
     given = list(sys.argv[1:] if argv is None else argv)
     argv = expand_multi_values(given)
     try:
@@ -134,6 +135,31 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code == 130:
             _interrupted(given)
         raise
+
+
+def _catch_ctrl_c() -> None:
+    """Ctrl-C as KeyboardInterrupt, except where Python would swallow it: a SIGINT that lands in a weakref or
+    `__del__` callback (a garbage collection) is printed there as "Exception ignored" and lost, so a single
+    Ctrl-C seemed to do nothing. The handler sends such a signal again a moment later, outside the callback."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # a caller (a test harness, an embedding program) handles it
+
+    def handler(signum, frame) -> None:
+        f, depth = frame, 0
+        while f is not None and depth < 4:
+            if f.f_code.co_name == "__del__" or f.f_code.co_filename.endswith(("weakref.py", "_weakrefset.py")):
+                import os
+                import threading
+
+                threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+                return
+            f, depth = f.f_back, depth + 1
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _interrupted(given: list[str]) -> None:

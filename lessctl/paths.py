@@ -48,6 +48,11 @@ def selection_dir(output_dir: Folder, target: str, method: str) -> Path:
     return selected_dir(output_dir, target) / method
 
 
+def full_pool_file(output_dir: Folder) -> Path:
+    """Every example of the pool in one jsonl: what the study's full-pool finetune trains on."""
+    return Path(output_dir) / "pool" / "full.jsonl"
+
+
 def finetune_root(output_dir: Folder) -> Path:
     return Path(output_dir) / "finetune"
 

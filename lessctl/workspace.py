@@ -108,7 +108,8 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
 
 def _tiny_ir_config(beir_root: str) -> dict[str, Any]:
     """LESS for listwise reranking on the tiny model: the msmarco* collection of `beir_root` as the pool,
-    every other collection's dev file as a target (files written by init_workspace into data/)."""
+    every other collection's dev file as a target and its eval file as the target's held-out evaluation (NDCG@5,
+    as `lessctl ir eval` scores it; files written by init_workspace into data/)."""
     from lessctl.ir.tiny import TINY_IR_MAX_SEQ_LENGTH, tiny_ir_layout
 
     (pool, _), targets = tiny_ir_layout(beir_root)
@@ -123,7 +124,9 @@ def _tiny_ir_config(beir_root: str) -> dict[str, Any]:
         "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {
             "train": {pool: f"data/{pool}_data.jsonl"},
-            "targets": {name: {"file": f"data/{name}_dev.jsonl"} for name, _ in targets},
+            "targets": {
+                name: {"file": f"data/{name}_dev.jsonl", "eval_file": f"data/{name}_eval.jsonl"} for name, _ in targets
+            },
             "data_dir": "data",
         },
         "warmup": {

@@ -463,3 +463,38 @@ def test_tiny_ir_workspace_runs_the_less_pipeline(ws, tmp_path, cli):
     assert r.code == 0, r
     rec = json.loads(r.out)["results"][0]
     assert rec["method"] == "less" and rec["target"] == "scifact" and rec["n"] == 2
+
+
+@pytest.mark.slow
+def test_study_of_a_reranking_workspace_scores_ndcg(ws, tmp_path, cli):
+    """`lessctl run` on the tiny-ir workspace evaluates every model as `ir eval` does (NDCG@5, task
+    ir-<collection>), scores each target's BM25 first stage beside the base model, and `results` shows it."""
+    import shutil
+
+    from lessctl.ir.evaluate import evaluate_bm25
+
+    w = tmp_path / "w"
+    shutil.copytree(ws, w, symlinks=True)
+    shutil.rmtree(w / "out", ignore_errors=True)  # what other tests of the module ran in the shared workspace
+    cfgp = w / "lessctl.toml"
+    text = cfgp.read_text().replace("[finetune]\nepochs = 4", "[finetune]\nepochs = 1")
+    cfgp.write_text(text + '\n[eval]\nlimit = 2\n\n[study]\nmethods = ["bm25"]\n')
+    res = cli("run", "--device", "cpu", "--json", cwd=w)
+    assert res.code == 0, res
+    out = w / "out"
+    for target in ("scifact", "dbpedia_entity"):
+        for model in ("base", "first-stage-bm25", f"{target}-bm25"):
+            saved = json.loads((out / "eval" / model / f"ir-{target}.json").read_text())
+            assert saved["metric"] == "ndcg@5" and saved["n"] == 2 == len(saved["predictions"]), (model, saved["n"])
+    first = json.loads((out / "eval" / "first-stage-bm25" / "ir-scifact.json").read_text())
+    assert first["ndcg@5"] == pytest.approx(evaluate_bm25(w / "data" / "scifact_eval.jsonl", limit=2)["ndcg@5"])
+    res = cli("results", "--study", "--json", cwd=w)
+    assert res.code == 0, res
+    row = json.loads(res.out)["study"]["targets"]["scifact"]
+    assert row["task"] == "ir-scifact" and row["first_stage"]["score"] == pytest.approx(first["ndcg@5"], abs=1e-4)
+    trained = json.loads((out / "eval" / "scifact-bm25" / "ir-scifact.json").read_text())["ndcg@5"]
+    assert row["methods"]["bm25"]["score"] == pytest.approx(trained, abs=1e-4) and row["base"]["n"] == 1
+    res = cli("results", "--study", cwd=w)
+    assert res.code == 0 and "bm25 order" in res.out and "ir-scifact" in res.out
+    again = cli("run", "--device", "cpu", "--json", cwd=w)
+    assert again.code == 0 and json.loads(again.out)["done"] == 0, again

@@ -77,12 +77,24 @@ def test_the_global_option_overrides_the_environment(tiny_ws):
     assert [ln.rsplit(" | ", 1)[-1] for ln in lines] == ["started", "finished"], err
 
 
-def test_run_reports_each_stage_as_an_item(tiny_ws):
-    code, out, err = _run(tiny_ws, "run", "--until", "grads", "--json")
+def test_run_reports_each_job_that_works_as_an_item(tiny_ws):
+    """`lessctl run` (what the study's Slurm jobs execute) names each job that does work and counts inside it:
+    training steps with the loss, store rows; complete jobs (the fixture's warmup) say nothing."""
+    items = ("--items", "match sorting/bm25", "--items", "finetune sorting-bm25")
+    code, out, err = _run(tiny_ws, "run", "--methods", "bm25", *items, "--json")
     assert code == 0, err
-    assert json.loads(out)["stages"]
+    assert json.loads(out)["done"] == 2
     lines = [ln for ln in err.splitlines() if " run | " in ln]
     assert lines[0].endswith("| started") and lines[-1].endswith("| finished"), err
     items = [ln.split(" | ")[1] for ln in lines if ln.endswith("| start")]
-    assert items == ["stage warmup", "stage grads"], err
-    assert any(ln.endswith("| done") and "| stage grads |" in ln and "2/2 stages" in ln for ln in lines), err
+    assert items == ["finetune sorting-bm25"], err  # the match is quick: no count of its own
+    (done,) = [ln for ln in lines if ln.endswith("| done")]
+    steps, total = done.split(" | ")[2].split()[0].split("/")
+    assert steps == total and int(total) > 0 and "steps" in done and "| loss " in done, err
+    assert any("| loss " in ln and not ln.endswith("| done") for ln in lines[1:-1]), err
+
+    code, out, err = _run(tiny_ws, "run", "--until", "grads", "--json")  # the warmup is done: only stores
+    assert code == 0, err
+    items = [ln.split(" | ")[1] for ln in err.splitlines() if " run | " in ln and ln.endswith("| start")]
+    assert items and all(i.startswith("grads: ") and " ckpt " in i for i in items), err
+    assert len(items) == len({i for i in items}) == 2 * 5  # 2 checkpoints x (2 pools + 3 targets)

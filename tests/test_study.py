@@ -225,3 +225,48 @@ def test_ablation_and_transfer_branches_run_and_fill_their_tables(tiny_ws, cli):
     assert study["transfer"]["sorting"]["selection_model"]["n"] == 1
     res = cli(*cfg, "run", "--device", "cpu", "--json")
     assert json.loads(res.out)["done"] == 0
+
+
+@pytest.mark.slow
+def test_full_pool_finetune_is_one_model_evaluated_on_every_target(tiny_ws, cli):
+    """`[study] full = true`: finetune/full/ trains on pool/full.jsonl (every pool example, in config order), is
+    evaluated on each target and fills the table's full column; an edited pool file makes it stale."""
+    from lessctl.files import sha256_file
+
+    text = (tiny_ws / "lessctl.toml").read_text().replace("[finetune]\nepochs = 30", "[finetune]\nepochs = 1")
+    (tiny_ws / "lessctl.toml").write_text(text)
+    add_study(tiny_ws, 'methods = ["bm25"]\nbase = false\nfull = true')
+    cfg = ("--config", tiny_ws / "lessctl.toml")
+    view = json.loads(cli(*cfg, "run", "--dry-run", "--json").out)
+    jobs = {j["key"]: j for j in view["jobs"]}
+    assert jobs["finetune full"]["after"] == [] and "warmup" not in jobs  # bm25 and the full pool need no warmup
+    assert all(jobs[f"eval full/{t}"]["after"] == ["finetune full"] for t in TARGETS)
+    assert jobs["finetune full"]["gpu_seconds"] == pytest.approx(view["pool_examples"] * 1 / 34.5)
+    items = ["--items", "finetune full", *(w for t in TARGETS for w in ("--items", f"eval full/{t}"))]
+    res = cli(*cfg, "run", *items, "--device", "cpu", "--json")
+    assert res.code == 0, res
+    out = tiny_ws / "out"
+    pool = out / "pool" / "full.jsonl"
+    data = tiny_ws / "data"
+    want = [ln for f in ("synth_a", "synth_b") for ln in (data / f"{f}.jsonl").read_text().splitlines() if ln.strip()]
+    assert pool.read_text().splitlines() == want and len(want) == view["pool_examples"]
+    run = json.loads((out / "finetune" / "full" / "lessctl_run.json").read_text())
+    assert run["train_file_sha256"] == sha256_file(pool) and run["method"] == "full"
+    study = json.loads(cli(*cfg, "results", "--study", "--json").out)["study"]
+    for t in TARGETS:
+        saved = json.loads((out / "eval" / "full" / f"{t}.json").read_text())
+        assert study["targets"][t]["full"]["score"] == pytest.approx(saved["exact_match"], abs=1e-4)
+    table = cli(*cfg, "results", "--study").out
+    assert "full" in table.splitlines()[2] or " full " in table
+    # a re-run keeps everything; a changed pool file makes the model stale and it trains again
+    again = json.loads(cli(*cfg, "run", *items, "--device", "cpu", "--json").out)
+    assert again["done"] == 0
+    lines = (data / "synth_a.jsonl").read_text().splitlines(keepends=True)
+    (data / "synth_a.jsonl").write_text("".join([lines[1], lines[0], *lines[2:]]))
+    jobs = {j["key"]: j for j in json.loads(cli(*cfg, "run", "--dry-run", "--json").out)["jobs"]}
+    assert jobs["finetune full"]["status"] != "done"
+    res = cli(*cfg, "run", "--items", "finetune full", "--device", "cpu", "--json")
+    assert res.code == 0 and json.loads(res.out)["done"] == 1, res
+    assert pool.read_text().splitlines()[0] == want[1]
+    jobs = {j["key"]: j for j in json.loads(cli(*cfg, "run", "--dry-run", "--json").out)["jobs"]}
+    assert jobs["finetune full"]["status"] == "done" and jobs["eval full/sorting"]["status"] != "done"

@@ -198,9 +198,15 @@ class ProgressBar:
         total: int | None = None,
         description: str | None = None,
         status: str | None = None,
+        unit: str | None = None,
     ) -> None:
         """`description` names the item in progress (a new one starts a new count of its rate); `status` is a
-        note on it (a loss), shown beside it."""
+        note on it (a loss), shown beside it; `unit` what the item counts (from now on)."""
+        if unit is not None and description is not None:  # a new kind of item: its own unit, its own total
+            if self._plain and self._started and description != self._item and self._item != self._stage:
+                self._line("done")  # the previous item ends in its own unit
+                self._item = self._stage
+            self._unit, self._total = unit, total
         kw = {}
         if total is not None:
             kw["total"] = total

@@ -62,18 +62,24 @@ def run(
     if dry_run:
         _dry_run(cfg, stages, methods, split_values(items), json_out)
         return
-    with ProgressBar("run", total=len(stages), unit="stages", quiet=json_out) as bar:
+    # one item per job that does work (a skipped one is silent): its training steps and loss, store rows, prompts
+    with ProgressBar("run", quiet=json_out) as bar:
 
         def say(message: str) -> None:
-            if message.startswith("stage "):
-                bar.update(completed=stages.index(message.split()[1]), total=len(stages), description=message)
-            elif not json_out:
+            if not message.startswith("stage ") and not json_out:
                 bar.log(f"[bold]>[/] {message}")
 
         reports = run_pipeline(
-            cfg, start=start, until=until, device=device, say=say, methods=methods, items=split_values(items), pick=pick
+            cfg,
+            start=start,
+            until=until,
+            device=device,
+            say=say,
+            methods=methods,
+            items=split_values(items),
+            pick=pick,
+            progress=bar,
         )
-        bar.update(completed=len(stages))
     rows = [{"stage": r.stage, "item": r.item, "status": r.status, "detail": r.detail} for r in reports]
     if json_out:
         emit_json({"stages": rows, "done": sum(r["status"] == "done" for r in rows)})

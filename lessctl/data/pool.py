@@ -49,6 +49,28 @@ class Pool:
         return sum(len(v) for v in self.records.values())
 
 
+def write_pool_file(files: dict[str, Path], path: Path) -> Path:
+    """Writes every example of the pooled files (config order, .jsonl, .jsonl.gz or .parquet) to one jsonl, a
+    line each. An existing file with the same content is kept as it is (its mtime too), so an adapter trained
+    on it stays current; otherwise the file is replaced atomically."""
+    import hashlib
+
+    from lessctl.files import atomic_path, sha256_file
+
+    lines = (r.raw + "\n" for _, r in Pool.read(files).flat())
+    h, body = hashlib.sha256(), []
+    for line in lines:
+        data = line.encode("utf-8")
+        h.update(data)
+        body.append(data)
+    if path.is_file() and sha256_file(path) == h.hexdigest():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.writelines(body)
+    return path
+
+
 def encode_training_set(
     files: dict[str, Path], tokenizer: Any, max_len: int, chat_format: str, percentage: float, seed: int
 ) -> tuple[list[Encoded], dict[str, int], TruncationReport]:

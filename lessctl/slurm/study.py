@@ -16,10 +16,13 @@ from typing import Any, Sequence
 
 from lessctl.config import Config
 from lessctl.errors import ConfigError
+from lessctl.ir.evaluate import BM25_MODEL
 from lessctl.slurm.quoting import TASK
 from lessctl.slurm.submit import JobSpec
 from lessctl.study.graph import BASE, Job, is_complete
 from lessctl.vocab import REPS, STAGES
+
+UNTRAINED = (BASE, BM25_MODEL)  # evaluations that wait for no finetune: the base model, a BM25 first stage
 
 
 def pending_jobs(cfg: Config, jobs: list[Job]) -> list[Job]:
@@ -93,11 +96,11 @@ def plan_study(
         ("eval", paired, True, "aftercorr"),  # task k evaluates the model finetune task k trains
         (
             "eval trained",
-            [j for j in todo if j.stage == "eval" and j.model != BASE and j.key not in in_pairs],
+            [j for j in todo if j.stage == "eval" and j.model not in UNTRAINED and j.key not in in_pairs],
             True,
             "afterok",
         ),  # fmt: skip
-        ("eval base", [j for j in todo if j.stage == "eval" and j.model == BASE], True, "afterok"),
+        ("eval base", [j for j in todo if j.stage == "eval" and j.model in UNTRAINED], True, "afterok"),
     ]
     for label, items, array, dependency in groups:
         if not items:

@@ -25,6 +25,7 @@ import numpy as np
 from lessctl import __version__, paths
 from lessctl.config import Config
 from lessctl.errors import AlreadyExistsError, ConfigError, MissingArtifactError
+from lessctl.evaluation.targets import BENCHMARK, TargetEval, run_target_eval, target_eval
 from lessctl.files import atomic_path, sha256_file, write_atomic
 from lessctl.vocab import CHECKPOINT_METHODS
 
@@ -204,24 +205,6 @@ class AblationResult:
     subsets: list[dict] = field(default_factory=list)  # report["subsets"]
 
 
-@dataclass
-class _EvalPlan:
-    """How a target's finetuned models are evaluated: a built-in benchmark, a custom eval_file, or not at all."""
-
-    task: str | None  # the task name in eval/<model>/<task>.json (a custom target's own name)
-    eval_file: Path | None = None  # set for a custom target
-    reason: str = ""  # why there is no evaluation
-
-
-def _eval_plan(cfg: Config, target: str) -> _EvalPlan:
-    spec = cfg.data.targets[target]
-    if isinstance(spec, str):
-        return _EvalPlan(spec)
-    if spec.get("eval_file"):
-        return _EvalPlan(target, cfg.resolve(spec["eval_file"]))
-    return _EvalPlan(None, reason=f"custom target '{target}' has no eval_file in [data] targets")
-
-
 def _distributed() -> tuple[int, Callable[[], None]]:
     """(rank, barrier) when launched by torchrun (matching and reports then happen on rank 0 alone)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -278,14 +261,13 @@ def run_ablation(
         chosen = parse_subsets(",".join(subset_label(s) for s in subsets), len(manifest))
     full = tuple(range(1, len(manifest) + 1))
     order = chosen + ([full] if full not in chosen else [])
-    plan = _eval_plan(cfg, target)
-    data_dir = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
+    plan = target_eval(cfg, target)
     if evaluate and plan.eval_file is not None and not plan.eval_file.is_file():  # before hours of training
         raise MissingArtifactError(f"{plan.eval_file}: no such file (data.targets.{target}.eval_file)")
-    if evaluate and plan.task is not None and plan.eval_file is None:
+    if evaluate and plan.kind == BENCHMARK:
         from lessctl.evaluation.runner import check_data
 
-        check_data(plan.task, data_dir)
+        check_data(plan.task, cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir))
     rank, barrier = _distributed()
 
     # 1. matching, from the stores on disk (rank 0 writes; the others read the files afterwards)
@@ -355,7 +337,7 @@ def run_ablation(
     if evaluate:
         for e in entries:
             e["eval"] = _evaluate_subset(
-                cfg, plan, data_dir, Path(e["finetune"]["output_dir"]), reuse=e["finetune"]["reused"], device=device
+                cfg, plan, Path(e["finetune"]["output_dir"]), reuse=e["finetune"]["reused"], device=device
             )
 
     # 3. the report and the heat map
@@ -437,16 +419,14 @@ def _finetune_subset(
     }
 
 
-def _evaluate_subset(
-    cfg: Config, plan: _EvalPlan, data_dir: Path, model_dir: Path, *, reuse: bool, device: str | None
-) -> dict:
+def _evaluate_subset(cfg: Config, plan: TargetEval, model_dir: Path, *, reuse: bool, device: str | None) -> dict:
     """The score of one finetuned selection on the target's benchmark or eval_file, or why there is none.
 
     An earlier result is reused only when the adapter was not trained again."""
     if plan.task is None:
         return {"status": "not applicable", "reason": plan.reason}
     from lessctl.evaluation.results import eval_json_path
-    from lessctl.evaluation.runner import describe_model, run_custom_evaluation, run_evaluation
+    from lessctl.evaluation.runner import describe_model
 
     spec = describe_model(model_dir, output_dir=cfg.output_dir)
     existing = eval_json_path(cfg.output_dir, spec.name, plan.task)
@@ -460,20 +440,7 @@ def _evaluate_subset(
             "score": saved.get(metric),
             "eval_json": str(existing),
         }
-    opts: dict[str, Any] = {
-        "dtype": cfg.model.dtype,
-        "device": device,
-        "batch_size": cfg.eval.batch_size,
-        "limit": cfg.eval.limit or None,
-    }
-    if plan.eval_file is not None:
-        out = run_custom_evaluation(
-            spec, plan.task, plan.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts
-        )
-    else:
-        from lessctl.evaluation.runner import task_options
-
-        out = run_evaluation(spec, plan.task, data_dir, cfg.output_dir, **opts, **task_options(cfg.eval, plan.task))
+    out = run_target_eval(cfg, plan, spec, device=device)
     return {
         "status": "done",
         "task": plan.task,

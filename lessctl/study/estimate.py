@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lessctl.config import Config
+from lessctl.ir.evaluate import BM25_MODEL
 from lessctl.study.graph import Job
 
 BBH_TASKS = 27  # BBH's tasks (LESS's eval/bbh/bbh/*.json)
@@ -87,10 +88,13 @@ def estimate_seconds(cfg: Config, job: Job, pool: int) -> tuple[float | None, st
             return 60.0, "under a minute (LESS.md section 8)"
         return 0.0, "CPU only"
     if job.stage == "finetune":
-        n = int(int(pool * cfg.select.percentage) * cfg.finetune.percentage) * cfg.finetune.epochs
+        chosen = pool if job.branch == "full" else int(pool * cfg.select.percentage)
+        n = int(chosen * cfg.finetune.percentage) * cfg.finetune.epochs
         rate = _train_rate(cfg.finetune)
         return n / rate, f"{n:,} example passes at {rate:.2f}/s"
     limit = cfg.eval.limit or None
+    if job.model == BM25_MODEL:
+        return 0.0, "CPU only"
     if job.task == "bbh":
         n = BBH_TASKS * min(x for x in (cfg.eval.bbh_examples_per_task, limit) if x)
         return n / RATES["eval-bbh"].per_second, f"{n:,} prompts at {RATES['eval-bbh'].per_second:.1f}/s"

@@ -16,10 +16,13 @@ from typing import Any
 
 from lessctl import paths
 from lessctl.config import Config
+from lessctl.evaluation.targets import RANKING, target_eval
+from lessctl.ir.evaluate import BM25_MODEL
 from lessctl.study.plan import Plan, random_selection, transfer_name
 from lessctl.vocab import CHECKPOINT_METHODS, REPS, REPS_METHODS, STAGES
 
 BASE = "base"
+FULL = "full"  # the model finetuned on the whole pool
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Job:
     key: str
     stage: str
     after: tuple[str, ...] = ()
-    branch: str = "main"  # main | ablation | transfer | base
+    branch: str = "main"  # main | ablation | transfer | base | full
     target: str | None = None
     selection: str | None = None  # the folder under selected/<target>/
     method: str | None = None
@@ -50,13 +53,9 @@ class Job:
 
 
 def _eval_of(cfg: Config, target: str) -> tuple[str, str | None, str]:
-    """(task, eval_file, reason): a built-in target's benchmark, a custom target's eval_file, or why there is none."""
-    spec = cfg.data.targets[target]
-    if isinstance(spec, str):
-        return spec, None, ""
-    if spec.get("eval_file"):
-        return target, str(cfg.resolve(spec["eval_file"])), ""
-    return target, None, "custom target without eval_file"
+    """(task, eval_file, reason) of the target's evaluation (lessctl.evaluation.targets decides it)."""
+    te = target_eval(cfg, target)
+    return te.task or target, str(te.eval_file) if te.eval_file else None, te.reason
 
 
 def expand(cfg: Config, plan: Plan) -> list[Job]:
@@ -122,15 +121,21 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
                         base_model=other,
                     )  # fmt: skip
                 )
+    if plan.full:
+        finetunes.append(Job(f"finetune {FULL}", "finetune", (), FULL, model=FULL))
     jobs += finetunes
     for target in cfg.data.targets if plan.base else ():
         task, eval_file, reason = _eval_of(cfg, target)
         jobs.append(Job(f"eval {BASE}/{task}", "eval", (), "base", target, model=BASE, task=task, eval_file=eval_file,
                         reason=reason))  # fmt: skip
+        if target_eval(cfg, target).kind == RANKING:
+            jobs.append(Job(f"eval {BM25_MODEL}/{task}", "eval", (), "base", target, model=BM25_MODEL, task=task,
+                            eval_file=eval_file))  # fmt: skip
     for ft in finetunes:
-        task, eval_file, reason = _eval_of(cfg, ft.target)
-        jobs.append(dataclasses.replace(ft, key=f"eval {ft.model}/{task}", stage="eval", after=(ft.key,), task=task,
-                                        eval_file=eval_file, reason=reason))  # fmt: skip
+        for target in [ft.target] if ft.target else cfg.data.targets:  # the full-pool model: every target
+            task, eval_file, reason = _eval_of(cfg, target)
+            jobs.append(dataclasses.replace(ft, key=f"eval {ft.model}/{task}", stage="eval", after=(ft.key,),
+                                            target=target, task=task, eval_file=eval_file, reason=reason))  # fmt: skip
     return jobs
 
 
@@ -174,6 +179,12 @@ def finetune_state(cfg: Config, job: Job) -> str:
     out = paths.finetune_dir(cfg.output_dir, job.model)
     if not is_adapter_dir(out):
         return "missing"
+    if job.branch == FULL:  # stale when the pool file is not what it trained on, or a pool file is newer
+        pool = paths.full_pool_file(cfg.output_dir)
+        if not pool.is_file() or adapter_is_stale(out, pool):
+            return "stale"
+        newest = max((p.stat().st_mtime for p in cfg.train_files().values() if p.is_file()), default=0.0)
+        return "stale" if newest > pool.stat().st_mtime else "complete"
     summary = paths.selection_dir(cfg.output_dir, job.target, job.selection) / "summary.json"
     if not summary.is_file():
         return "complete"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from lessctl import paths
 from lessctl.config import Config, closest
 from lessctl.errors import ConfigError
-from lessctl.study.graph import BASE, Job, expand, finetune_state, is_complete, only_stages
+from lessctl.study.graph import BASE, FULL, Job, expand, finetune_state, is_complete, only_stages
 from lessctl.study.plan import resolve_plan
 from lessctl.vocab import REPS, STAGES
 
@@ -46,11 +46,14 @@ def run_pipeline(
     methods: list[str] | None = None,
     items: list[str] | None = None,
     pick: int | None = None,
+    progress: Any = None,
 ) -> list[StageReport]:
     """Runs the plan's jobs of the stages from `start` to `until` in order, skipping complete ones.
 
     methods replaces the plan's (`--methods`); items keeps only the jobs with these keys (`--items`), and
-    pick only the pick-th of them (1-based: a Slurm array task's id).
+    pick only the pick-th of them (1-based: a Slurm array task's id). `progress` (the CLI's ProgressBar, or
+    anything with its `update(completed=, advance=, total=, description=, status=, unit=)`) hears of every job
+    that does work: its key when it starts, then its training steps and loss, store rows or prompts.
     """
     from lessctl.models import resolve_device
 
@@ -66,7 +69,7 @@ def run_pipeline(
     for stage in stages:
         say(f"stage {stage}")
         for job in (j for j in jobs if j.stage == stage):
-            out += run_job(cfg, job, device)
+            out += run_job(cfg, job, device, progress)
     return out
 
 
@@ -84,28 +87,79 @@ def study_jobs(
     return only_stages(jobs, list(stages or STAGES))
 
 
-def run_job(cfg: Config, job: Job, device: str | None) -> list[StageReport]:
+def run_job(cfg: Config, job: Job, device: str | None, progress: Any = None) -> list[StageReport]:
     """Runs one job unless it is complete; the reports of what it did (grads: one per store)."""
+    tell = _Told(progress, job)
     if job.reason:
         return [StageReport(job.stage, job.item, "not applicable", job.reason)]
     if job.stage == "grads":  # collect_gradients skips complete stores itself, and recomputes stale ones
-        return _grads(cfg, job, device)
+        return _grads(cfg, job, device, tell)
     if job.stage == "finetune":
-        return [_finetune(cfg, job, device)]
+        return [_finetune(cfg, job, device, tell)]
     if is_complete(cfg, job):
         why = {"warmup": "checkpoints.json exists", "match": "summary.json exists"}.get(job.stage, "result exists")
         return [StageReport(job.stage, job.item, "skipped", why)]
-    return [_STAGE_FUNCS[job.stage](cfg, job, device)]
+    return [_STAGE_FUNCS[job.stage](cfg, job, device, tell)]
 
 
-def _warmup(cfg: Config, job: Job, device) -> StageReport:
+class _Told:
+    """One job's progress, told to run_pipeline's `progress`: `start` names the job (only jobs that do work
+    are named), `training` is a training loop's on_log, `stores` collect_gradients' progress, `counter` an
+    evaluation's (a call with an advance, set_total)."""
+
+    def __init__(self, progress: Any, job: Job):
+        self._p, self._job = progress, job
+
+    def start(self, unit: str, what: str | None = None, done: int = 0, total: int | None = None) -> None:
+        if self._p is not None:
+            name = self._job.key if what is None else f"{self._job.key}: {what}"
+            self._p.update(description=name, completed=done, total=total, status="", unit=unit)
+
+    def training(self):
+        def on_log(rec: dict) -> None:
+            if self._p is not None:
+                loss = f"loss {rec['loss']:.3f}" if "loss" in rec else None
+                self._p.update(completed=rec["step"], total=rec["max_steps"], status=loss)
+
+        self.start("steps")
+        return on_log
+
+    def stores(self):
+        seen: set = set()
+
+        def progress(name: str, step: int, done: int, total: int) -> None:
+            if (name, step) not in seen:
+                seen.add((name, step))
+                self.start("ex", f"{name} ckpt {step}", done, total)
+            elif self._p is not None:
+                self._p.update(completed=done, total=total)
+
+        return progress
+
+    def counter(self):
+        told = self
+
+        class Counter:
+            def __call__(self, n: int) -> None:
+                if told._p is not None:
+                    told._p.update(advance=n)
+
+            def set_total(self, n: int) -> None:
+                if told._p is not None:
+                    told._p.update(completed=0, total=n)
+
+        self.start("prompts")
+        return Counter()
+
+
+def _warmup(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
     from lessctl.training import run_warmup
 
-    res = run_warmup(cfg, device=device)
+    res = run_warmup(cfg, device=device, on_log=tell.training())
     return StageReport("warmup", job.item, "done", f"{len(res.checkpoints)} checkpoints")
 
 
-def _grads(cfg: Config, job: Job, device) -> list[StageReport]:
+def _grads(cfg: Config, job: Job, device, tell: _Told) -> list[StageReport]:
     from lessctl.grads.stage import collect_gradients
     from lessctl.training import read_checkpoints
 
@@ -113,7 +167,13 @@ def _grads(cfg: Config, job: Job, device) -> list[StageReport]:
     if job.method == REPS:  # rds matches on representations at the last checkpoint (its default)
         steps = steps[-1:]
     results = collect_gradients(
-        cfg, steps=steps, dims=list(cfg.grads.dims), grad_type=job.method, projector=cfg.grads.projector, device=device
+        cfg,
+        steps=steps,
+        dims=list(cfg.grads.dims),
+        grad_type=job.method,
+        projector=cfg.grads.projector,
+        device=device,
+        progress=tell.stores(),
     )
     return [
         StageReport("grads", r.path.name, "skipped" if r.status == "skipped" else "done", f"{r.rows} rows")
@@ -121,7 +181,7 @@ def _grads(cfg: Config, job: Job, device) -> list[StageReport]:
     ]
 
 
-def _match(cfg: Config, job: Job, device) -> StageReport:
+def _match(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
     from lessctl.select.match import run_match
     from lessctl.training import read_checkpoints
 
@@ -135,11 +195,21 @@ def _match(cfg: Config, job: Job, device) -> StageReport:
     return StageReport("match", job.item, "done", f"{res.n_selected} of {res.total}")
 
 
-def _finetune(cfg: Config, job: Job, device) -> StageReport:
+def _finetune(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
     from lessctl.select.match import selection_file
-    from lessctl.training import run_finetune
+    from lessctl.training import adapter_is_stale, run_finetune
 
     state = finetune_state(cfg, job)
+    if job.branch == FULL:  # the whole pool, written to one file (kept as it is when the pool did not change)
+        from lessctl.data.pool import write_pool_file
+
+        pool = write_pool_file(cfg.train_files(), paths.full_pool_file(cfg.output_dir))
+        if state == "complete" and not adapter_is_stale(paths.finetune_dir(cfg.output_dir, FULL), pool):
+            return StageReport("finetune", job.item, "skipped", "adapter exists")
+        run_finetune(
+            cfg, pool, FULL, meta={"method": FULL}, device=device, force=state != "missing", on_log=tell.training()
+        )
+        return StageReport("finetune", job.item, "done", "the whole pool")
     if state == "complete":
         return StageReport("finetune", job.item, "skipped", "adapter exists")
     selection = selection_file(cfg, job.target, job.selection)  # names `lessctl match` when it is missing
@@ -148,30 +218,31 @@ def _finetune(cfg: Config, job: Job, device) -> StageReport:
     meta |= {"checkpoint_positions": list(job.subset)} if job.subset else {}
     meta |= {"transfer": True} if job.base_model else {}
     stale = state == "stale"
-    run_finetune(cfg, selection, job.model, base_model=job.base_model, meta=meta, device=device, force=stale)
+    run_finetune(
+        cfg,
+        selection,
+        job.model,
+        base_model=job.base_model,
+        meta=meta,
+        device=device,
+        force=stale,
+        on_log=tell.training(),
+    )
     return StageReport("finetune", job.item, "done", "the selection changed since the last finetune" * stale)
 
 
-def _eval(cfg: Config, job: Job, device) -> StageReport:
-    from lessctl.evaluation.runner import describe_model, run_custom_evaluation, run_evaluation, task_options
+def _eval(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
+    from lessctl.evaluation.runner import describe_model
+    from lessctl.evaluation.targets import run_target_eval, target_eval
+    from lessctl.ir.evaluate import BM25_MODEL
 
-    data_dir = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
-    if job.model == BASE:
+    if job.model == BM25_MODEL:  # a reranking target's first stage: the order any reranker must beat
+        model_spec = None
+    elif job.model == BASE:
         model_spec = describe_model(BASE, base_model=cfg.model_ref())
     else:
         model_spec = describe_model(paths.finetune_dir(cfg.output_dir, job.model), output_dir=cfg.output_dir)
-    opts = {
-        "dtype": cfg.model.dtype,
-        "device": device,
-        "batch_size": cfg.eval.batch_size,
-        "limit": cfg.eval.limit or None,
-    }
-    if job.eval_file is None:
-        res = run_evaluation(model_spec, job.task, data_dir, cfg.output_dir, **opts, **task_options(cfg.eval, job.task))
-    else:
-        res = run_custom_evaluation(
-            model_spec, job.target, job.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts
-        )
+    res = run_target_eval(cfg, target_eval(cfg, job.target), model_spec, device=device, progress=tell.counter())
     return StageReport("eval", job.item, "done", f"{res.record['metric']} {res.record['score']}")
 
 

@@ -54,7 +54,16 @@ class StudyConfig:
         "Other base models trained on every target's LESS selection (LESS-T): local folders (relative to the "
         "workspace file) or models in the Hugging Face cache; empty: no transfer branch.",
     )
-    base: bool = _f(True, "Evaluate the base model on every target too (the table's base column).")
+    base: bool = _f(
+        True,
+        "Evaluate the base model on every target too (the table's base column; a reranking target also scores "
+        "its BM25 first-stage order).",
+    )
+    full: bool = _f(
+        False,
+        "Also finetune one model on the whole pool (finetune/full/, trained on pool/full.jsonl) and evaluate it "
+        "on every target: the paper's full-data column. As many passes as every selection together, 20 times.",
+    )
 
 
 def subset_positions(token: Any) -> tuple[int, ...] | None:
@@ -114,6 +123,7 @@ class Plan:
     ablation: tuple[tuple[int, ...], ...] = ()
     transfer: tuple[str, ...] = ()
     base: bool = False
+    full: bool = False
     study: bool = False  # False: the plan is [select] method alone (no [study] table, no --methods)
 
     @property
@@ -149,7 +159,7 @@ def resolve_plan(cfg: Config, methods: Sequence[str] | None = None, check_models
     subsets = tuple(tuple(sorted(subset_positions(t) or ())) for t in s.ablation)
     for t in s.transfer if check_models else ():
         _check_model(cfg, t)
-    return Plan(chosen, seeds, tuple(dict.fromkeys(subsets)), tuple(s.transfer), s.base, True)
+    return Plan(chosen, seeds, tuple(dict.fromkeys(subsets)), tuple(s.transfer), s.base, s.full, True)
 
 
 def transfer_name(model: str) -> str:

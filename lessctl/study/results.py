@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.config import Config
-from lessctl.study.graph import BASE, expand
+from lessctl.ir.evaluate import BM25_MODEL
+from lessctl.study.graph import BASE, FULL, expand
 from lessctl.study.plan import resolve_plan
 
 # LESS.md section 8 (Xia et al., 2024, Table 2 and 3): 5% of the pool, the mean of 3 runs.
@@ -80,11 +81,15 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
         row: dict[str, Any] = {"task": task, "methods": {}, "paper": {}}
         if plan.base:
             row["base"] = _summary([read_score(cfg, BASE, task)])
+        if any(j.model == BM25_MODEL for j in mine):  # a reranking target: the BM25 order it reranks
+            row["first_stage"] = _summary([read_score(cfg, BM25_MODEL, task)])
         for m in plan.methods:
             cells = [j for j in mine if j.branch == "main" and j.method == m]
             row["methods"][m] = _summary([read_score(cfg, j.model, task) for j in cells])
             if task in paper.get(m, {}):
                 row["paper"][m] = paper[m][task]
+        if plan.full:
+            row["full"] = _summary([read_score(cfg, FULL, task)])
         if task in paper.get("full", {}):
             row["paper"]["full"] = paper["full"][task]
         main[target] = row
@@ -101,6 +106,7 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
         "paper_model": who,
         "methods": list(plan.methods),
         "random_seeds": list(plan.random_seeds),
+        "full": plan.full,
         "targets": main,
         "ablation": ablation,
         "transfer": transfer,
@@ -124,16 +130,19 @@ def tables(study: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]
     out = []
     methods = study["methods"]
     paper = {m for row in study["targets"].values() for m in row["paper"]}
-    base = any("base" in row for row in study["targets"].values())
-    cols = ["target", "task"] + (["base"] if base else [])
+    rows_ = study["targets"].values()
+    base, first, full = (any(k in row for row in rows_) for k in ("base", "first_stage", "full"))
+    cols = ["target", "task"] + (["bm25 order"] if first else []) + (["base"] if base else [])
     for m in methods:
         cols += [m] + ([f"{m} (paper)"] if m in paper else [])
-    cols += ["full (paper)"] if "full" in paper else []
+    cols += (["full"] if full else []) + (["full (paper)"] if "full" in paper else [])
     rows = []
     for target, row in study["targets"].items():
-        r = [target, row["task"]] + ([cell_text(row.get("base"))] if base else [])
+        r = [target, row["task"]] + ([cell_text(row.get("first_stage"))] if first else [])
+        r += [cell_text(row.get("base"))] if base else []
         for m in methods:
             r += [cell_text(row["methods"].get(m))] + ([_num(row["paper"].get(m))] if m in paper else [])
+        r += [cell_text(row.get("full"))] if full else []
         r += [_num(row["paper"].get("full"))] if "full" in paper else []
         rows.append(r)
     who = f", paper: {study['paper_model']}" if study["paper_model"] else ""
