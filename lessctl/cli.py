@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
     _register()
     _catch_ctrl_c()
+    _one_voice()
     given = list(sys.argv[1:] if argv is None else argv)
     argv = expand_multi_values(given)
     try:
@@ -135,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code == 130:
             _interrupted(given)
         raise
+
+
+def _one_voice() -> None:
+    """Under torchrun every rank runs the command: ranks other than 0 keep stderr (their errors) but print
+    nothing on stdout, so `--json` is one document and a result table shows once."""
+    from lessctl.distributed import is_main
+
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def _catch_ctrl_c() -> None:

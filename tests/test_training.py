@@ -429,3 +429,30 @@ def test_report_to_must_be_a_list_of_names(tiny_ws, cli):
     r = cli("--config", toml, "warmup")
     errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
     assert r.code == 2 and len(errors) == 1 and "warmup.report_to" in errors[0], r
+
+
+@pytest.mark.slow
+def test_warmup_force_under_torchrun_replaces_the_warmup_once(tiny_ws):
+    """Two torchrun ranks on `warmup --force`: rank 0 alone writes checkpoints.json and the run file (ranks
+    sharing `<file>.part` renamed each other's away) and moves warmup.new/ into place; the log holds one line a
+    step; stdout holds one JSON document."""
+    out = warmup_dir(load_config(tiny_ws / CONFIG_NAME))
+    old_id = json.loads((out / RUN_FILE).read_text())["run_id"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    cmd += ["-m", "lessctl.cli", "--config", str(tiny_ws / CONFIG_NAME), "warmup", "--force", "--epochs", "2"]
+    proc = subprocess.run([*cmd, "--device", "cpu", "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one document: rank 1 prints nothing
+    assert summary["plan"]["devices"] == 2
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [c["step"] for c in manifest] == [c["step"] for c in summary["checkpoints"]] and len(manifest) == 2
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["run_id"] != old_id and not out.with_name(out.name + ".new").exists()
+    logged = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    losses = [r["step"] for r in logged if "loss" in r]  # one line a step (the run's summary line aside)
+    assert len(losses) == len(set(losses)) == manifest[-1]["step"]
+    for c in manifest:
+        lrs = json.loads((out / f"checkpoint-{c['step']}" / "lessctl_lrs.json").read_text())["lrs"]
+        assert len(lrs) == c["step"]
+    assert not list(out.rglob("*.part"))

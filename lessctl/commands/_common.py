@@ -131,8 +131,12 @@ class ProgressBar:
             TimeRemainingColumn,
         )
 
+        from lessctl.distributed import is_main
+
         console = err_console()
         self._plain = not console.is_terminal
+        self._mute = not is_main()  # under torchrun one rank's lines tell it all
+        quiet = quiet or self._mute
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -162,7 +166,7 @@ class ProgressBar:
 
     def __exit__(self, exc_type, *exc) -> None:
         self._progress.__exit__(exc_type, *exc)
-        if self._plain and self._started:
+        if self._plain and self._started and not self._mute:
             if self._item != self._stage:
                 self._line("done" if exc_type is None else "stopped")
             self._stage_line("stopped" if exc_type else "finished")
@@ -222,7 +226,7 @@ class ProgressBar:
         speed = task.finished_speed or task.speed
         if speed:
             self._progress.update(self._task, rate=f"{speed:.1f} {self._unit}/s")
-        if not self._plain:
+        if not self._plain or self._mute:
             return
         counts = bool(completed) or bool(advance) or total is not None
         if not self._started and not counts:  # nothing done yet: an error now prints alone, so wait
@@ -251,7 +255,8 @@ class ProgressBar:
             self._line()
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message)
+        if not self._mute:
+            self._progress.console.print(message)
 
 
 class BarCallback:

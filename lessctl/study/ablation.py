@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -207,17 +205,11 @@ class AblationResult:
 
 def _distributed() -> tuple[int, Callable[[], None]]:
     """(rank, barrier) when launched by torchrun (matching and reports then happen on rank 0 alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, lambda: None
-    import torch
-    import torch.distributed as dist
+    from lessctl import distributed
 
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # rank 0 matches every subset while the others wait: longer than the default 10 minutes on a big pool
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-    return dist.get_rank(), dist.barrier
+    # rank 0 matches every subset while the others wait: longer than the default 10 minutes on a big pool
+    distributed.init_process_group(hours=2)
+    return distributed.rank(), distributed.barrier
 
 
 def run_ablation(

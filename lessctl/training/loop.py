@@ -62,7 +62,7 @@ def _lr_callback(history: list[float], output_dir: Path):
 
         def on_save(self, args, state, control, **kw):
             d = output_dir / f"checkpoint-{state.global_step}"
-            if d.is_dir():
+            if state.is_world_process_zero and d.is_dir():  # the checkpoint is rank 0's too
                 write_atomic(d / LR_FILE, json.dumps({"lrs": history[: state.global_step], "epoch": state.epoch}))
 
     return LearningRateRecorder()
@@ -97,10 +97,9 @@ class _ListDataset:
 
 def world_size() -> int:
     """Processes training together: WORLD_SIZE as torchrun and accelerate set it, else 1."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    from lessctl.distributed import world_size as size
+
+    return size()
 
 
 def accumulation_steps(tcfg: TrainConfig, section: str, n_devices: int) -> int:
@@ -244,6 +243,7 @@ def train_lora(
     from transformers import TrainerCallback, set_seed
 
     from lessctl.data.pool import encode_training_set
+    from lessctl.distributed import local_device
     from lessctl.models import add_lora, default_device, load_base_model, load_tokenizer
 
     device = device or default_device()
@@ -262,7 +262,7 @@ def train_lora(
     if counts["subset"] < counts["pool"]:
         torch.manual_seed(tcfg.sample_data_seed)  # LESS draws the subset under temp_seed, which leaves torch so seeded
     load_dtype, amp = _precision(cfg, tcfg, device)
-    model = load_base_model(base, load_dtype, device, tokenizer=tok)
+    model = load_base_model(base, load_dtype, local_device(device), tokenizer=tok)
     if tcfg.packing and attention.available(device, amp is not None or load_dtype in ("bf16", "fp16")):
         attention.enable(model)
     model = add_lora(model, cfg.lora)
@@ -282,7 +282,7 @@ def train_lora(
 
     class _Log(TrainerCallback):  # every logged step into <run>/log_history.jsonl (a resumed run appends)
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs:
+            if logs and state.is_world_process_zero:  # one line a step, not one a rank
                 rec = {"step": state.global_step, "max_steps": state.max_steps, **logs}
                 with open(out / LOG_FILE, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(rec) + "\n")

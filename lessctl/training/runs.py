@@ -17,6 +17,7 @@ from pathlib import Path
 from lessctl import __version__, paths
 from lessctl.config import Config
 from lessctl.data.records import data_stem
+from lessctl.distributed import barrier, is_main
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
 from lessctl.files import replace_dir, sha256_file, write_atomic
 from lessctl.training.loop import MANIFEST, RUN_FILE, TrainResult, train_lora
@@ -82,23 +83,36 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
     if not (force and out.exists()):
         return _warmup_into(cfg, files, out, device, on_log)
     staging = out.with_name(out.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
+    if is_main():  # under torchrun rank 0 alone clears, and later moves, the staging folder
+        shutil.rmtree(staging, ignore_errors=True)
     try:
         res = _warmup_into(cfg, files, staging, device, on_log)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_main():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    replace_dir(staging, out)
+    _move_into_place(staging, out)
     res.output_dir = out
     return res
 
 
+def _move_into_place(staging: Path, out: Path) -> None:
+    """staging replaces out, by rank 0 once every rank has finished (the others wait until it is there)."""
+    barrier()
+    if is_main():
+        replace_dir(staging, out)
+    barrier()
+
+
 def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on_log) -> TrainResult:
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
-    write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
-    run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
-    run["truncation"] = res.truncation
-    _write_run_file(out, cfg, run)
+    barrier()  # every rank's last step is done (rank 0 saved the checkpoints)
+    if is_main():  # one writer: ranks sharing `<file>.part` would rename each other's file away
+        write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
+        run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
+        run["truncation"] = res.truncation
+        _write_run_file(out, cfg, run)
+    barrier()
     return res
 
 
@@ -137,13 +151,15 @@ def run_finetune(
     if not Path(train_file).is_file():
         raise MissingArtifactError(f"{train_file}: no such training file")
     staging = out.with_name(out.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
+    if is_main():
+        shutil.rmtree(staging, ignore_errors=True)
     try:
         res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_main():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    replace_dir(staging, out)
+    _move_into_place(staging, out)
     res.output_dir = out
     return res
 
@@ -161,6 +177,9 @@ def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, d
         on_log=on_log,
     )
     base, selector = cfg.model_ref(base_model), cfg.model_ref()
+    barrier()
+    if not is_main():
+        return res
     _write_run_file(
         out,
         cfg,
