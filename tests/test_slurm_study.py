@@ -137,3 +137,23 @@ def test_cancelled_finetune_is_all_a_resubmission_runs(local_slurm, tiny_ws, cli
     assert {p: p.stat().st_mtime_ns for p in trained} == trained  # the five were not trained again
     r = cli("--config", cfgp, "slurm", "submit", "--json")
     assert r.code == 0 and json.loads(r.out)["jobs"] == []
+
+
+def test_submit_dry_run_of_further_warmup_runs(tiny_ws, cli, monkeypatch, tmp_path):
+    """`[study] warmup_seeds`: each further run's warmup and grads are one job each running `lessctl run
+    --items` (its own folder), chained before its matches, finetunes and evaluations."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with_study(tiny_ws, 'methods = ["less"]\nwarmup_seeds = [3, 4]\nbase = false')
+    r = cli("--config", tiny_ws / "lessctl.toml", "slurm", "submit", "--dry-run", "--json")
+    assert r.code == 0, r
+    jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}
+    assert list(jobs) == ["seed4 warmup", "grads", "seed4 grads", "match", "finetune", "eval"]
+    assert "run --items 'seed4 warmup'" in jobs["seed4 warmup"]["script"] and jobs["seed4 warmup"]["after"] == []
+    assert (
+        jobs["seed4 grads"]["after"] == ["seed4 warmup"]
+        and "run --items 'seed4 grads'" in jobs["seed4 grads"]["script"]
+    )
+    assert jobs["match"]["after"] == ["grads", "seed4 grads"]
+    assert "seed4 match sorting/less" in jobs["match"]["items"] and "match sorting/less" in jobs["match"]["items"]
+    assert len(jobs["finetune"]["items"]) == len(jobs["eval"]["items"]) == 2 * 3
+    assert "seed4 eval sorting-less/sorting" in jobs["eval"]["items"]

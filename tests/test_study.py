@@ -145,6 +145,9 @@ def test_only_text_methods_need_no_warmup_or_gradients(tmp_path, cli):
         ('ablation = ["1", "13"]', "study.ablation: position 3 in '13' is beyond the 2 checkpoints"),
         ('transfer = ["models/nope"]', "study.transfer: 'models/nope' is neither a model folder"),
         ("random_seeds = [1, 1]", "study.random_seeds: a seed is named twice"),
+        ("warmup_seeds = [4, 4]", "study.warmup_seeds: a seed is named twice"),
+        ('warmup_seeds = ["four"]', "study.warmup_seeds: expected an integer"),
+        ("full = 1", "study.full: expected"),
     ],
 )
 def test_bad_plans_fail_before_anything_runs(tiny_ws, cli, body, message):
@@ -270,3 +273,35 @@ def test_full_pool_finetune_is_one_model_evaluated_on_every_target(tiny_ws, cli)
     assert pool.read_text().splitlines()[0] == want[1]
     jobs = {j["key"]: j for j in json.loads(cli(*cfg, "run", "--dry-run", "--json").out)["jobs"]}
     assert jobs["finetune full"]["status"] == "done" and jobs["eval full/sorting"]["status"] != "done"
+
+
+@pytest.mark.slow
+def test_further_warmup_runs_have_their_own_folder_and_average_in_the_table(tiny_ws, cli):
+    """`[study] warmup_seeds = [3, 4]`: seed 3 is the workspace's own run; seed 4 warms up again (seed and
+    data_seed 4) into out/warmup-seed4/, computes its stores and LESS selections there, and the table's LESS
+    cell is the mean of both runs' evaluations."""
+    text = (tiny_ws / "lessctl.toml").read_text().replace("[finetune]\nepochs = 30", "[finetune]\nepochs = 1")
+    (tiny_ws / "lessctl.toml").write_text(text)
+    add_study(tiny_ws, 'methods = ["less"]\nwarmup_seeds = [3, 4]\nbase = false')
+    cfg = ("--config", tiny_ws / "lessctl.toml")
+    keys = [j["key"] for j in json.loads(cli(*cfg, "run", "--dry-run", "--json").out)["jobs"]]
+    assert "seed3 warmup" not in keys and {"seed4 warmup", "seed4 grads", "seed4 eval sorting-less/sorting"} <= set(
+        keys
+    )
+    items = [w for k in keys if k.endswith("sorting/less") or "sorting-less" in k or k.endswith(("warmup", "grads"))
+             for w in ("--items", k)]  # fmt: skip
+    res = cli(*cfg, "run", *items, "--device", "cpu", "--json")
+    assert res.code == 0, res
+    main, other = tiny_ws / "out", tiny_ws / "out" / "warmup-seed4"
+    run = json.loads((other / "warmup" / "lessctl_run.json").read_text())
+    assert run["config"]["warmup"]["seed"] == 4 == run["config"]["warmup"]["data_seed"]
+    assert len(list((other / "grads").glob("*.h5"))) == len(list((main / "grads").glob("*.h5")))
+    a, b = ((d / "selected" / "sorting" / "less" / "top_p0.05.jsonl").read_text() for d in (main, other))
+    assert a and b  # both selections exist (they may or may not coincide on the tiny pool)
+    scores = [
+        json.loads((d / "eval" / "sorting-less" / "sorting.json").read_text())["exact_match"] for d in (main, other)
+    ]
+    cell = json.loads(cli(*cfg, "results", "--study", "--json").out)["study"]["targets"]["sorting"]["methods"]["less"]
+    assert cell["n"] == 2 and cell["draws"] == pytest.approx(scores) and cell["score"] == pytest.approx(sum(scores) / 2)
+    again = cli(*cfg, "run", *items, "--device", "cpu", "--json")
+    assert again.code == 0 and json.loads(again.out)["done"] == 0

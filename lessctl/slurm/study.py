@@ -5,7 +5,9 @@ warmup; grads as an array over checkpoints (or one array of shards per checkpoin
 representations job at the last checkpoint; one match job for every pending selection; one array of
 finetunes (a task per model); an array of their evaluations whose task k waits (aftercorr) for finetune
 task k alone; arrays for the evaluations of models already trained and of the base model. Every other job
-waits (afterok) for the jobs its items need. The match, finetune and eval jobs run `lessctl run
+waits (afterok) for the jobs its items need. A further warmup run ([study] warmup_seeds) adds its warmup and
+its grads as one job each, and its matches, finetunes and evaluations to the groups above. The match, finetune
+and eval jobs (and those two) run `lessctl run
 --items ...` with the stage's template and settings, the array task picking its item (`--pick`), so a job
 that finds its item complete (a resubmission) skips it.
 """
@@ -67,7 +69,11 @@ def plan_study(
 
     for job in todo:
         args = tuple(extra_args.get(job.stage, ()))
-        if job.stage == "warmup":
+        if job.run_seed is not None and job.stage in ("warmup", "grads"):  # a further warmup run: its own folder
+            spec = JobSpec(job.stage, tuple(extra_args.get(job.stage, ())), after=after([job]), label=job.key,
+                           command=("run", *items_args([job])), items=(job.key,))  # fmt: skip
+            add(spec, [job.key])
+        elif job.stage == "warmup":
             add(JobSpec("warmup", args, items=(job.key,)), [job.key])
         elif job.stage == "grads" and job.method == REPS:
             spec = JobSpec("grads", args + ("--type", REPS, "--ckpt-index", str(cfg.warmup.epochs)), after=after([job]),

@@ -18,7 +18,7 @@ from lessctl import paths
 from lessctl.config import Config
 from lessctl.evaluation.targets import RANKING, target_eval
 from lessctl.ir.evaluate import BM25_MODEL
-from lessctl.study.plan import Plan, random_selection, transfer_name
+from lessctl.study.plan import Plan, random_selection, seed_run_config, transfer_name
 from lessctl.vocab import CHECKPOINT_METHODS, REPS, REPS_METHODS, STAGES
 
 BASE = "base"
@@ -43,6 +43,7 @@ class Job:
     task: str | None = None  # eval: mmlu, bbh, tydiqa, or a custom target's name
     eval_file: str | None = None  # eval of a custom target: its held-out file
     reason: str = ""  # set when the job does not apply (a custom target without eval_file)
+    run_seed: int | None = None  # a further warmup run's seed ([study] warmup_seeds): its own output folder
 
     @property
     def item(self) -> str:
@@ -131,12 +132,40 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
         if target_eval(cfg, target).kind == RANKING:
             jobs.append(Job(f"eval {BM25_MODEL}/{task}", "eval", (), "base", target, model=BM25_MODEL, task=task,
                             eval_file=eval_file))  # fmt: skip
+    if gradients:
+        more = _seed_runs(cfg, plan, jobs)
+        jobs += more
+        finetunes += more
     for ft in finetunes:
         for target in [ft.target] if ft.target else cfg.data.targets:  # the full-pool model: every target
             task, eval_file, reason = _eval_of(cfg, target)
-            jobs.append(dataclasses.replace(ft, key=f"eval {ft.model}/{task}", stage="eval", after=(ft.key,),
+            run = "" if ft.run_seed is None else f"seed{ft.run_seed} "
+            jobs.append(dataclasses.replace(ft, key=f"{run}eval {ft.model}/{task}", stage="eval", after=(ft.key,),
                                             target=target, task=task, eval_file=eval_file, reason=reason))  # fmt: skip
-    return jobs
+    return stage_order(jobs)  # the further warmup runs' jobs among their stages
+
+
+def _seed_runs(cfg: Config, plan: Plan, jobs: list[Job]) -> list[Job]:
+    """Each further warmup seed's warmup, grads and LESS matches (appended to `jobs`) and its finetunes
+    (returned): the workspace's own LESS chain again, keys prefixed `seed<s> `, in <output_dir>/warmup-seed<s>/."""
+    finetunes: list[Job] = []
+    for s in plan.warmup_seeds:
+        p = f"seed{s} "
+        jobs += [Job(p + "warmup", "warmup", run_seed=s), Job(p + "grads", "grads", (p + "warmup",), run_seed=s)]
+        for target in cfg.data.targets:
+            for method in (m for m in plan.methods if m in CHECKPOINT_METHODS):
+                m = Job(f"{p}match {target}/{method}", "match", (p + "grads",), target=target, selection=method,
+                        method=method, run_seed=s)  # fmt: skip
+                jobs.append(m)
+                name = f"{target}-{method}"
+                finetunes.append(dataclasses.replace(m, key=f"{p}finetune {name}", stage="finetune", after=(m.key,),
+                                                     model=name))  # fmt: skip
+    return finetunes
+
+
+def job_config(cfg: Config, job: Job) -> Config:
+    """The workspace as the job sees it: a further warmup run's own output folder and seeds."""
+    return seed_run_config(cfg, job.run_seed)
 
 
 def only_stages(jobs: list[Job], stages: list[str]) -> list[Job]:
@@ -153,6 +182,7 @@ def is_complete(cfg: Config, job: Job) -> bool:
     """Whether the job's outputs are on disk and current (an eval older than its finetune is not)."""
     if job.reason:
         return True
+    cfg = job_config(cfg, job)
     out = cfg.output_dir
     if job.stage == "warmup":
         return paths.checkpoints_file(out).is_file()
@@ -176,6 +206,7 @@ def finetune_state(cfg: Config, job: Job) -> str:
     from lessctl.models import is_adapter_dir
     from lessctl.training import adapter_is_stale
 
+    cfg = job_config(cfg, job)
     out = paths.finetune_dir(cfg.output_dir, job.model)
     if not is_adapter_dir(out):
         return "missing"

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from lessctl import paths
 from lessctl.config import Config, closest
 from lessctl.errors import ConfigError
-from lessctl.study.graph import BASE, FULL, Job, expand, finetune_state, is_complete, only_stages
+from lessctl.study.graph import BASE, FULL, Job, expand, finetune_state, is_complete, job_config, only_stages
 from lessctl.study.plan import resolve_plan
 from lessctl.vocab import REPS, STAGES
 
@@ -90,6 +90,7 @@ def study_jobs(
 def run_job(cfg: Config, job: Job, device: str | None, progress: Any = None) -> list[StageReport]:
     """Runs one job unless it is complete; the reports of what it did (grads: one per store)."""
     tell = _Told(progress, job)
+    cfg = job_config(cfg, job)  # a further warmup run works in its own folder
     if job.reason:
         return [StageReport(job.stage, job.item, "not applicable", job.reason)]
     if job.stage == "grads":  # collect_gradients skips complete stores itself, and recomputes stale ones

@@ -44,6 +44,13 @@ class StudyConfig:
         "random as the mean of three); the draw with [experiment] seed is selected/<target>/random/, the others "
         "random-seed<s>/. The table shows their mean and spread.",
     )
+    warmup_seeds: list = _f(
+        [],
+        "LESS's repeated runs: seeds of further warmups, each with its own gradients, LESS selections, finetunes "
+        "and evaluations under <output_dir>/warmup-seed<s>/ ([warmup] seed and data_seed set to s; the warmup "
+        "subset stays the same). A seed equal to [warmup] seed is the workspace's own run. The table's LESS "
+        "cells show the mean and spread over the runs.",
+    )
     ablation: list = _f(
         [],
         "Checkpoint subsets whose LESS selections are finetuned and evaluated too, as `lessctl ablate --subsets` "
@@ -95,6 +102,11 @@ def study_problems(cfg: Config, label: Callable[[str], str]) -> list[str]:
             bad("random_seeds", problem.lstrip(": "))
     if len(set(map(repr, s.random_seeds))) != len(s.random_seeds):
         bad("random_seeds", f"a seed is named twice in {s.random_seeds!r}")
+    for seed in s.warmup_seeds:
+        if problem := type_problem("", seed, int):
+            bad("warmup_seeds", problem.lstrip(": "))
+    if len(set(map(repr, s.warmup_seeds))) != len(s.warmup_seeds):
+        bad("warmup_seeds", f"a seed is named twice in {s.warmup_seeds!r}")
     n_ckpts = cfg.warmup.epochs
     for token in s.ablation:
         positions = subset_positions(token)
@@ -125,6 +137,7 @@ class Plan:
     base: bool = False
     full: bool = False
     study: bool = False  # False: the plan is [select] method alone (no [study] table, no --methods)
+    warmup_seeds: tuple[int, ...] = ()  # further warmup runs (not [warmup] seed)
 
     @property
     def uses_checkpoints(self) -> bool:
@@ -159,7 +172,23 @@ def resolve_plan(cfg: Config, methods: Sequence[str] | None = None, check_models
     subsets = tuple(tuple(sorted(subset_positions(t) or ())) for t in s.ablation)
     for t in s.transfer if check_models else ():
         _check_model(cfg, t)
-    return Plan(chosen, seeds, tuple(dict.fromkeys(subsets)), tuple(s.transfer), s.base, s.full, True)
+    runs = tuple(x for x in dict.fromkeys(s.warmup_seeds) if x != cfg.warmup.seed)
+    return Plan(chosen, seeds, tuple(dict.fromkeys(subsets)), tuple(s.transfer), s.base, s.full, True, runs)
+
+
+def seed_run_config(cfg: Config, seed: int | None) -> Config:
+    """The workspace as one further warmup run sees it: output under <output_dir>/warmup-seed<s>/, the warmup's
+    seed and data_seed s; `cfg` itself for the workspace's own run (seed None) and for the run's own config."""
+    import dataclasses
+
+    if seed is None or Path(cfg.experiment.output_dir).name == f"warmup-seed{seed}":  # None, or already its own
+        return cfg
+    out = str(Path(cfg.experiment.output_dir) / f"warmup-seed{seed}")
+    return dataclasses.replace(
+        cfg,
+        experiment=dataclasses.replace(cfg.experiment, output_dir=out),
+        warmup=dataclasses.replace(cfg.warmup, seed=seed, data_seed=seed),
+    )
 
 
 def transfer_name(model: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from lessctl.config import Config
 from lessctl.ir.evaluate import BM25_MODEL
-from lessctl.study.graph import BASE, FULL, expand
+from lessctl.study.graph import BASE, FULL, expand, job_config
 from lessctl.study.plan import resolve_plan
 
 # LESS.md section 8 (Xia et al., 2024, Table 2 and 3): 5% of the pool, the mean of 3 runs.
@@ -85,7 +85,8 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
             row["first_stage"] = _summary([read_score(cfg, BM25_MODEL, task)])
         for m in plan.methods:
             cells = [j for j in mine if j.branch == "main" and j.method == m]
-            row["methods"][m] = _summary([read_score(cfg, j.model, task) for j in cells])
+            # random: its draws; less with [study] warmup_seeds: its runs, each in its own folder
+            row["methods"][m] = _summary([read_score(job_config(cfg, j), j.model, task) for j in cells])
             if task in paper.get(m, {}):
                 row["paper"][m] = paper[m][task]
         if plan.full:
@@ -107,6 +108,7 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
         "methods": list(plan.methods),
         "random_seeds": list(plan.random_seeds),
         "full": plan.full,
+        "warmup_seeds": [cfg.warmup.seed, *plan.warmup_seeds] if plan.warmup_seeds else [],
         "targets": main,
         "ablation": ablation,
         "transfer": transfer,
