@@ -159,7 +159,7 @@ def test_tulu_truncated_before_the_answer_has_no_labels(tok):
     assert enc.n_label_tokens == 0
 
 
-def test_fully_masked_examples_are_dropped_and_counted(tok, tmp_path):
+def test_fully_masked_examples_are_dropped_and_counted(tok, tmp_path, caplog):
     short = {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
     long = {
         "messages": [
@@ -173,6 +173,12 @@ def test_fully_masked_examples_are_dropped_and_counted(tok, tmp_path):
     assert counts == {"pool": 3, "subset": 3, "dropped_no_labels": 1}
     assert [e.line for e in out] == [0, 2]  # the long one is not trained on
     assert all(e.n_label_tokens > 0 and e.source == "pool" for e in out)
+    from lessctl.errors import LogFormatter
+
+    (rec,) = [r for r in caplog.records if "no trainable tokens" in r.getMessage()]
+    assert LogFormatter("%(name)s: %(message)s").format(rec) == (
+        "warning: 1 of 3 examples have no trainable tokens after truncation and were skipped"
+    )
 
 
 # --------------------------------------------------------------------------- prompt/completion

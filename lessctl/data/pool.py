@@ -11,6 +11,7 @@ import numpy as np
 
 from lessctl.data.encoding import Encoded, TruncationReport, encode_record
 from lessctl.data.records import Record, read_examples
+from lessctl.errors import warn
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def encode_training_set(
     out = [enc for enc in encoded if enc.n_label_tokens > 0]
     dropped = len(encoded) - len(out)
     if dropped:
-        log.warning("%d of %d examples have no trainable tokens after truncation and were skipped", dropped, len(idx))
+        warn(log, f"{dropped} of {len(idx)} examples have no trainable tokens after truncation and were skipped")
     return out, {"pool": len(pool), "subset": int(len(idx)), "dropped_no_labels": dropped}, truncation
 
 
