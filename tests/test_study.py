@@ -305,3 +305,25 @@ def test_further_warmup_runs_have_their_own_folder_and_average_in_the_table(tiny
     assert cell["n"] == 2 and cell["draws"] == pytest.approx(scores) and cell["score"] == pytest.approx(sum(scores) / 2)
     again = cli(*cfg, "run", *items, "--device", "cpu", "--json")
     assert again.code == 0 and json.loads(again.out)["done"] == 0
+
+
+def test_an_evaluation_with_another_limit_is_not_complete(tiny_ws, cli):
+    """A saved evaluation counts as done only for the `[eval] limit` it ran with: raising the limit (or lifting
+    it) makes the study evaluate again."""
+    cfgp = tiny_ws / "lessctl.toml"
+    base = cfgp.read_text()
+    cfgp.write_text(base + '\n[eval]\nlimit = 2\n\n[study]\nmethods = ["bm25"]\n')
+    res = cli("--config", cfgp, "run", "--items", "eval base/sorting", "--device", "cpu", "--json")
+    assert res.code == 0 and json.loads(res.out)["done"] == 1, res
+
+    def status() -> str:
+        jobs = json.loads(cli("--config", cfgp, "run", "--dry-run", "--json").out)["jobs"]
+        return {j["key"]: j for j in jobs}["eval base/sorting"]["status"]
+
+    assert status() == "done"
+    cfgp.write_text(base + '\n[eval]\nlimit = 3\n\n[study]\nmethods = ["bm25"]\n')
+    assert status() == "to run"
+    res = cli("--config", cfgp, "run", "--items", "eval base/sorting", "--device", "cpu", "--json")
+    assert res.code == 0 and json.loads(res.out)["done"] == 1, res
+    assert json.loads((tiny_ws / "out" / "eval" / "base" / "sorting.json").read_text())["n"] == 3
+    assert status() == "done"

@@ -195,10 +195,21 @@ def is_complete(cfg: Config, job: Job) -> bool:
     from lessctl.evaluation.results import eval_json_path
 
     result = eval_json_path(out, job.model, job.task)
-    if not result.is_file():
+    if not result.is_file() or not _same_limit(result, cfg.eval.limit or None):
         return False
     trained = paths.finetune_dir(out, job.model) / "lessctl_run.json"
     return job.model == BASE or not trained.is_file() or result.stat().st_mtime >= trained.stat().st_mtime
+
+
+def _same_limit(result, limit: int | None) -> bool:
+    """Whether a saved evaluation ran with `[eval] limit` as it is now (results that do not record one count)."""
+    import json
+
+    try:
+        settings = json.loads(result.read_text()).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return "limit" not in settings or settings["limit"] == limit
 
 
 def finetune_state(cfg: Config, job: Job) -> str:
