@@ -390,8 +390,9 @@ def test_tiny_preset_cut_of_real_cot_records_warns(data_dir, tok, tmp_path, capl
     assert report.truncated > 0.8 * report.examples and report.lost_label_share > LOST_LABEL_SHARE_WARNING
     fmt = LogFormatter("%(name)s: %(message)s")
     warnings = [fmt.format(r) for r in caplog.records if fmt.format(r).startswith("warning:")]
-    assert len(warnings) == 1  # (besides the existing note on examples left without labels)
+    assert len(warnings) == 2, warnings  # the cut, then the examples it left without labels
     line = warnings[0]
+    assert warnings[1].startswith("warning: ") and "of 200 examples have no trainable tokens" in warnings[1]
     assert line.startswith(f"warning: training set cot: max_seq_length 128 cut {report.truncated} of 200 examples; ")
     assert f"{report.lost_label_share:.1%} of the label tokens lost" in line and "max_seq_length" in line
 
