@@ -159,7 +159,6 @@ def _catch_ctrl_c() -> None:
         f, depth = frame, 0
         while f is not None and depth < 4:
             if f.f_code.co_name == "__del__" or f.f_code.co_filename.endswith(("weakref.py", "_weakrefset.py")):
-                import os
                 import threading
 
                 threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()

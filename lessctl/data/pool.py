@@ -58,17 +58,15 @@ def write_pool_file(files: dict[str, Path], path: Path) -> Path:
 
     from lessctl.files import atomic_path, sha256_file
 
-    lines = (r.raw + "\n" for _, r in Pool.read(files).flat())
-    h, body = hashlib.sha256(), []
-    for line in lines:
-        data = line.encode("utf-8")
-        h.update(data)
-        body.append(data)
+    pool = Pool.read(files).flat()
+    h = hashlib.sha256()
+    for _, r in pool:
+        h.update((r.raw + "\n").encode("utf-8"))
     if path.is_file() and sha256_file(path) == h.hexdigest():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.writelines(body)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.writelines(r.raw + "\n" for _, r in pool)
     return path
 
 

@@ -70,7 +70,7 @@ def plan_study(
     for job in todo:
         args = tuple(extra_args.get(job.stage, ()))
         if job.run_seed is not None and job.stage in ("warmup", "grads"):  # a further warmup run: its own folder
-            spec = JobSpec(job.stage, tuple(extra_args.get(job.stage, ())), after=after([job]), label=job.key,
+            spec = JobSpec(job.stage, args, after=after([job]), label=job.key,
                            command=("run", *items_args([job])), items=(job.key,))  # fmt: skip
             add(spec, [job.key])
         elif job.stage == "warmup":

@@ -16,7 +16,7 @@ from typing import Any
 
 from lessctl import paths
 from lessctl.config import Config
-from lessctl.evaluation.targets import RANKING, target_eval
+from lessctl.evaluation.targets import RANKING, TargetEval, target_eval
 from lessctl.ir.evaluate import BM25_MODEL
 from lessctl.study.plan import Plan, random_selection, seed_run_config, transfer_name
 from lessctl.vocab import CHECKPOINT_METHODS, REPS, REPS_METHODS, STAGES
@@ -53,10 +53,9 @@ class Job:
         )
 
 
-def _eval_of(cfg: Config, target: str) -> tuple[str, str | None, str]:
-    """(task, eval_file, reason) of the target's evaluation (lessctl.evaluation.targets decides it)."""
-    te = target_eval(cfg, target)
-    return te.task or target, str(te.eval_file) if te.eval_file else None, te.reason
+def _eval_fields(te: TargetEval, target: str) -> dict[str, Any]:
+    """An eval job's task, eval_file and reason (lessctl.evaluation.targets decides them)."""
+    return {"task": te.task or target, "eval_file": str(te.eval_file) if te.eval_file else None, "reason": te.reason}
 
 
 def expand(cfg: Config, plan: Plan) -> list[Job]:
@@ -64,6 +63,7 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
     from lessctl.study.ablation import subset_label
 
     methods = plan.methods
+    evals = {t: target_eval(cfg, t) for t in cfg.data.targets}  # read once: a custom eval_file's first record
     gradients = any(m in CHECKPOINT_METHODS for m in methods)
     reps = any(m in REPS_METHODS for m in methods)
     jobs: list[Job] = []
@@ -126,22 +126,21 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
         finetunes.append(Job(f"finetune {FULL}", "finetune", (), FULL, model=FULL))
     jobs += finetunes
     for target in cfg.data.targets if plan.base else ():
-        task, eval_file, reason = _eval_of(cfg, target)
-        jobs.append(Job(f"eval {BASE}/{task}", "eval", (), "base", target, model=BASE, task=task, eval_file=eval_file,
-                        reason=reason))  # fmt: skip
-        if target_eval(cfg, target).kind == RANKING:
-            jobs.append(Job(f"eval {BM25_MODEL}/{task}", "eval", (), "base", target, model=BM25_MODEL, task=task,
-                            eval_file=eval_file))  # fmt: skip
+        fields = _eval_fields(evals[target], target)
+        jobs.append(Job(f"eval {BASE}/{fields['task']}", "eval", (), "base", target, model=BASE, **fields))
+        if evals[target].kind == RANKING:
+            jobs.append(Job(f"eval {BM25_MODEL}/{fields['task']}", "eval", (), "base", target, model=BM25_MODEL,
+                            **fields))  # fmt: skip
     if gradients:
         more = _seed_runs(cfg, plan, jobs)
         jobs += more
         finetunes += more
     for ft in finetunes:
         for target in [ft.target] if ft.target else cfg.data.targets:  # the full-pool model: every target
-            task, eval_file, reason = _eval_of(cfg, target)
+            fields = _eval_fields(evals[target], target)
             run = "" if ft.run_seed is None else f"seed{ft.run_seed} "
-            jobs.append(dataclasses.replace(ft, key=f"{run}eval {ft.model}/{task}", stage="eval", after=(ft.key,),
-                                            target=target, task=task, eval_file=eval_file, reason=reason))  # fmt: skip
+            jobs.append(dataclasses.replace(ft, key=f"{run}eval {ft.model}/{fields['task']}", stage="eval",
+                                            after=(ft.key,), target=target, **fields))  # fmt: skip
     return stage_order(jobs)  # the further warmup runs' jobs among their stages
 
 

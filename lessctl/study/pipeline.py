@@ -198,19 +198,20 @@ def _match(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
 
 def _finetune(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
     from lessctl.select.match import selection_file
-    from lessctl.training import adapter_is_stale, run_finetune
+    from lessctl.training import run_finetune
 
-    state = finetune_state(cfg, job)
     if job.branch == FULL:  # the whole pool, written to one file (kept as it is when the pool did not change)
         from lessctl.data.pool import write_pool_file
 
         pool = write_pool_file(cfg.train_files(), paths.full_pool_file(cfg.output_dir))
-        if state == "complete" and not adapter_is_stale(paths.finetune_dir(cfg.output_dir, FULL), pool):
+        state = finetune_state(cfg, job)  # against the file just written
+        if state == "complete":
             return StageReport("finetune", job.item, "skipped", "adapter exists")
         run_finetune(
             cfg, pool, FULL, meta={"method": FULL}, device=device, force=state != "missing", on_log=tell.training()
         )
         return StageReport("finetune", job.item, "done", "the whole pool")
+    state = finetune_state(cfg, job)
     if state == "complete":
         return StageReport("finetune", job.item, "skipped", "adapter exists")
     selection = selection_file(cfg, job.target, job.selection)  # names `lessctl match` when it is missing

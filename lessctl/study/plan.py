@@ -97,16 +97,13 @@ def study_problems(cfg: Config, label: Callable[[str], str]) -> list[str]:
         bad("methods", f"no methods; give one or more of {spelled(METHODS)}")
     if len(set(map(str, s.methods))) != len(s.methods):
         bad("methods", f"a method is named twice in {s.methods!r}")
-    for seed in s.random_seeds:
-        if problem := type_problem("", seed, int):
-            bad("random_seeds", problem.lstrip(": "))
-    if len(set(map(repr, s.random_seeds))) != len(s.random_seeds):
-        bad("random_seeds", f"a seed is named twice in {s.random_seeds!r}")
-    for seed in s.warmup_seeds:
-        if problem := type_problem("", seed, int):
-            bad("warmup_seeds", problem.lstrip(": "))
-    if len(set(map(repr, s.warmup_seeds))) != len(s.warmup_seeds):
-        bad("warmup_seeds", f"a seed is named twice in {s.warmup_seeds!r}")
+    for key in ("random_seeds", "warmup_seeds"):
+        seeds = getattr(s, key)
+        for seed in seeds:
+            if problem := type_problem("", seed, int):
+                bad(key, problem.lstrip(": "))
+        if len(set(map(repr, seeds))) != len(seeds):
+            bad(key, f"a seed is named twice in {seeds!r}")
     n_ckpts = cfg.warmup.epochs
     for token in s.ablation:
         positions = subset_positions(token)

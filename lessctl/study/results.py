@@ -132,8 +132,8 @@ def tables(study: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]
     out = []
     methods = study["methods"]
     paper = {m for row in study["targets"].values() for m in row["paper"]}
-    rows_ = study["targets"].values()
-    base, first, full = (any(k in row for row in rows_) for k in ("base", "first_stage", "full"))
+    by_target = study["targets"].values()
+    base, first, full = (any(k in row for row in by_target) for k in ("base", "first_stage", "full"))
     cols = ["target", "task"] + (["bm25 order"] if first else []) + (["base"] if base else [])
     for m in methods:
         cols += [m] + ([f"{m} (paper)"] if m in paper else [])

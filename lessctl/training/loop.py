@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from lessctl import paths
 from lessctl.config import Config, TrainConfig
+from lessctl.distributed import world_size
 from lessctl.errors import ConfigError, InputError
 from lessctl.files import write_atomic
 from lessctl.training import varlen as attention
@@ -93,13 +94,6 @@ class _ListDataset:
     def __getitem__(self, i: int) -> dict:
         e = self.examples[i]
         return {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-
-
-def world_size() -> int:
-    """Processes training together: WORLD_SIZE as torchrun and accelerate set it, else 1."""
-    from lessctl.distributed import world_size as size
-
-    return size()
 
 
 def accumulation_steps(tcfg: TrainConfig, section: str, n_devices: int) -> int:

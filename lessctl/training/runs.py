@@ -83,17 +83,21 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
     if not (force and out.exists()):
         return _warmup_into(cfg, files, out, device, on_log)
     staging = out.with_name(out.name + ".new")
-    if is_main():  # under torchrun rank 0 alone clears, and later moves, the staging folder
-        shutil.rmtree(staging, ignore_errors=True)
+    _clear(staging)
     try:
         res = _warmup_into(cfg, files, staging, device, on_log)
     except BaseException:
-        if is_main():
-            shutil.rmtree(staging, ignore_errors=True)
+        _clear(staging)
         raise
     _move_into_place(staging, out)
     res.output_dir = out
     return res
+
+
+def _clear(staging: Path) -> None:
+    """Removes a staging folder; under torchrun rank 0 alone clears it, as it alone moves it into place."""
+    if is_main():
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -151,13 +155,11 @@ def run_finetune(
     if not Path(train_file).is_file():
         raise MissingArtifactError(f"{train_file}: no such training file")
     staging = out.with_name(out.name + ".new")
-    if is_main():
-        shutil.rmtree(staging, ignore_errors=True)
+    _clear(staging)
     try:
         res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log)
     except BaseException:
-        if is_main():
-            shutil.rmtree(staging, ignore_errors=True)
+        _clear(staging)
         raise
     _move_into_place(staging, out)
     res.output_dir = out
