@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.errors import ConfigError, InputError, MissingArtifactError
+from lessctl.outputs.artifacts import is_adapter_dir  # noqa: F401 (the loaders' check, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ def resolve_dtype(name: str, device: str | None = None):
             return torch.bfloat16
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def _load_error(what: str, name: str, exc: Exception) -> ConfigError:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lessctl import paths
+from lessctl.outputs import layout as paths
 from lessctl.vocab import METHODS, STAGES, spelled
 
 

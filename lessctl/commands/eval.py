@@ -53,6 +53,8 @@ def eval_(
     from lessctl.errors import ConfigError
     from lessctl.evaluation.runner import EVAL_TASKS, check_data, models_to_evaluate, run_evaluation, task_options
     from lessctl.models import load_model_for_eval, resolve_device
+    from lessctl.outputs import artifacts, provenance
+    from lessctl.outputs.provenance import model_id
 
     tasks = list(dict.fromkeys(task or []))
     if not tasks:
@@ -84,9 +86,13 @@ def eval_(
         for t in tasks:
             extra = task_options(cfg.eval, t)
             with ProgressBar(f"{t} {spec.name}", unit="examples", quiet=json_out) as bar:
+                made_from = provenance.eval_fingerprint(
+                    cfg, t, eval_file=None, model=model_id(cfg, spec.name, spec.path)
+                )
                 outcome = run_evaluation(
                     spec, t, data, cfg.output_dir, loaded=loaded, progress=BarCallback(bar), **options, **extra
                 )
+                artifacts.stamp(outcome.path, made_from)
             records.append(outcome.record)
             if not json_out:
                 con.print(

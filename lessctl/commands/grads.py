@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from lessctl import paths as layout
 from lessctl.commands._common import (
     ForceOpt,
     JsonOpt,
@@ -21,6 +20,7 @@ from lessctl.commands._common import (
     print_table,
     truncation_line,
 )
+from lessctl.outputs import layout
 from lessctl.vocab import GRAD_TYPES, spelled
 
 

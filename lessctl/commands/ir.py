@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -132,6 +133,7 @@ def eval_(
     from lessctl.errors import ConfigError
     from lessctl.evaluation.runner import models_to_evaluate
     from lessctl.ir.evaluate import read_eval_file, run_ir_evaluation
+    from lessctl.outputs import artifacts, provenance
 
     if bm25 and model is not None:
         raise ConfigError("--bm25 scores the first stage without a model; leave out --model")
@@ -153,6 +155,12 @@ def eval_(
     con = err_console()
     for spec in specs:
         label = spec.name if spec else "bm25"
+        made_from = provenance.eval_fingerprint(
+            dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, limit=limit or 0)),
+            "",
+            eval_file=dataset,
+            model=provenance.model_id(cfg, label, spec.path if spec else None),
+        )
         with ProgressBar(f"ir {label}", unit="queries", quiet=json_out) as bar:
             progress = None if spec is None else BarCallback(bar)
             outcome = run_ir_evaluation(
@@ -164,6 +172,7 @@ def eval_(
                 **options,
                 **({"progress": progress} if progress else {}),
             )
+        artifacts.stamp(outcome.path, made_from)
         records.append(outcome.record)
         if not json_out:
             m = outcome.record["metrics"]

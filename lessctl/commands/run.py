@@ -52,7 +52,8 @@ def run(
 ) -> None:
     """Run the study: warmup, grads, match per target and method, finetune per selection, eval per model.
 
-    Complete jobs are skipped, so a re-run does only what is missing.
+    Current jobs are skipped; a job whose artifact is missing, or stale (made from other settings, files or
+    upstream artifacts than the plan's now), runs, and so does everything downstream of it.
     """
     from lessctl.study.pipeline import run_pipeline, stage_range
 
@@ -100,8 +101,8 @@ def _dry_run(cfg, stages: list[str], methods, items, json_out: bool) -> None:
         return
     print_table(
         "lessctl run --dry-run (nothing is run)",
-        ["job", "waits for", "status", "GPU time"],
-        [[j["key"], ", ".join(j["after"]), j["status"], j["gpu_time"]] for j in view["jobs"]],
+        ["job", "waits for", "status", "why", "GPU time"],
+        [[j["key"], ", ".join(j["after"]), j["status"], j["why"], j["gpu_time"]] for j in view["jobs"]],
     )
     typer.echo(f"to run: {view['to_run']} jobs, about {view['gpu_time_to_run']} of GPU time"
                + (f" plus {view['not_estimated']} not estimated" if view["not_estimated"] else ""))  # fmt: skip

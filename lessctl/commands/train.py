@@ -18,6 +18,7 @@ from lessctl.commands._common import (
     load_config,
     truncation_line,
 )
+from lessctl.outputs import layout
 
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (overrides the file).")]
 LrOpt = Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="Peak learning rate.")]
@@ -43,7 +44,7 @@ def describe_plan(plan: dict) -> str:
         f"{plan['steps_per_epoch']} steps per epoch x {plan['epochs']} epochs, {plan['loss_weighting']}-weighted loss"
     )
     if plan["checkpoints"]:
-        text += "\ncheckpoints: " + ", ".join(f"checkpoint-{s}" for s in plan["checkpoints"])
+        text += "\ncheckpoints: " + ", ".join(layout.checkpoint_name(s) for s in plan["checkpoints"])
     return text
 
 
@@ -86,7 +87,7 @@ def warmup(
         f"in {res.seconds:.0f}s -> {res.output_dir}"
     )
     for c in res.checkpoints:
-        con.print(f"  checkpoint-{c['step']}  epoch {c['epoch']}  lr_mean {c['lr_mean']:.6g}")
+        con.print(f"  {layout.checkpoint_name(c['step'])}  epoch {c['epoch']}  lr_mean {c['lr_mean']:.6g}")
     if line := truncation_line(res.truncation, "warmup subset"):
         con.print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -134,7 +135,8 @@ def finetune(
 
         train_file = selection_file(cfg, target, method)
         meta = {"target": target, "method": method}
-        name = name or f"{target}-{method}" + (f"-{Path(base_model).name}" if base_model else "")
+        auto = layout.transfer_model(target, base_model, selection=method) if base_model else None
+        name = name or auto or layout.finetune_name(target, method)
     if train_file is None:
         raise ConfigError("finetune needs --target NAME or --train-file FILE")
     name = name or data_stem(train_file)

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from lessctl import paths
 from lessctl.files import write_atomic
+from lessctl.outputs import layout as paths
 
 
 def results_path(output_dir: str | os.PathLike) -> Path:

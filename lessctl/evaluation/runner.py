@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lessctl import paths
 from lessctl.errors import MissingArtifactError
+from lessctl.outputs import layout as paths
 from lessctl.vocab import EVAL_TASKS
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def describe_model(
 ) -> ModelSpec:
     """Names a model folder: `base` for the workspace's base model, else the folder name.
 
-    method and target come from the folder's `lessctl_run.json` when it has one, else, for a
-    folder `<output_dir>/finetune/<target>-<method>`, from its name.
+    method and target come from the folder's `lessctl_run.json` (a folder name is never parsed for them:
+    `mmlu-random-seed4` could be read several ways).
     """
     p = Path(path).expanduser()
     if base_model is not None and (str(path) == BASE_NAME or _same(str(path), base_model)):
@@ -125,10 +125,6 @@ def describe_model(
             }
         except (json.JSONDecodeError, AttributeError):
             log.warning("%s is not a JSON object; ignoring it", run_file)
-    if (method is None or target is None) and output_dir is not None and "-" in name:
-        if _same(str(p.parent), str(paths.finetune_root(output_dir))):
-            t, _, m = name.rpartition("-")
-            target, method = target or t, method or m
     return ModelSpec(name, str(p), method, target, **models)
 
 

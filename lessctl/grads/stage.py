@@ -11,11 +11,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lessctl import __version__, paths
+from lessctl import __version__
 from lessctl.config import Config
 from lessctl.data.targets import _target_spec, load_target_examples
-from lessctl.errors import ConfigError
+from lessctl.errors import ConfigError, InputError
 from lessctl.files import source_sha256
+from lessctl.outputs import layout as paths
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,11 @@ def collect_gradients(
     results: list[StoreResult] = []
     logged: set[str] = set()  # data sets whose truncation was logged
 
+    widen = {} if force else _lacking_dims(sets, steps, dims, grads_dir, shard)
+    all_dims = sorted(set(dims).union(*widen.values()))
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
-        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results)
+        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results, widen)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)
@@ -212,7 +215,7 @@ def collect_gradients(
         merge = cfg.grads.merge and PerExampleGradients.can_merge(model)  # other adapters run unmerged
         peg = PerExampleGradients(model, merge=merge, compile=cfg.grads.compile)
         if not projectors:
-            for d in dims:
+            for d in all_dims:
                 projectors[d] = make_projector(
                     kind, peg.grad_dim, d, device, seed=cfg.grads.projection_seed, block_size=cfg.grads.block_size
                 )
@@ -225,9 +228,10 @@ def collect_gradients(
                 adam = load_adam_state(ckpt, peg.params, device)
             enc = ds.encode(cfg, tok)
             cut = truncation_report(enc, cfg, ds.name, shard, logged)
+            store_dims = widen.get((ds.name, step), sorted(set(dims)))
             collector = FeatureCollector(
                 peg,
-                projectors,
+                {d: projectors[d] for d in store_dims},
                 ds.grad_type,
                 adam if ds.grad_type == "adam" else None,
                 pad_id=tok.pad_token_id,
@@ -249,7 +253,7 @@ def collect_gradients(
             t0 = time.time()
             zero = 0
             with StoreWriter(
-                store_paths[ds.name], dims=dims, index=index, attrs=attrs, force=force, replace=ds.name in stale
+                store_paths[ds.name], dims=store_dims, index=index, attrs=attrs, force=force, replace=ds.name in stale
             ) as w:
                 done0 = w.rows_completed
                 status = "resumed" if done0 else "written"
@@ -321,17 +325,41 @@ def _store_attrs(
     }
 
 
-def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, results: list):
+def _lacking_dims(sets, steps, dims, grads_dir: Path, shard) -> dict[tuple[str, int], list[int]]:
+    """{(data set, step): the dims to write} for each complete store that lacks some of `dims`: it is rewritten
+    with the dims asked for and those it held, so that nothing it held is lost."""
+    from lessctl.grads.store.schema import complete_attrs, store_path
+
+    out = {}
+    for step in steps:
+        for ds in sets:
+            old = complete_attrs(store_path(grads_dir, ds.name, step, ds.grad_type, shard))
+            held = {int(d) for d in np.atleast_1d(old.get("dims"))} if old and old.get("dims") is not None else None
+            if held is not None and not set(dims) <= held:
+                out[(ds.name, step)] = sorted(held | set(dims))
+    return out
+
+
+def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, results: list, widen=None):
     """(data sets whose store at `step` must be written, the names among them whose complete store is stale);
-    a current complete store is appended to `results` as skipped."""
-    from lessctl.grads.store.schema import complete_attrs
+    a current complete store is appended to `results` as skipped. `widen` names the complete stores that lack
+    some of the dims asked for (`_lacking_dims`): they are stale too."""
+    from lessctl.grads.store.schema import complete_attrs, name_problem
 
     todo, stale = [], set()
     for ds in sets:
+        if not force and (why := name_problem(store_paths[ds.name])):
+            raise InputError(
+                f"gradient store {store_paths[ds.name]} {why}; remove it, or pass --force to recompute it in its place"
+            )
         if not force and (old := complete_attrs(store_paths[ds.name])) is not None:
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
             why = stale_reason(old, hashes[ds.name], run_id, ds.files[0])
+            if why is None and widen and (ds.name, step) in widen:
+                lack = sorted(set(widen[(ds.name, step)]) - {int(d) for d in np.atleast_1d(old.get("dims"))})
+                dims_now = ", ".join(map(str, widen[(ds.name, step)]))
+                why = f"it lacks dim {', '.join(map(str, lack))}; writing dims {dims_now}"
             if why is None:
                 res = StoreResult(store_paths[ds.name], ds.name, step, ds.grad_type, 0, "skipped")
                 res.truncation = truncation_from_attrs(old)

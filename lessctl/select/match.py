@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lessctl import paths
 from lessctl.config import Config
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
 from lessctl.files import write_atomic
+from lessctl.outputs import artifacts, provenance
+from lessctl.outputs import layout as paths
 from lessctl.select.baselines import BM25_PARAMS, bm25_scores, random_scores
 from lessctl.select.scores import Scored, check_compatible, check_rows, less_scores, normalize_weights
-from lessctl.vocab import METHODS
+from lessctl.vocab import CHECKPOINT_METHODS, METHODS, REPS_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,16 @@ def selection_dir(cfg: Config, target: str, method: str) -> Path:
 
 def selection_file(cfg: Config, target: str, method: str) -> Path:
     """The jsonl a selection wrote (named in its summary.json)."""
-    d = selection_dir(cfg, target, method)
-    summary = d / "summary.json"
-    if not summary.is_file():
+    found = artifacts.selection_jsonl(cfg.output_dir, target, method)
+    if found is None:
+        d = selection_dir(cfg, target, method)
+        damaged = paths.selection_summary(cfg.output_dir, target, method).exists()
+        what = "a readable selection" if damaged else "selection"
         raise MissingArtifactError(
-            f"no selection for target '{target}' with method '{method}' in {d}; run `lessctl match --target {target} "
-            f"--method {method}` first"
+            f"no {what} for target '{target}' with method '{method}' in {d}; run `lessctl match --target {target} "
+            f"--method {method}{' --force' if what != 'selection' else ''}` first"
         )
-    return d / json.loads(summary.read_text())["file"]
+    return found
 
 
 def _target_subtasks_and_prompts(cfg: Config, target: str) -> tuple[list[str], list[str]]:
@@ -117,9 +120,7 @@ def run_match(
 
     An existing selection there is replaced only with `force`; every check runs before anything is written.
     """
-    from lessctl.data.records import example_text, read_examples
-    from lessctl.grads.stage import data_sets
-    from lessctl.training import read_checkpoints, warmup_run_id
+    from lessctl.data.records import read_examples
 
     if method not in METHODS:
         raise ConfigError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -137,79 +138,26 @@ def run_match(
     if max_samples is None and not 0 < percentage <= 1:
         raise ConfigError(f"--percentage: must be in (0, 1], got {percentage}")
     out_dir = paths.selection_dir(cfg.output_dir, target, out_name or method)
+    reads_stores = method in CHECKPOINT_METHODS or method in REPS_METHODS
+    fingerprint = provenance.selection_fingerprint(
+        cfg,
+        target,
+        method,
+        ckpts=ckpts,
+        weights=weights,
+        percentage=percentage,
+        max_samples=max_samples,
+        train=train if train != list(files) else None,
+        dim=dim,
+        warmup_run=artifacts.warmup_run_id(cfg.output_dir) if reads_stores else None,
+    )
+    if method in CHECKPOINT_METHODS:  # the options are checked before any existing selection is looked at
+        less_checkpoints(cfg, ckpts, weights)
+    _refuse_existing(cfg, target, out_name or method, fingerprint, force)
     records = {n: read_examples(files[n]) for n in train}
     subtasks, prompts = _target_subtasks_and_prompts(cfg, target)
-    info: dict[str, Any] = {}
-
-    if method == "less":
-        manifest = read_checkpoints(cfg)
-        by_step = {c["step"]: c for c in manifest}
-        steps = list(ckpts) if ckpts else [c["step"] for c in manifest]
-        for s in steps:
-            if s not in by_step:
-                raise ConfigError(
-                    f"--ckpts: no checkpoint {s} in checkpoints.json (have: {', '.join(map(str, by_step))})"
-                )
-        if weights:
-            if len(weights) != len(steps):
-                raise ConfigError(f"--weights: {len(weights)} weights for {len(steps)} checkpoints")
-            w = normalize_weights(weights)
-        else:
-            w = normalize_weights([by_step[s]["lr_mean"] for s in steps])
-        dim = dim or max(cfg.grads.dims)
-        _refuse_existing(out_dir, force)
-        train_readers = _open_stores(cfg, train, steps, "adam")
-        target_readers = _open_stores(cfg, [target], steps, "sgd")[target]
-        try:
-            everything = [r for rs in train_readers.values() for r in rs] + target_readers
-            check_compatible(everything, dim)
-            for n, rs in train_readers.items():
-                if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
-                    raise InputError(
-                        f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
-                        f"the file changed: recompute with `lessctl grads --train {n}`"
-                    )
-            run_id = warmup_run_id(cfg)
-            for ds in data_sets(cfg, train, [target], None):
-                _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
-            if target_readers[0].n_rows != len(subtasks):
-                raise InputError(
-                    f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "
-                    f"examples; "
-                    f"recompute with `lessctl grads --target {target}`"
-                )
-            check_rows(target_readers, dim)
-            scored = less_scores(train_readers, target_readers, w, subtasks, dim, progress)
-        finally:
-            for r in [r for rs in train_readers.values() for r in rs] + target_readers:
-                r.close()
-        info = {
-            "checkpoints": steps,
-            "weights": [float(x) for x in w],
-            "dim": dim,
-            "projector": target_readers[0].projector,
-        }
-    elif method == "rds":
-        from lessctl.select.rds import rds_scores
-
-        n_examples = {n: len(recs) for n, recs in records.items()}
-        scored, info = rds_scores(
-            cfg, target, files, n_examples, subtasks, ckpts, weights=weights, dim=dim, progress=progress
-        )
-    elif method == "dsir":
-        from lessctl.select.dsir import dsir_scores, target_texts
-
-        texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
-        scored, info = dsir_scores(texts, target_texts(cfg, target), cfg.experiment.seed)
-    elif method == "bm25":
-        _refuse_existing(out_dir, force)
-        texts = {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in records.items()}
-        scored = bm25_scores(texts, prompts, subtasks)
-        info = {"bm25": dict(BM25_PARAMS)}
-    else:
-        _refuse_existing(out_dir, force)
-        scored = random_scores({n: [r.line for r in recs] for n, recs in records.items()}, cfg.experiment.seed)
-        info = {"seed": cfg.experiment.seed}
+    job = _Scoring(cfg, target, files, train, records, subtasks, prompts, ckpts, weights, dim, progress)
+    scored, info = SCORERS[method](job)
 
     total = len(scored.scores)
     k = n_selected(total, percentage, max_samples)
@@ -219,13 +167,13 @@ def run_match(
     k = min(k, total - unscored)  # rows without a score are never taken
     order = top_order(scored.scores)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fname = f"top_n{k}.jsonl" if max_samples is not None else f"top_p{percentage:g}.jsonl"
+    fname = paths.selection_file_name(percentage, max_samples, k)
     raw = {n: {r.line: r for r in recs} for n, recs in records.items()}
-    write_atomic(out_dir / "sorted.csv", _sorted_csv(scored, order))
     chosen = [raw[scored.names[i]][int(scored.index[i])] for i in order[:k]]
     write_atomic(out_dir / fname, "".join(r.raw + "\n" for r in chosen))
     sel_scores = scored.scores[order[:k]]
     summary = {
+        "id": artifacts.new_id(),
         "target": target,
         "method": method,
         "file": fname,
@@ -246,17 +194,139 @@ def run_match(
         "target_examples": len(subtasks),
         **info,
         "seconds": round(time.time() - t0, 3),
+        "fingerprint": fingerprint.to_dict(),
     }
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_atomic(out_dir / paths.SORTED_FILE, _sorted_csv(scored, order))
+    write_atomic(out_dir / paths.SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
     return SelectionResult(target, method, out_dir, out_dir / fname, k, total, summary, scored)
 
 
-def _refuse_existing(out_dir: Path, force: bool) -> None:
-    if (out_dir / "summary.json").exists() and not force:
-        raise AlreadyExistsError(
-            f"{out_dir} already holds a selection; pass --force to replace it (`lessctl run` then redoes the "
-            "finetune on it)"
-        )
+def _refuse_existing(cfg: Config, target: str, selection: str, now: provenance.Fingerprint, force: bool) -> None:
+    """One rule for every method: an existing selection is replaced only with `force`; the refusal says whether
+    it is current or what changed since it was made."""
+    out_dir = paths.selection_dir(cfg.output_dir, target, selection)
+    if force or not paths.selection_summary(cfg.output_dir, target, selection).exists():
+        return
+    state = artifacts.selection_state(cfg.output_dir, target, selection, now)
+    what = "this very selection (current)" if state.current else f"a selection made otherwise ({state.reason})"
+    raise AlreadyExistsError(
+        f"{out_dir} already holds {what}; pass --force to replace it (`lessctl run` then redoes the finetune on it)"
+    )
+
+
+@dataclass
+class _Scoring:
+    """What every method's scorer reads."""
+
+    cfg: Config
+    target: str
+    files: dict[str, Path]
+    train: list[str]
+    records: dict[str, list[Any]]
+    subtasks: list[str]
+    prompts: list[str]
+    ckpts: list[int] | None
+    weights: list[float] | None
+    dim: int | None
+    progress: Callable[[int, int], None] | None
+
+    def texts(self) -> dict[str, list[tuple[int, str]]]:
+        from lessctl.data.records import example_text
+
+        return {n: [(r.line, example_text(r.data)) for r in recs] for n, recs in self.records.items()}
+
+
+def less_checkpoints(cfg: Config, ckpts: list[int] | None, weights: list[float] | None) -> tuple[list[int], Any]:
+    """(checkpoint steps, normalized weights) of a LESS selection: every checkpoint weighted by its mean learning
+    rate unless --ckpts / --weights say otherwise; ConfigError naming the option."""
+    from lessctl.training import read_checkpoints
+
+    manifest = read_checkpoints(cfg)
+    by_step = {c["step"]: c for c in manifest}
+    steps = list(ckpts) if ckpts else [c["step"] for c in manifest]
+    for s in steps:
+        if s not in by_step:
+            raise ConfigError(f"--ckpts: no checkpoint {s} in checkpoints.json (have: {', '.join(map(str, by_step))})")
+    if weights:
+        if len(weights) != len(steps):
+            raise ConfigError(f"--weights: {len(weights)} weights for {len(steps)} checkpoints")
+        return steps, normalize_weights(weights)
+    return steps, normalize_weights([by_step[s]["lr_mean"] for s in steps])
+
+
+def _score_less(j: _Scoring) -> tuple[Scored, dict]:
+    from lessctl.grads.stage import data_sets
+    from lessctl.training import warmup_run_id
+
+    cfg, target, files, records, subtasks = j.cfg, j.target, j.files, j.records, j.subtasks
+    steps, w = less_checkpoints(cfg, j.ckpts, j.weights)
+    dim = j.dim or max(cfg.grads.dims)
+    train_readers = _open_stores(cfg, j.train, steps, "adam")
+    target_readers = _open_stores(cfg, [target], steps, "sgd")[target]
+    try:
+        everything = [r for rs in train_readers.values() for r in rs] + target_readers
+        check_compatible(everything, dim)
+        for n, rs in train_readers.items():
+            if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
+                raise InputError(
+                    f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
+                    f"the file changed: recompute with `lessctl grads --train {n}`"
+                )
+        run_id = warmup_run_id(cfg)
+        for ds in data_sets(cfg, j.train, [target], None):
+            _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
+        if target_readers[0].n_rows != len(subtasks):
+            raise InputError(
+                f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "
+                f"examples; recompute with `lessctl grads --target {target}`"
+            )
+        check_rows(target_readers, dim)
+        scored = less_scores(train_readers, target_readers, w, subtasks, dim, j.progress)
+    finally:
+        for r in [r for rs in train_readers.values() for r in rs] + target_readers:
+            r.close()
+    info = {
+        "checkpoints": steps,
+        "weights": [float(x) for x in w],
+        "dim": dim,
+        "projector": target_readers[0].projector,
+    }
+    return scored, info
+
+
+def _score_rds(j: _Scoring) -> tuple[Scored, dict]:
+    from lessctl.select.rds import rds_scores
+
+    n_examples = {n: len(recs) for n, recs in j.records.items()}
+    return rds_scores(
+        j.cfg, j.target, j.files, n_examples, j.subtasks, j.ckpts, weights=j.weights, dim=j.dim, progress=j.progress
+    )
+
+
+def _score_dsir(j: _Scoring) -> tuple[Scored, dict]:
+    from lessctl.select.dsir import dsir_scores, target_texts
+
+    return dsir_scores(j.texts(), target_texts(j.cfg, j.target), j.cfg.experiment.seed)
+
+
+def _score_bm25(j: _Scoring) -> tuple[Scored, dict]:
+    return bm25_scores(j.texts(), j.prompts, j.subtasks), {"bm25": dict(BM25_PARAMS)}
+
+
+def _score_random(j: _Scoring) -> tuple[Scored, dict]:
+    seed = j.cfg.experiment.seed
+    return random_scores({n: [r.line for r in recs] for n, recs in j.records.items()}, seed), {"seed": seed}
+
+
+# Every selection method's scorer, keyed by the vocabulary's methods (lessctl.vocab.METHODS).
+SCORERS: dict[str, Callable[[_Scoring], tuple[Scored, dict]]] = {
+    "less": _score_less,
+    "random": _score_random,
+    "bm25": _score_bm25,
+    "rds": _score_rds,
+    "dsir": _score_dsir,
+}
+assert set(SCORERS) == set(METHODS), "every method of lessctl.vocab.METHODS needs a scorer"
 
 
 def _check_source(ds: Any, readers: list[Any], run_id: str | None) -> None:

@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lessctl import paths
 from lessctl.config import Config
 from lessctl.errors import ConfigError, InputError, MissingArtifactError
+from lessctl.outputs import layout as paths
 from lessctl.select.scores import Scored, check_compatible, less_scores
 from lessctl.vocab import REPS
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from lessctl import paths
 from lessctl.errors import ConfigError
+from lessctl.outputs import layout as paths
 from lessctl.slurm.quoting import (
     _ARRAY,
     _COMMAND,

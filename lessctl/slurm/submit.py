@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from lessctl import paths
 from lessctl.config import closest
 from lessctl.errors import ConfigError, LessctlError, MissingArtifactError
 from lessctl.files import write_atomic
+from lessctl.outputs import layout as paths
 from lessctl.slurm.quoting import TASK
 from lessctl.slurm.render import log_dir, render_script, slurm_dir
 from lessctl.vocab import REPS, REPS_METHODS, STAGES
@@ -154,7 +154,7 @@ def plan_pipeline(
             for target, spec in cfg.data.targets.items():
                 if not isinstance(spec, str):
                     continue  # a custom target: nothing to evaluate it with
-                model = paths.finetune_dir(cfg.output_dir, f"{target}-{cfg.select.method}")
+                model = paths.finetune_dir(cfg.output_dir, paths.finetune_name(target, cfg.select.method))
                 after = (finetuned[f"finetune {target}"],) if f"finetune {target}" in finetuned else previous
                 specs.append(
                     JobSpec(

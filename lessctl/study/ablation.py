@@ -20,11 +20,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lessctl import __version__, paths
+from lessctl import __version__
 from lessctl.config import Config
 from lessctl.errors import AlreadyExistsError, ConfigError, MissingArtifactError
 from lessctl.evaluation.targets import BENCHMARK, TargetEval, run_target_eval, target_eval
 from lessctl.files import atomic_path, sha256_file, write_atomic
+from lessctl.outputs import layout as paths
 from lessctl.vocab import CHECKPOINT_METHODS
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,6 @@ HEATMAP_FILE = "ablation_overlap.png"
 
 
 # ----------------------------------------------------------------------------- subsets
-
-
-def subset_label(subset: Sequence[int]) -> str:
-    """'12' for checkpoints 1 and 2; positions joined by '+' once any has two digits ('1+10')."""
-    return ("+" if any(p > 9 for p in subset) else "").join(str(p) for p in subset)
 
 
 def default_subsets(n_ckpts: int) -> list[tuple[int, ...]]:
@@ -250,7 +246,7 @@ def run_ablation(
     if isinstance(subsets, str) or subsets is None:
         chosen = parse_subsets(subsets, len(manifest))
     else:
-        chosen = parse_subsets(",".join(subset_label(s) for s in subsets), len(manifest))
+        chosen = parse_subsets(",".join(paths.subset_label(s) for s in subsets), len(manifest))
     full = tuple(range(1, len(manifest) + 1))
     order = chosen + ([full] if full not in chosen else [])
     plan = target_eval(cfg, target)
@@ -268,7 +264,7 @@ def run_ablation(
     scored: dict[tuple[int, ...], Any] = {}
     if rank == 0:
         for subset in order:
-            label = subset_label(subset)
+            label = paths.subset_label(subset)
             cb = (lambda done, total, _l=label: progress(_l, done, total)) if progress else None
             res = run_match(
                 cfg,
@@ -277,7 +273,7 @@ def run_ablation(
                 ckpts=[steps_all[p - 1] for p in subset],
                 percentage=percentage,
                 dim=dim,
-                out_name=f"{method}-ckpt{label}",
+                out_name=paths.ablation_selection(subset, method),
                 force=True,  # the ablation's own selections, one per subset
                 progress=cb,
             )
@@ -310,7 +306,7 @@ def run_ablation(
             e["spearman"] = rank_correlation(scored[subset], scored[full])
         if finetune and force:  # removed once, here, so that no two ranks delete the same folder
             for subset in order:
-                shutil.rmtree(_finetune_dir(cfg, target, f"{method}-ckpt{subset_label(subset)}"), ignore_errors=True)
+                shutil.rmtree(_finetune_dir(cfg, target, paths.ablation_selection(subset, method)), ignore_errors=True)
     barrier()
 
     # 2. optional finetuning (every rank: the Trainer runs them as DDP), then evaluation (rank 0 alone)
@@ -318,7 +314,7 @@ def run_ablation(
         from lessctl.select.match import selection_file
 
         for i, subset in enumerate(order):
-            sel_name = f"{method}-ckpt{subset_label(subset)}"
+            sel_name = paths.ablation_selection(subset, method)
             ft = _finetune_subset(
                 cfg, target, sel_name, selection_file(cfg, target, sel_name), subset, device=device, on_log=on_log
             )
@@ -355,7 +351,7 @@ def run_ablation(
             {"position": i + 1, "step": c["step"], "epoch": c.get("epoch"), "lr_mean": c.get("lr_mean")}
             for i, c in enumerate(manifest)
         ],
-        "reference": subset_label(full),
+        "reference": paths.subset_label(full),
         "subsets": entries,
         "overlap_matrix": {"labels": labels, "jaccard": [[round(float(v), 6) for v in row] for row in matrix]},
         "heatmap": str(heatmap) if heatmap else None,
@@ -378,7 +374,7 @@ def _note_subset(summary_path: Path, subset: tuple[int, ...]) -> None:
 
 
 def _finetune_dir(cfg: Config, target: str, sel_name: str) -> Path:
-    return paths.finetune_dir(cfg.output_dir, f"{target}-{sel_name}")
+    return paths.finetune_dir(cfg.output_dir, paths.finetune_name(target, sel_name))
 
 
 def _finetune_subset(

@@ -125,21 +125,23 @@ def clock(seconds: float | None) -> str:
 
 def plan_rows(cfg: Config, stages: list[str], methods: list[str] | None, items: list[str] | None) -> dict:
     """The dry run: every job with what it waits for, done or to run, and its estimated GPU time."""
-    from lessctl.study.graph import describe, is_complete
+    from lessctl.study.graph import describe, plan_states
     from lessctl.study.pipeline import study_jobs
 
     jobs = study_jobs(cfg, stages, methods, items)
+    states = plan_states(cfg, jobs)
     pool = pool_size(cfg)
     rows, total, unknown = [], 0.0, 0
     for job in jobs:
-        done = is_complete(cfg, job)
+        state = states[job.key]
         seconds, how = estimate_seconds(cfg, job, pool)
-        status = "not applicable" if job.reason else "done" if done else "to run"
+        status = "not applicable" if job.reason else "done" if state.current else "to run"
+        why = "" if job.reason or state.current else f"{state.status}: {state.reason}"
         if status == "to run":
             total += seconds or 0.0
             unknown += seconds is None
-        rows.append({**describe(job), "status": status, "gpu_seconds": seconds, "gpu_time": clock(seconds),
-                     "estimate": how})  # fmt: skip
+        rows.append({**describe(job), "status": status, "why": why, "gpu_seconds": seconds,
+                     "gpu_time": clock(seconds), "estimate": how})  # fmt: skip
     return {
         "jobs": rows,
         "to_run": sum(r["status"] == "to run" for r in rows),

@@ -14,11 +14,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lessctl import paths
 from lessctl.config import Config
 from lessctl.evaluation.targets import RANKING, TargetEval, target_eval
 from lessctl.ir.evaluate import BM25_MODEL
-from lessctl.study.plan import Plan, random_selection, seed_run_config, transfer_name
+from lessctl.outputs import artifacts, provenance
+from lessctl.outputs import layout as paths
+from lessctl.outputs.artifacts import CURRENT, MISSING, STALE, State
+from lessctl.study.plan import Plan, seed_run_config
 from lessctl.vocab import CHECKPOINT_METHODS, REPS, REPS_METHODS, STAGES
 
 BASE = "base"
@@ -60,8 +62,6 @@ def _eval_fields(te: TargetEval, target: str) -> dict[str, Any]:
 
 def expand(cfg: Config, plan: Plan) -> list[Job]:
     """Every job of the plan, in stage order (each job after the jobs it waits for)."""
-    from lessctl.study.ablation import subset_label
-
     methods = plan.methods
     evals = {t: target_eval(cfg, t) for t in cfg.data.targets}  # read once: a custom eval_file's first record
     gradients = any(m in CHECKPOINT_METHODS for m in methods)
@@ -83,7 +83,7 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
         for method in methods:
             seeds = plan.random_seeds if method == "random" else (None,)
             for seed in seeds:
-                sel = random_selection(cfg, seed) if seed is not None else method
+                sel = paths.random_selection(seed, cfg.experiment.seed) if seed is not None else method
                 selections.append(
                     Job(
                         f"match {target}/{sel}",
@@ -97,18 +97,18 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
                 )
         if plan.uses_checkpoints:
             for subset in plan.ablation:
-                sel = f"less-ckpt{subset_label(subset)}"
+                sel = paths.ablation_selection(subset)
                 selections.append(
                     Job(f"match {target}/{sel}", "match", ("grads",), "ablation", target, sel, "less", subset=subset)
                 )
         jobs += selections
         for m in selections:
-            name = f"{target}-{m.selection}"
+            name = paths.finetune_name(target, m.selection)
             ft = dataclasses.replace(m, key=f"finetune {name}", stage="finetune", after=(m.key,), model=name)
             finetunes.append(ft)
         if plan.uses_checkpoints:
             for other in plan.transfer:
-                name = f"{target}-less-{transfer_name(other)}"
+                name = paths.transfer_model(target, other, plan.transfer)
                 finetunes.append(
                     Job(
                         f"finetune {name}",
@@ -156,7 +156,7 @@ def _seed_runs(cfg: Config, plan: Plan, jobs: list[Job]) -> list[Job]:
                 m = Job(f"{p}match {target}/{method}", "match", (p + "grads",), target=target, selection=method,
                         method=method, run_seed=s)  # fmt: skip
                 jobs.append(m)
-                name = f"{target}-{method}"
+                name = paths.finetune_name(target, method)
                 finetunes.append(dataclasses.replace(m, key=f"{p}finetune {name}", stage="finetune", after=(m.key,),
                                                      model=name))  # fmt: skip
     return finetunes
@@ -177,84 +177,126 @@ def only_stages(jobs: list[Job], stages: list[str]) -> list[Job]:
 # ----------------------------------------------------------------------------- completion
 
 
-def is_complete(cfg: Config, job: Job) -> bool:
-    """Whether the job's outputs are on disk and current (an eval older than its finetune is not)."""
+def job_state(cfg: Config, job: Job) -> State:
+    """Whether the job's artifact is on disk and current: its recorded fingerprint equals the one the job would
+    record now (lessctl.outputs.provenance); otherwise what is missing or what changed."""
     if job.reason:
-        return True
+        return State(CURRENT)
     cfg = job_config(cfg, job)
     out = cfg.output_dir
     if job.stage == "warmup":
-        return paths.checkpoints_file(out).is_file()
+        return artifacts.warmup_state(out, provenance.warmup_fingerprint(cfg))
     if job.stage == "grads":
-        return _grads_complete(cfg, job)
+        return _grads_state(cfg, job)
     if job.stage == "match":
-        return (paths.selection_dir(out, job.target, job.selection) / "summary.json").is_file()
+        now = match_fingerprint(cfg, job)
+        if now is None:
+            return State(MISSING, "the warmup's checkpoints.json is missing or damaged")
+        return artifacts.selection_state(out, job.target, job.selection, now)
     if job.stage == "finetune":
-        return finetune_state(cfg, job) == "complete"
-    from lessctl.evaluation.results import eval_json_path
-
-    result = eval_json_path(out, job.model, job.task)
-    if not result.is_file() or not _same_limit(result, cfg.eval.limit or None):
-        return False
-    trained = paths.finetune_dir(out, job.model) / "lessctl_run.json"
-    return job.model == BASE or not trained.is_file() or result.stat().st_mtime >= trained.stat().st_mtime
+        now = finetune_fingerprint(cfg, job)
+        if now is None:
+            return State(MISSING, f"no selection {job.target}/{job.selection}")
+        return artifacts.adapter_state(out, job.model, now)
+    return artifacts.eval_state(out, job.model, job.task, eval_fingerprint(cfg, job))
 
 
-def _same_limit(result, limit: int | None) -> bool:
-    """Whether a saved evaluation ran with `[eval] limit` as it is now (results that do not record one count)."""
-    import json
+def is_complete(cfg: Config, job: Job) -> bool:
+    """Whether the job's outputs are on disk and current."""
+    return job_state(cfg, job).current
 
-    try:
-        settings = json.loads(result.read_text()).get("settings") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return "limit" not in settings or settings["limit"] == limit
+
+def match_fingerprint(cfg: Config, job: Job) -> provenance.Fingerprint | None:
+    """The fingerprint a match job records (None: an ablation subset whose checkpoints cannot be read yet)."""
+    from lessctl.vocab import REPS_METHODS
+
+    ckpts = None
+    if job.subset:
+        steps = artifacts.checkpoint_steps(cfg.output_dir)
+        if steps is None or max(job.subset) > len(steps):
+            return None
+        ckpts = [steps[p - 1] for p in job.subset]
+    stores = job.method in CHECKPOINT_METHODS or job.method in REPS_METHODS
+    return provenance.selection_fingerprint(
+        cfg,
+        job.target,
+        job.method,
+        seed=job.seed,
+        ckpts=ckpts,
+        warmup_run=artifacts.warmup_run_id(cfg.output_dir) if stores else None,
+    )
+
+
+def finetune_fingerprint(cfg: Config, job: Job) -> provenance.Fingerprint | None:
+    """The fingerprint a finetune job records (None: its selection is not there yet)."""
+    if job.branch == FULL:
+        return provenance.adapter_fingerprint(cfg, None, pool=True)
+    jsonl = artifacts.selection_jsonl(cfg.output_dir, job.target, job.selection)
+    if jsonl is None:
+        return None
+    sid = artifacts.selection_id(cfg.output_dir, job.target, job.selection)
+    return provenance.adapter_fingerprint(cfg, jsonl, base_model=job.base_model, selection=sid)
+
+
+def plan_states(cfg: Config, jobs: list[Job]) -> dict[str, State]:
+    """Each job's state as `lessctl run` will find it when its turn comes: its own state, or stale when a job it
+    waits for is redone and gives it a new upstream id (a warmup, a selection, an adapter: every new one has a
+    new id). A gradient store redone changes a selection only through what the selection's own fingerprint
+    already holds (the sources, the warmup run), so after grads the job's own state stands."""
+    states: dict[str, State] = {}
+    stage = {j.key: j.stage for j in jobs}
+    for job in jobs:
+        state = job_state(cfg, job)
+        redone = [a for a in job.after if a in states and not states[a].current and stage[a] != "grads"]
+        if redone and state.current:
+            state = State(STALE, f"{redone[0]} runs first")
+        states[job.key] = state
+    return states
+
+
+def eval_fingerprint(cfg: Config, job: Job) -> provenance.Fingerprint:
+    """The fingerprint an eval job records: the eval settings, the eval file, the model's id."""
+    return provenance.eval_fingerprint(cfg, job.task, eval_file=job.eval_file, model=model_id(cfg, job.model))
+
+
+def model_id(cfg: Config, model: str) -> str | None:
+    """What an evaluation records of its model (lessctl.outputs.provenance.model_id)."""
+    return provenance.model_id(cfg, model, paths.finetune_dir(cfg.output_dir, model))
 
 
 def finetune_state(cfg: Config, job: Job) -> str:
-    """complete, stale (the selection changed since the adapter was trained) or missing."""
-    from lessctl.models import is_adapter_dir
-    from lessctl.training import adapter_is_stale
-
-    cfg = job_config(cfg, job)
-    out = paths.finetune_dir(cfg.output_dir, job.model)
-    if not is_adapter_dir(out):
-        return "missing"
-    if job.branch == FULL:  # stale when the pool file is not what it trained on, or a pool file is newer
-        pool = paths.full_pool_file(cfg.output_dir)
-        if not pool.is_file() or adapter_is_stale(out, pool):
-            return "stale"
-        newest = max((p.stat().st_mtime for p in cfg.train_files().values() if p.is_file()), default=0.0)
-        return "stale" if newest > pool.stat().st_mtime else "complete"
-    summary = paths.selection_dir(cfg.output_dir, job.target, job.selection) / "summary.json"
-    if not summary.is_file():
-        return "complete"
-    from lessctl.select.match import selection_file
-
-    return "stale" if adapter_is_stale(out, selection_file(cfg, job.target, job.selection)) else "complete"
+    """complete, stale (what it was trained from changed) or missing."""
+    state = job_state(cfg, job)
+    return "complete" if state.current else state.status
 
 
-def _grads_complete(cfg: Config, job: Job) -> bool:
-    import json
-
+def _grads_state(cfg: Config, job: Job) -> State:
+    from lessctl.grads.stage import data_sets, stale_reason
     from lessctl.grads.store.reader import list_stores
 
-    try:
-        steps = [c["step"] for c in json.loads(paths.checkpoints_file(cfg.output_dir).read_text())]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    steps = artifacts.checkpoint_steps(cfg.output_dir)
+    if steps is None:
+        return State(MISSING, "the warmup's checkpoints.json is missing or damaged")
     grads_dir = paths.grads_dir(cfg.output_dir)
     stores = {(s["name"], s["step"], s["grad_type"]): s for s in list_stores(grads_dir)} if grads_dir.is_dir() else {}
     if job.method == REPS:
-        wanted = [(n, steps[-1], REPS) for n in [*cfg.data.train, *cfg.data.targets]]
+        wanted = [(ds, steps[-1]) for ds in data_sets(cfg, None, None, REPS)]
     else:
-        wanted = [(n, s, "adam") for n in cfg.data.train for s in steps]
-        wanted += [(n, s, "sgd") for n in cfg.data.targets for s in steps]
+        wanted = [(ds, s) for ds in data_sets(cfg, None, None, None) for s in steps]
+    run_id = artifacts.warmup_run_id(cfg.output_dir)
     dims = set(cfg.grads.dims)
-    return all(
-        (s := stores.get(w)) is not None and s["complete"] and (job.method == REPS or dims <= set(s["dims"]))
-        for w in wanted
-    )
+    for ds, step in wanted:
+        name = paths.format_store_name(ds.name, step, ds.grad_type)
+        s = stores.get((ds.name, step, ds.grad_type))
+        if s is None or not s["complete"]:
+            return State(MISSING, f"no complete store {name}")
+        if job.method != REPS and not dims <= set(s["dims"]):
+            lack = ", ".join(str(d) for d in sorted(dims - set(s["dims"])))
+            return State(STALE, f"{name} lacks dim {lack}")
+        why = stale_reason(s.get("attrs") or {}, provenance.files_sha256(ds.files), run_id, ds.files[0])
+        if why:
+            return State(STALE, f"{name}: {why}")
+    return State(CURRENT)
 
 
 def stage_order(jobs: list[Job]) -> list[Job]:

@@ -7,11 +7,23 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lessctl import paths
 from lessctl.config import Config, closest
 from lessctl.errors import ConfigError
-from lessctl.study.graph import BASE, FULL, Job, expand, finetune_state, is_complete, job_config, only_stages
-from lessctl.study.plan import resolve_plan
+from lessctl.outputs import artifacts
+from lessctl.outputs import layout as paths
+from lessctl.outputs.artifacts import STALE
+from lessctl.study.graph import (
+    BASE,
+    FULL,
+    Job,
+    eval_fingerprint,
+    expand,
+    finetune_fingerprint,
+    job_config,
+    job_state,
+    only_stages,
+)
+from lessctl.study.plan import Plan, resolve_plan
 from lessctl.vocab import REPS, STAGES
 
 log = logging.getLogger(__name__)
@@ -47,13 +59,15 @@ def run_pipeline(
     items: list[str] | None = None,
     pick: int | None = None,
     progress: Any = None,
+    plan: Plan | None = None,
 ) -> list[StageReport]:
     """Runs the plan's jobs of the stages from `start` to `until` in order, skipping complete ones.
 
     methods replaces the plan's (`--methods`); items keeps only the jobs with these keys (`--items`), and
     pick only the pick-th of them (1-based: a Slurm array task's id). `progress` (the CLI's ProgressBar, or
     anything with its `update(completed=, advance=, total=, description=, status=, unit=)`) hears of every job
-    that does work: its key when it starts, then its training steps and loss, store rows or prompts.
+    that does work: its key when it starts, then its training steps and loss, store rows or prompts. `plan`
+    replaces the workspace's (`lessctl demo` runs its own).
     """
     from lessctl.models import resolve_device
 
@@ -63,7 +77,7 @@ def run_pipeline(
         if not items or not 1 <= pick <= len(items):
             raise ConfigError(f"--pick: {pick} is not one of the {len(items or [])} --items (1 to {len(items or [])})")
         items = [items[pick - 1]]
-    jobs = study_jobs(cfg, stages, methods, items)
+    jobs = study_jobs(cfg, stages, methods, items, plan)
     device = resolve_device(device) if device is not None else None  # a bad --device fails before any stage
     out: list[StageReport] = []
     for stage in stages:
@@ -74,10 +88,14 @@ def run_pipeline(
 
 
 def study_jobs(
-    cfg: Config, stages: list[str] | None = None, methods: list[str] | None = None, items: list[str] | None = None
+    cfg: Config,
+    stages: list[str] | None = None,
+    methods: list[str] | None = None,
+    items: list[str] | None = None,
+    plan: Plan | None = None,
 ) -> list[Job]:
     """The plan's jobs of these stages (all by default), or those named by `items`; ConfigError on a bad plan."""
-    jobs = expand(cfg, resolve_plan(cfg, methods))
+    jobs = expand(cfg, plan or resolve_plan(cfg, methods))
     if items:
         keys = {j.key for j in jobs}
         for k in items:
@@ -88,19 +106,21 @@ def study_jobs(
 
 
 def run_job(cfg: Config, job: Job, device: str | None, progress: Any = None) -> list[StageReport]:
-    """Runs one job unless it is complete; the reports of what it did (grads: one per store)."""
+    """Runs one job unless its artifact is current; a stale one is redone (its report says what changed).
+    The reports of what it did (grads: one per store)."""
     tell = _Told(progress, job)
     cfg = job_config(cfg, job)  # a further warmup run works in its own folder
     if job.reason:
         return [StageReport(job.stage, job.item, "not applicable", job.reason)]
-    if job.stage == "grads":  # collect_gradients skips complete stores itself, and recomputes stale ones
+    if job.stage == "grads":  # collect_gradients skips current stores itself, and recomputes stale ones
         return _grads(cfg, job, device, tell)
-    if job.stage == "finetune":
-        return [_finetune(cfg, job, device, tell)]
-    if is_complete(cfg, job):
-        why = {"warmup": "checkpoints.json exists", "match": "summary.json exists"}.get(job.stage, "result exists")
-        return [StageReport(job.stage, job.item, "skipped", why)]
-    return [_STAGE_FUNCS[job.stage](cfg, job, device, tell)]
+    state = job_state(cfg, job)
+    if state.current:
+        return [StageReport(job.stage, job.item, "skipped", "current")]
+    report = _STAGE_FUNCS[job.stage](cfg, job, device, tell, state.status == STALE)
+    if state.status == STALE:
+        report.detail = f"{report.detail}; stale: {state.reason}" if report.detail else f"stale: {state.reason}"
+    return [report]
 
 
 class _Told:
@@ -153,10 +173,10 @@ class _Told:
         return Counter()
 
 
-def _warmup(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
+def _warmup(cfg: Config, job: Job, device, tell: _Told, stale: bool) -> StageReport:
     from lessctl.training import run_warmup
 
-    res = run_warmup(cfg, device=device, on_log=tell.training())
+    res = run_warmup(cfg, device=device, on_log=tell.training(), force=stale)
     return StageReport("warmup", job.item, "done", f"{len(res.checkpoints)} checkpoints")
 
 
@@ -182,7 +202,7 @@ def _grads(cfg: Config, job: Job, device, tell: _Told) -> list[StageReport]:
     ]
 
 
-def _match(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
+def _match(cfg: Config, job: Job, device, tell: _Told, stale: bool) -> StageReport:
     from lessctl.select.match import run_match
     from lessctl.training import read_checkpoints
 
@@ -192,48 +212,42 @@ def _match(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
     if job.subset:
         steps = [c["step"] for c in read_checkpoints(cfg)]
         ckpts = [steps[p - 1] for p in job.subset]
-    res = run_match(run_cfg, job.target, method=job.method, ckpts=ckpts, out_name=job.selection)
+    res = run_match(run_cfg, job.target, method=job.method, ckpts=ckpts, out_name=job.selection, force=stale)
     return StageReport("match", job.item, "done", f"{res.n_selected} of {res.total}")
 
 
-def _finetune(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
+def _finetune(cfg: Config, job: Job, device, tell: _Told, stale: bool) -> StageReport:
     from lessctl.select.match import selection_file
     from lessctl.training import run_finetune
 
+    fingerprint = finetune_fingerprint(cfg, job)
     if job.branch == FULL:  # the whole pool, written to one file (kept as it is when the pool did not change)
         from lessctl.data.pool import write_pool_file
 
         pool = write_pool_file(cfg.train_files(), paths.full_pool_file(cfg.output_dir))
-        state = finetune_state(cfg, job)  # against the file just written
-        if state == "complete":
-            return StageReport("finetune", job.item, "skipped", "adapter exists")
-        run_finetune(
-            cfg, pool, FULL, meta={"method": FULL}, device=device, force=state != "missing", on_log=tell.training()
-        )
+        run_finetune(cfg, pool, FULL, meta={"method": FULL}, fingerprint=fingerprint, device=device, force=stale,
+                     on_log=tell.training())  # fmt: skip
         return StageReport("finetune", job.item, "done", "the whole pool")
-    state = finetune_state(cfg, job)
-    if state == "complete":
-        return StageReport("finetune", job.item, "skipped", "adapter exists")
     selection = selection_file(cfg, job.target, job.selection)  # names `lessctl match` when it is missing
     meta = {"target": job.target, "method": job.selection if job.subset else job.method}
     meta |= {"seed": job.seed} if job.seed is not None else {}
     meta |= {"checkpoint_positions": list(job.subset)} if job.subset else {}
     meta |= {"transfer": True} if job.base_model else {}
-    stale = state == "stale"
     run_finetune(
         cfg,
         selection,
         job.model,
         base_model=job.base_model,
         meta=meta,
+        fingerprint=fingerprint,
         device=device,
         force=stale,
         on_log=tell.training(),
     )
-    return StageReport("finetune", job.item, "done", "the selection changed since the last finetune" * stale)
+    return StageReport("finetune", job.item, "done")
 
 
-def _eval(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
+def _eval(cfg: Config, job: Job, device, tell: _Told, stale: bool) -> StageReport:
     from lessctl.evaluation.runner import describe_model
     from lessctl.evaluation.targets import run_target_eval, target_eval
     from lessctl.ir.evaluate import BM25_MODEL
@@ -244,8 +258,10 @@ def _eval(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
         model_spec = describe_model(BASE, base_model=cfg.model_ref())
     else:
         model_spec = describe_model(paths.finetune_dir(cfg.output_dir, job.model), output_dir=cfg.output_dir)
+    fingerprint = eval_fingerprint(cfg, job)  # of the model as it is before the evaluation reads it
     res = run_target_eval(cfg, target_eval(cfg, job.target), model_spec, device=device, progress=tell.counter())
+    artifacts.stamp(res.path, fingerprint)
     return StageReport("eval", job.item, "done", f"{res.record['metric']} {res.record['score']}")
 
 
-_STAGE_FUNCS = {"warmup": _warmup, "match": _match, "eval": _eval}
+_STAGE_FUNCS = {"warmup": _warmup, "match": _match, "finetune": _finetune, "eval": _eval}

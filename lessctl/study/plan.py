@@ -12,7 +12,6 @@ no ablation, transfer or base evaluation: what `lessctl run` did before plans ex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lessctl.errors import ConfigError
@@ -142,11 +141,6 @@ class Plan:
         return any(m in CHECKPOINT_METHODS for m in self.methods)
 
 
-def random_selection(cfg: Config, seed: int) -> str:
-    """The selection folder of one random draw: `random` for [experiment] seed (what `lessctl match` writes)."""
-    return "random" if seed == cfg.experiment.seed else f"random-seed{seed}"
-
-
 def resolve_plan(cfg: Config, methods: Sequence[str] | None = None, check_models: bool = True) -> Plan:
     """The plan of this workspace; `methods` (`--methods`) replaces `[study] methods`.
 
@@ -178,19 +172,16 @@ def seed_run_config(cfg: Config, seed: int | None) -> Config:
     seed and data_seed s; `cfg` itself for the workspace's own run (seed None) and for the run's own config."""
     import dataclasses
 
-    if seed is None or Path(cfg.experiment.output_dir).name == f"warmup-seed{seed}":  # None, or already its own
+    from lessctl.outputs import layout
+
+    if seed is None or layout.is_seed_run_dir(cfg.experiment.output_dir, seed):  # None, or already its own
         return cfg
-    out = str(Path(cfg.experiment.output_dir) / f"warmup-seed{seed}")
+    out = str(layout.seed_run_dir(cfg.experiment.output_dir, seed))
     return dataclasses.replace(
         cfg,
         experiment=dataclasses.replace(cfg.experiment, output_dir=out),
         warmup=dataclasses.replace(cfg.warmup, seed=seed, data_seed=seed),
     )
-
-
-def transfer_name(model: str) -> str:
-    """The suffix of a transfer finetune's folder: the model folder's name (`lessctl finetune --base-model`'s)."""
-    return Path(model).name
 
 
 def _check_model(cfg: Config, model: str) -> None:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lessctl import paths
 from lessctl.config import Config
 from lessctl.errors import ConfigError, MissingArtifactError
 from lessctl.evaluation.results import read_results
 from lessctl.files import atomic_path, write_atomic
+from lessctl.outputs import layout as paths
 from lessctl.select.match import SUMMARY_KEYS, read_sorted_csv
 from lessctl.study.ablation import HEATMAP_FILE
 from lessctl.vocab import METHODS

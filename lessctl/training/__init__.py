@@ -18,7 +18,6 @@ from lessctl.training.loop import (
     world_size,
 )
 from lessctl.training.runs import (
-    adapter_is_stale,
     checkpoint_dir,
     checkpoints_path,
     read_checkpoints,
@@ -35,7 +34,6 @@ __all__ = [
     "RUN_FILE",
     "TrainResult",
     "accumulation_steps",
-    "adapter_is_stale",
     "checkpoint_dir",
     "checkpoints_path",
     "read_checkpoints",

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lessctl import paths
 from lessctl.config import Config, TrainConfig
 from lessctl.distributed import world_size
 from lessctl.errors import ConfigError, InputError
 from lessctl.files import write_atomic
+from lessctl.outputs import layout as paths
 from lessctl.training import varlen as attention
 from lessctl.training.trainers import PackingCollator, trainer_class
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 LR_FILE = "lessctl_lrs.json"  # per-step learning rates so far, saved in every checkpoint
 LOG_FILE = "log_history.jsonl"  # loss, learning rate, ... of every logged step, in the run folder
 MANIFEST = paths.CHECKPOINTS_FILE
-RUN_FILE = "lessctl_run.json"
+RUN_FILE = paths.RUN_FILE
 
 
 @dataclass
@@ -42,12 +42,10 @@ class TrainResult:
 def _complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoint folders whose save finished (our LR file is written after the Trainer's files)."""
     found = []
-    for d in out.glob("checkpoint-*"):
-        if d.is_dir() and (d / LR_FILE).is_file() and (d / "trainer_state.json").is_file():
-            try:
-                found.append((int(d.name.split("-")[1]), d))
-            except ValueError:
-                continue
+    for d in out.glob(paths.CHECKPOINT_PREFIX + "*"):
+        step = paths.checkpoint_step(d)
+        if step is not None and d.is_dir() and (d / LR_FILE).is_file() and (d / "trainer_state.json").is_file():
+            found.append((step, d))
     return [d for _, d in sorted(found)]
 
 
@@ -62,7 +60,7 @@ def _lr_callback(history: list[float], output_dir: Path):
                 history.append(float(optimizer.param_groups[0]["lr"]))
 
         def on_save(self, args, state, control, **kw):
-            d = output_dir / f"checkpoint-{state.global_step}"
+            d = paths.checkpoint_dir_in(output_dir, state.global_step)
             if state.is_world_process_zero and d.is_dir():  # the checkpoint is rank 0's too
                 write_atomic(d / LR_FILE, json.dumps({"lrs": history[: state.global_step], "epoch": state.epoch}))
 

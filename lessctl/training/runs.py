@@ -8,19 +8,23 @@ learning rates the optimizer actually used in that epoch's steps (LESS's checkpo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
-import uuid
 from pathlib import Path
 
-from lessctl import __version__, paths
+from lessctl import __version__
 from lessctl.config import Config
 from lessctl.data.records import data_stem
 from lessctl.distributed import barrier, is_main
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
 from lessctl.files import replace_dir, sha256_file, write_atomic
+from lessctl.outputs import artifacts, provenance
+from lessctl.outputs import layout as paths
 from lessctl.training.loop import MANIFEST, RUN_FILE, TrainResult, train_lora
+
+log = logging.getLogger(__name__)
 
 
 def warmup_dir(cfg: Config) -> Path:
@@ -79,8 +83,11 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
             f"\"dolly.jsonl\"}}"
         )
     if (out / MANIFEST).is_file() and not force:
-        raise AlreadyExistsError(f"warmup is already complete in {out}; pass --force to train it again")
+        state = artifacts.warmup_state(cfg.output_dir, provenance.warmup_fingerprint(cfg))
+        now = "and current" if state.current else f"but made from other inputs ({state.reason})"
+        raise AlreadyExistsError(f"warmup is already complete in {out} {now}; pass --force to train it again")
     if not (force and out.exists()):
+        _check_resume(cfg, out)
         return _warmup_into(cfg, files, out, device, on_log)
     staging = out.with_name(out.name + ".new")
     _clear(staging)
@@ -92,6 +99,25 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
     _move_into_place(staging, out)
     res.output_dir = out
     return res
+
+
+def _check_resume(cfg: Config, out: Path) -> None:
+    """An interrupted warmup resumes only under the settings and data it started with: ConfigError naming what
+    changed otherwise (its checkpoints would mix two runs)."""
+    from lessctl.training.loop import _complete_checkpoints
+
+    if not out.is_dir() or not _complete_checkpoints(out):
+        return
+    rec = artifacts.read_record(out / RUN_FILE)
+    if rec is None:
+        log.warning("%s: resuming an interrupted warmup that has no record of its settings", out)
+        return
+    diff = provenance.changes(rec.get("fingerprint"), provenance.warmup_fingerprint(cfg))
+    if diff:
+        raise ConfigError(
+            f"{out} holds an interrupted warmup started with other settings or data ({'; '.join(diff)}); resuming "
+            "would mix two runs: restore the settings to resume, or pass --force to train it again from the start"
+        )
 
 
 def _clear(staging: Path) -> None:
@@ -109,12 +135,19 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on_log) -> TrainResult:
+    fingerprint = provenance.warmup_fingerprint(cfg).to_dict()
+    started = artifacts.read_record(out / RUN_FILE) or {}  # a resumed run keeps its id
+    run_id = started.get("run_id") if started.get("fingerprint") == fingerprint else None
+    run_id = run_id or artifacts.new_id()
+    if is_main():  # the settings are on record before the first step, so a resume can be checked against them
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run_file(out, cfg, {"kind": "warmup", "run_id": run_id, "complete": False, "fingerprint": fingerprint})
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
     barrier()  # every rank's last step is done (rank 0 saved the checkpoints)
     if is_main():  # one writer: ranks sharing `<file>.part` would rename each other's file away
         write_atomic(out / MANIFEST, json.dumps(res.checkpoints, indent=2))
-        run = {"kind": "warmup", "run_id": uuid.uuid4().hex, "counts": res.counts, "seconds": res.seconds}
-        run["truncation"] = res.truncation
+        run = {"kind": "warmup", "run_id": run_id, "complete": True, "fingerprint": fingerprint}
+        run |= {"counts": res.counts, "seconds": res.seconds, "truncation": res.truncation}
         _write_run_file(out, cfg, run)
     barrier()
     return res
@@ -122,10 +155,7 @@ def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on
 
 def warmup_run_id(cfg: Config) -> str | None:
     """The id of the warmup run whose checkpoints are in warmup/ (stores record it); None before ids existed."""
-    try:
-        return json.loads((warmup_dir(cfg) / RUN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return artifacts.warmup_run_id(cfg.output_dir)
 
 
 def run_finetune(
@@ -135,29 +165,34 @@ def run_finetune(
     *,
     base_model: str | None = None,
     meta: dict | None = None,
+    fingerprint: provenance.Fingerprint | None = None,
     force: bool = False,
     device: str | None = None,
     on_log=None,
 ) -> TrainResult:
     """`lessctl finetune`: a fresh LoRA on `train_file` (all of it by default) into finetune/<name>/.
 
-    The adapter is trained in `<name>.new/` and moved into place when complete, so a failed or interrupted
-    run (`--force` included) leaves an existing adapter as it was.
+    `fingerprint` is what made the adapter (default: the finetune settings, the base model and the file);
+    the run record keeps it. The adapter is trained in `<name>.new/` and moved into place when complete, so a
+    failed or interrupted run (`--force` included) leaves an existing adapter as it was.
     """
     from lessctl.models import resolve_device
 
     device = resolve_device(device)
     if not name or "/" in name or name in (".", "..") or name.endswith(".new"):
         raise ConfigError(f"--name: {name!r} is not a folder name (no '/', not '.', '..' or ending in .new)")
-    out = paths.finetune_dir(cfg.output_dir, name)
-    if (out / "adapter_config.json").is_file() and not force:
-        raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
     if not Path(train_file).is_file():
         raise MissingArtifactError(f"{train_file}: no such training file")
+    fingerprint = fingerprint or provenance.adapter_fingerprint(cfg, train_file, base_model=base_model)
+    out = paths.finetune_dir(cfg.output_dir, name)
+    if artifacts.is_adapter_dir(out) and not force:
+        state = artifacts.adapter_state(cfg.output_dir, name, fingerprint)
+        now = "(current)" if state.current else f"made from other inputs ({state.reason})"
+        raise AlreadyExistsError(f"{out} already holds a finetuned adapter {now}; pass --force to train it again")
     staging = out.with_name(out.name + ".new")
     _clear(staging)
     try:
-        res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log)
+        res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log, fingerprint)
     except BaseException:
         _clear(staging)
         raise
@@ -166,7 +201,7 @@ def run_finetune(
     return res
 
 
-def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, device, on_log) -> TrainResult:
+def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, device, on_log, fingerprint):
     res = train_lora(
         cfg,
         cfg.finetune,
@@ -187,6 +222,8 @@ def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, d
         cfg,
         {
             "kind": "finetune",
+            "run_id": artifacts.new_id(),
+            "fingerprint": fingerprint.to_dict(),
             "train_file": str(train_file),
             "train_file_sha256": sha256_file(train_file),
             "base_model": base,
@@ -204,16 +241,3 @@ def _finetune_into(cfg: Config, train_file: Path, out: Path, base_model, meta, d
 def _write_run_file(out: Path, cfg: Config, extra: dict) -> None:
     rec = {"lessctl_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "config": cfg.to_dict()}
     write_atomic(out / RUN_FILE, json.dumps(rec, indent=2, default=str))
-
-
-def adapter_is_stale(adapter_dir: Path, train_file: Path) -> bool:
-    """True when `train_file` (a selection) is not the file the adapter in `adapter_dir` was trained on:
-    its sha256 differs from the recorded one (runs without the record: the file is newer than the run)."""
-    run = Path(adapter_dir) / RUN_FILE
-    try:
-        recorded = json.loads(run.read_text()).get("train_file_sha256")
-    except (OSError, ValueError):
-        return True
-    if recorded:
-        return recorded != sha256_file(train_file)
-    return Path(train_file).stat().st_mtime > run.stat().st_mtime

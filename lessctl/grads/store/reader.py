@@ -208,6 +208,7 @@ def list_stores(grads_dir: Path) -> list[dict]:
         _scan(grads_dir).items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0)
     ):
         done, total, dims, kind, complete = 0, None, [], None, True
+        a: dict = {}
         for p in by_k.values():
             try:
                 with _open_read(p) as f:
@@ -236,6 +237,7 @@ def list_stores(grads_dir: Path) -> list[dict]:
                 num_shards=n or 1,
                 missing_shards=missing,
                 paths=[str(p) for _, p in sorted(by_k.items())],
+                attrs=a,
             )
         )
     return out

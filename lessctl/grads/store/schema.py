@@ -11,6 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from lessctl.outputs.layout import format_store_name, parse_store_name
 from lessctl.vocab import FEATURE_TYPES
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,7 @@ _RESUME_KEYS = ("grad_type", "step", "base_model", "n_rows", "row_start", "total
 NUMERIC_KEYS = ("batch_tokens", "merge", "compile", "max_seq_length", "chat_format", "warmup_run")
 # Attributes (besides projector_* and dims) that must agree between the shards of one store.
 _SHARD_KEYS = ("format_version", "grad_type", "step", "base_model", "source_sha256", "total_rows", "num_shards")
-_NAME_RE = re.compile(
-    rf"^(?P<name>.+)-ckpt(?P<step>\d+)-(?P<type>{'|'.join(FEATURE_TYPES)})"
-    r"(?:-shard(?P<k>\d+)of(?P<n>\d+))?\.h5(?:\.part)?$"
-)
 _DIM_RE = re.compile(r"^dim(\d+)$")
-
-
-def format_store_name(name: str, step: int, grad_type: str, shard: tuple[int, int] | None = None) -> str:
-    """The file name of a store: `<name>-ckpt<step>-<type>[-shard<K>of<N>].h5`."""
-    if grad_type not in FEATURE_TYPES or not name or "/" in name or (shard and not 1 <= shard[0] <= shard[1]):
-        raise ValueError(f"no store name for name={name!r}, grad_type={grad_type!r}, shard={shard!r}")
-    return f"{name}-ckpt{int(step)}-{grad_type}" + (f"-shard{shard[0]}of{shard[1]}" if shard else "") + ".h5"
 
 
 def store_path(grads_dir: Path, name: str, step: int, grad_type: str, shard: tuple[int, int] | None = None) -> Path:
@@ -66,15 +56,6 @@ def store_path(grads_dir: Path, name: str, step: int, grad_type: str, shard: tup
 def part_path(path: Path) -> Path:
     """The `.part` file a store is written into until it is complete."""
     return Path(path).with_name(Path(path).name + ".part")
-
-
-def parse_store_name(filename: str) -> tuple[str, int, str, tuple[int, int] | None] | None:
-    """(name, step, grad_type, (K, N) or None) from a store file name (`.part` allowed); None if not a store."""
-    m = _NAME_RE.match(Path(filename).name)
-    shard = (int(m["k"]), int(m["n"])) if m and m["k"] else None
-    if m is None or (shard and not 1 <= shard[0] <= shard[1]):
-        return None
-    return m["name"], int(m["step"]), m["type"], shard
 
 
 def _py(v: Any) -> Any:
@@ -126,6 +107,24 @@ def complete_attrs(path: Path) -> dict | None:
     return a
 
 
+def _name_mismatch(path: Path, a: dict) -> str | None:
+    """A store whose attributes name another data set, checkpoint or type than its file name (renamed or copied)."""
+    parsed = parse_store_name(Path(path).name)
+    for key, named in zip(("dataset", "step", "grad_type"), parsed or ()):
+        if key in a and a[key] != named:
+            return f"records {key} {a[key]!r} but its name says {named!r} (renamed or copied from another store?)"
+    return None
+
+
+def name_problem(path: Path) -> str | None:
+    """`_name_mismatch` of a store file on disk (None when it is not there or cannot be read)."""
+    try:
+        with _open_read(Path(path)) as f:
+            return _name_mismatch(path, _read_attrs(f))
+    except OSError:
+        return None
+
+
 def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_values: bool) -> list[str]:
     """Schema problems of one open file, then (check_values) the values of its first rows_completed rows."""
     a = _read_attrs(f)
@@ -148,6 +147,8 @@ def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_va
         )
         if bad
     ]
+    if mismatch := _name_mismatch(path, a):
+        problems.append(mismatch)
     idx, dims = f.get("index"), _dims_of(f)
     if not isinstance(idx, h5py.Dataset) or idx.dtype != np.int64 or idx.shape != (n,):
         problems.append(f"index must be int64 [{n}]")
