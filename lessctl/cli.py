@@ -80,6 +80,7 @@ USER_ERRNOS = {
     errno.EEXIST,
 }
 
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
     _register()
