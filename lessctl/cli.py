@@ -15,6 +15,7 @@ import typer
 
 from lessctl import __version__
 from lessctl.commands._common import STATE
+from lessctl.commands._options import spread_values
 from lessctl.errors import LessctlError, log_handler
 
 app = typer.Typer(
@@ -79,34 +80,6 @@ USER_ERRNOS = {
     errno.EEXIST,
 }
 
-# Options that take several values: `--dims 64 128` is read as `--dims 64 --dims 128`.
-MULTI_VALUE_OPTIONS = {"--dims", "--ckpt", "--ckpts", "--weights", "--train", "--target", "--methods", "--items"}
-
-
-def _is_number(tok: str) -> bool:
-    try:
-        float(tok)
-    except ValueError:
-        return False
-    return True
-
-
-def expand_multi_values(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    current: str | None = None
-    for tok in argv:
-        if tok == "--":
-            current = None
-            out.append(tok)
-        elif tok.startswith("-") and not _is_number(tok):  # `--weights -1 1`: -1 is a value
-            current = tok if tok in MULTI_VALUE_OPTIONS else None
-            out.append(tok)
-        elif current is not None and out and out[-1] != current:
-            out.extend([current, tok])
-        else:
-            out.append(tok)
-    return out
-
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns user errors into one `error:` line and exit code 2."""
@@ -114,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     _catch_ctrl_c()
     _one_voice()
     given = list(sys.argv[1:] if argv is None else argv)
-    argv = expand_multi_values(given)
     try:
-        app(args=argv, prog_name="lessctl")
+        command = typer.main.get_command(app)  # built once: it reads the command line, then runs it
+        command(args=spread_values(command, given), prog_name="lessctl")
     except LessctlError as exc:
         if STATE.debug:
             raise

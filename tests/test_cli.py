@@ -202,3 +202,117 @@ def test_flags_show_no_value_placeholder(cli):
             if "<bool>" in ln and not re.search(r"--(help|install-completion|show-completion)\b", ln)
         ]
         assert not flagged, (args, flagged)
+
+
+# --------------------------------------------------------------------------- options that take several values
+
+
+def _leaf_commands():
+    import typer
+
+    from lessctl.cli import _register, app
+    from lessctl.commands._options import leaf_commands
+
+    _register()
+    return leaf_commands(typer.main.get_command(app))
+
+
+def test_readme_lists_every_multi_value_option():
+    """README's list of options that take several values is what the commands declare (list-typed options)."""
+    from lessctl.commands._options import multi_value_options, takes_bare_words
+
+    declared = {path: set(multi_value_options(c)) for path, c in _leaf_commands().items()}
+    declared = {path: opts for path, opts in declared.items() if opts}
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    paragraph = text.split("Options that take several values", 1)[1].split("\n\n", 1)[0]
+    listed = {
+        m.group(1).strip(): set(m.group(2).split())
+        for m in re.finditer(r"`((?:[a-z]+ )+)(--[a-z-]+(?: --[a-z-]+)*)`", paragraph)
+    }
+    assert listed == declared
+    assert {"grads", "match", "eval", "run"} <= set(declared)
+    # a bare word after such an option's values would be ambiguous on a command with positional arguments
+    assert not [p for p in declared if takes_bare_words(_leaf_commands()[p])]
+
+
+def test_several_values_after_one_option(tiny_ws, cli):
+    cfg = ("--config", tiny_ws / CONFIG_NAME)
+    r = cli(*cfg, "match", "--target", "arithmetic", "sorting", "--method", "random", "bm25", "--json")
+    assert r.code == 0, r
+    pairs = [(s["target"], s["method"]) for s in json.loads(r.out)["selections"]]
+    assert pairs == [("arithmetic", "random"), ("arithmetic", "bm25"), ("sorting", "random"), ("sorting", "bm25")]
+    # the two spellings are the same; `--opt=a b` too
+    r = cli(*cfg, "match", "--target=antonyms", "--method", "random", "--train", "synth_b", "--json")
+    assert r.code == 0, r
+    assert set(json.loads(r.out)["selections"][0]["by_train_set"]) == {"synth_b"}
+    for train in (["synth_a", "synth_b"], ["synth_a", "--train", "synth_b"]):
+        r = cli(*cfg, "match", "--target", "antonyms", "--method", "random", "--train", train[0], *train[1:], "--force",
+                "--json")  # fmt: skip
+        assert r.code == 0, r
+        assert set(json.loads(r.out)["selections"][0]["by_train_set"]) == {"synth_a", "synth_b"}
+    # run: several methods and several items
+    r = cli(*cfg, "run", "--dry-run", "--until", "match", "--methods", "random", "bm25", "--json")
+    assert r.code == 0, r
+    keys = {j["key"] for j in json.loads(r.out)["jobs"]}
+    assert {"match sorting/random", "match sorting/bm25"} <= keys and not any("/less" in k for k in keys)
+    r = cli(*cfg, "run", "--dry-run", "--methods", "random", "bm25", "--items", "match sorting/bm25",
+            "match antonyms/bm25", "--json")  # fmt: skip
+    assert r.code == 0, r
+    assert {j["key"] for j in json.loads(r.out)["jobs"]} == {"match sorting/bm25", "match antonyms/bm25"}
+    # eval and results read every task given after one --task
+    assert_user_error(cli(*cfg, "eval", "--task", "mmlu", "nope"), "--task", "'nope'")
+    assert_user_error(cli(*cfg, "results", "--task", "mmlu", "bbh"), "--task", "'mmlu', 'bbh'")
+
+
+def test_grads_takes_several_checkpoints_dims_and_targets(tiny_ws, cli):
+    cfg = ("--config", tiny_ws / CONFIG_NAME)
+    steps = [str(c["step"]) for c in json.loads((tiny_ws / "out" / "warmup" / "checkpoints.json").read_text())]
+    assert len(steps) == 2
+    r = cli(*cfg, "grads", "--ckpt", *steps, "--dims", "64", "128", "--target", "arithmetic", "sorting",
+            "--projector", "basic", "--device", "cpu", "--json")  # fmt: skip
+    assert r.code == 0, r
+    stores = json.loads(r.out)["stores"]
+    assert {(s["name"], str(s["step"])) for s in stores} == {(t, s) for t in ("arithmetic", "sorting") for s in steps}
+    r = cli(*cfg, "store", "ls", "--json")
+    assert r.code == 0, r
+    assert {tuple(s["dims"]) for s in json.loads(r.out)["stores"]} == {(64, 128)}
+    # store verify's paths are positional arguments: several, none mistaken for an option's value
+    paths = [s["store"] for s in stores]
+    r = cli(*cfg, "store", "verify", *paths, "--json")
+    assert r.code == 0, r
+    assert set(json.loads(r.out)["stores"]) == set(paths)
+    # a negative number is a value, not an option
+    assert_user_error(cli(*cfg, "grads", "--ckpt", steps[0], "-5", "--json"), "--ckpt: no checkpoint -5")
+
+
+@pytest.mark.parametrize(
+    "args, option, values, command",
+    [
+        (["finetune", "--target", "mmlu", "bbh"], "--target", "'mmlu', 'bbh'", "lessctl finetune"),
+        (["finetune", "--target", "sorting", "--method", "less", "bm25"], "--method", "'less', 'bm25'", "finetune"),
+        (["ablate", "--target", "mmlu", "bbh", "--finetune"], "--target", "'mmlu', 'bbh'", "lessctl ablate"),
+        (["eval", "--task", "mmlu", "--model", "a", "b"], "--model", "'a', 'b'", "lessctl eval"),
+        (["match", "--target", "sorting", "--percentage", "0.1", "-0.2"], "--percentage", "'0.1', '-0.2'", "match"),
+        (["grads", "--ckpt-index=1", "2"], "--ckpt-index", "'1', '2'", "lessctl grads"),
+        (["slurm", "render", "finetune", "--target", "mmlu", "tydiqa"], "--target", "'mmlu', 'tydiqa'", "finetune"),
+    ],
+    ids=["finetune-target", "finetune-method", "ablate-target", "eval-model", "negative", "equals", "slurm-render"],
+)
+def test_a_single_valued_option_refuses_several(tiny_ws, cli, args, option, values, command):
+    line = assert_user_error(cli("--config", tiny_ws / CONFIG_NAME, *args), f"{option}: takes one value, got {values}")
+    assert f"{command} takes one {option}" in line
+    assert not (tiny_ws / "out" / "finetune").exists() and not (tiny_ws / "out" / "ablate").exists()
+
+
+def test_double_dash_ends_the_values(tiny_ws, cli):
+    cfg = ("--config", tiny_ws / CONFIG_NAME)
+    r = cli(*cfg, "match", "--method", "random", "--target", "sorting", "--", "antonyms")
+    assert r.code == 2 and "antonyms" in r.err and "takes one value" not in r.err, r
+    assert not (tiny_ws / "out" / "selected").exists()
+    r = cli(*cfg, "finetune", "--target", "mmlu", "bbh", "--help")  # help wins, as it does for any bad option
+    assert r.code == 0 and "--target" in r.out, r
+    # slurm render passes the stage's options on as given; the job's lessctl reads them
+    r = cli(*cfg, "slurm", "render", "grads", "--ckpt", "105", "106", "--dims", "64", "128", "--time", "1:00:00")
+    assert r.code == 0, r
+    assert re.search(r" grads --ckpt 105 106 --dims 64 128\n", r.out), r.out
+    assert "#SBATCH --time=1:00:00" in r.out

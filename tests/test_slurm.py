@@ -271,8 +271,8 @@ def test_render_command_passes_stage_options_through(cli, tmp_path):
     )
     assert r.code == 0, r
     assert "#SBATCH --time=1:00:00" in r.out and '#SBATCH --job-name="my job"' in r.out
-    # (cli.main reads `--dims 8192 4096` as `--dims 8192 --dims 4096` before render sees it: the same to grads)
-    assert r.out.rstrip().endswith("grads --ckpt 105 --dims 8192 --dims 4096 --projector=basic")
+    # the stage's options as given: the job's lessctl reads `--dims 8192 4096` as grads declares --dims
+    assert r.out.rstrip().endswith("grads --ckpt 105 --dims 8192 4096 --projector=basic")
     assert (tmp_path / "ws" / "out" / "slurm" / "logs").is_dir()
     # after --, even render's own option names go to the stage
     r = cli("--config", path, "slurm", "render", "grads", "--", "--time", "x")

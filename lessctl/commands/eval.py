@@ -8,14 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from lessctl.commands._common import BarCallback, JsonOpt, ProgressBar, emit_json, err_console, load_config, print_table
+from lessctl.vocab import EVAL_TASKS, spelled
 
 COLUMNS = ["model", "method", "target", "task", "metric", "score", "n", "seconds"]
 
 
 def eval_(
-    task: Annotated[
-        Optional[list[str]], typer.Option("--task", help="mmlu, bbh or tydiqa (repeat for several).")
-    ] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help=f"{spelled(EVAL_TASKS)} (one or more).")] = None,
     model: Annotated[
         Optional[str],
         typer.Option(
@@ -51,14 +50,14 @@ def eval_(
 ) -> None:
     """Evaluate models on MMLU (accuracy), BBH (exact match) or TydiQA (F1); results go to eval/ and results.jsonl."""
     from lessctl.errors import ConfigError
-    from lessctl.evaluation.runner import EVAL_TASKS, check_data, models_to_evaluate, run_evaluation, task_options
+    from lessctl.evaluation.runner import check_data, models_to_evaluate, run_evaluation, task_options
     from lessctl.models import load_model_for_eval, resolve_device
     from lessctl.outputs import artifacts, provenance
     from lessctl.outputs.provenance import model_id
 
     tasks = list(dict.fromkeys(task or []))
     if not tasks:
-        raise ConfigError(f"eval needs --task ({', '.join(EVAL_TASKS)}; repeat it for several)")
+        raise ConfigError(f"eval needs --task ({', '.join(EVAL_TASKS)}; several: --task mmlu bbh)")
     for t in tasks:
         if t not in EVAL_TASKS:
             raise ConfigError(f"--task: unknown task {t!r}; expected one of {', '.join(EVAL_TASKS)}")

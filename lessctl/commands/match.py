@@ -32,7 +32,7 @@ def match(
     ] = None,
     method: Annotated[
         Optional[list[str]],
-        typer.Option("--method", autocompletion=complete_methods, help=f"{spelled(METHODS)} (repeat for several)."),
+        typer.Option("--method", autocompletion=complete_methods, help=f"{spelled(METHODS)} (one or more)."),
     ] = None,
     ckpts: Annotated[
         Optional[list[int]],

@@ -13,10 +13,8 @@ COLUMNS = ["model", "method", "target", "score", "n", "limit", "time", "version"
 
 
 def results(
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these tasks (repeat for several).")] = None,
-    model: Annotated[
-        Optional[list[str]], typer.Option("--model", help="Only these model names (repeat for several).")
-    ] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these tasks (one or more).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Only these model names (one or more).")] = None,
     study: Annotated[
         bool,
         typer.Option(

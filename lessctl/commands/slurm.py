@@ -98,6 +98,10 @@ def render(
     known = _known_commands()
     if known is not None and stage not in known:
         raise ConfigError(f"STAGE: unknown lessctl command '{stage}'{closest(stage, sorted(known), list_all=False)}")
+    if _MAIN_APP is not None:  # `finetune --target a b` is refused now, not in the job
+        from lessctl.commands._options import spread_values
+
+        spread_values(typer.main.get_command(_MAIN_APP), [stage, *stage_args])
     task_args: list[str] = []
     if shards is not None:
         if stage != "grads":
