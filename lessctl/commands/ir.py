@@ -130,8 +130,8 @@ def eval_(
     """Rerank the eval queries' candidates with a model (or BM25): NDCG@5, MRR@5 and malformed answers."""
     from lessctl.config import load_config
     from lessctl.errors import ConfigError
+    from lessctl.evaluation.ranking import read_eval_file, run_ir_evaluation
     from lessctl.evaluation.runner import models_to_evaluate
-    from lessctl.ir.evaluate import read_eval_file, run_ir_evaluation
 
     if bm25 and model is not None:
         raise ConfigError("--bm25 scores the first stage without a model; leave out --model")

@@ -16,8 +16,8 @@ from typing import Any
 
 from lessctl import paths
 from lessctl.config import Config
+from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.evaluation.targets import RANKING, TargetEval, target_eval
-from lessctl.ir.evaluate import BM25_MODEL
 from lessctl.study.plan import Plan, random_selection, seed_run_config, transfer_name
 from lessctl.vocab import CHECKPOINT_METHODS, REPS, REPS_METHODS, STAGES
 

@@ -234,9 +234,9 @@ def _finetune(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
 
 
 def _eval(cfg: Config, job: Job, device, tell: _Told) -> StageReport:
+    from lessctl.evaluation.ranking import BM25_MODEL
     from lessctl.evaluation.runner import describe_model
     from lessctl.evaluation.targets import run_target_eval, target_eval
-    from lessctl.ir.evaluate import BM25_MODEL
 
     if job.model == BM25_MODEL:  # a reranking target's first stage: the order any reranker must beat
         model_spec = None
