@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lessctl.config_study import StudyConfig, study_problems
 from lessctl.errors import ConfigError
-from lessctl.study.plan import StudyConfig, study_problems
 from lessctl.vocab import (
     BUILTIN_TARGETS,
     CHAT_FORMATS,
@@ -392,7 +392,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, p
     cfg = Config(**built, path=path, given=frozenset(sections))
     if not problems:
         _validate_values(cfg, label, problems)
-        problems += study_problems(cfg, label)
+        problems += study_problems(cfg.study, cfg.warmup.epochs, label)
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg

@@ -468,7 +468,7 @@ def test_stores_without_truncation_attributes_still_read(tiny_grads_ws, cli):
 
 
 def test_ir_eval_file_in_every_format(tmp_path):
-    from lessctl.ir.evaluate import dataset_name, read_eval_file
+    from lessctl.evaluation.ranking import dataset_name, read_eval_file
 
     rows = [
         {

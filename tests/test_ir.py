@@ -13,9 +13,7 @@ import pytest
 
 from lessctl.data.records import read_jsonl
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError
-from lessctl.ir.beir import read_collection, read_qrels
-from lessctl.ir.bm25 import BM25Index, bm25_tokens, top_k
-from lessctl.ir.evaluate import (
+from lessctl.evaluation.ranking import (
     ParsedRanking,
     evaluate_bm25,
     mrr_at_k,
@@ -25,6 +23,8 @@ from lessctl.ir.evaluate import (
     score_answers,
     score_ranking,
 )
+from lessctl.ir.beir import read_collection, read_qrels
+from lessctl.ir.bm25 import BM25Index, bm25_tokens, top_k
 from lessctl.ir.prepare import prepare_ir
 from lessctl.ir.prompts import build_prompt
 
@@ -471,7 +471,7 @@ def test_study_of_a_reranking_workspace_scores_ndcg(ws, tmp_path, cli):
     ir-<collection>), scores each target's BM25 first stage beside the base model, and `results` shows it."""
     import shutil
 
-    from lessctl.ir.evaluate import evaluate_bm25
+    from lessctl.evaluation.ranking import evaluate_bm25
 
     w = tmp_path / "w"
     shutil.copytree(ws, w, symlinks=True)

@@ -53,7 +53,7 @@ def eval_(
     from lessctl.evaluation.runner import check_data, models_to_evaluate, run_evaluation, task_options
     from lessctl.models import load_model_for_eval, resolve_device
     from lessctl.outputs import artifacts, provenance
-    from lessctl.outputs.provenance import model_id
+    from lessctl.outputs.artifacts import model_id
 
     tasks = list(dict.fromkeys(task or []))
     if not tasks:

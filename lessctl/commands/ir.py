@@ -131,8 +131,8 @@ def eval_(
     """Rerank the eval queries' candidates with a model (or BM25): NDCG@5, MRR@5 and malformed answers."""
     from lessctl.config import load_config
     from lessctl.errors import ConfigError
+    from lessctl.evaluation.ranking import read_eval_file, run_ir_evaluation
     from lessctl.evaluation.runner import models_to_evaluate
-    from lessctl.ir.evaluate import read_eval_file, run_ir_evaluation
     from lessctl.outputs import artifacts, provenance
 
     if bm25 and model is not None:
@@ -159,7 +159,7 @@ def eval_(
             dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, limit=limit or 0)),
             "",
             eval_file=dataset,
-            model=provenance.model_id(cfg, label, spec.path if spec else None),
+            model=artifacts.model_id(cfg, label, spec.path if spec else None),
         )
         with ProgressBar(f"ir {label}", unit="queries", quiet=json_out) as bar:
             progress = None if spec is None else BarCallback(bar)

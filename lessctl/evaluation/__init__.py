@@ -1,1 +1,1 @@
-"""Evaluation of models on MMLU, BBH and TydiQA (and custom jsonl tasks): harnesses, metrics, the runner."""
+"""Evaluation of models on MMLU, BBH and TydiQA (and custom jsonl tasks, reranking): harnesses, metrics, the runner."""

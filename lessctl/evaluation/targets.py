@@ -39,7 +39,7 @@ def target_eval(cfg: Config, target: str) -> TargetEval:
     path = cfg.resolve(spec["eval_file"])
     first = _first_record(path)
     if first is not None and "candidates" in first:
-        from lessctl.ir.evaluate import dataset_name, task_name
+        from lessctl.evaluation.ranking import dataset_name, task_name
 
         return TargetEval(task_name(dataset_name(path, [first])), RANKING, path)
     return TargetEval(target, ANSWERS, path)
@@ -72,7 +72,7 @@ def run_target_eval(
         **extra,
     }
     if te.kind == RANKING:
-        from lessctl.ir.evaluate import run_ir_evaluation
+        from lessctl.evaluation.ranking import run_ir_evaluation
 
         return run_ir_evaluation(spec, te.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts)
     if te.kind == ANSWERS:

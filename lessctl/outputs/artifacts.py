@@ -18,10 +18,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lessctl.outputs import layout
+from lessctl.outputs import layout, provenance
 from lessctl.outputs.provenance import Fingerprint, changes
+
+if TYPE_CHECKING:
+    from lessctl.config import Config
 
 CURRENT, MISSING, STALE = "current", "missing", "stale"
 
@@ -187,3 +190,13 @@ def headline_score(result: dict) -> float | None:
 def new_id() -> str:
     """A fresh artifact id."""
     return os.urandom(16).hex()
+
+
+def model_id(cfg: Config, name: str, path: str | os.PathLike | None) -> str | None:
+    """What an evaluation records of the model it scored: the base model's name, `bm25` (a first-stage order),
+    or an adapter's run id (None for a folder lessctl did not train)."""
+    if name == "base":
+        return provenance.base_model_id(cfg)
+    if name == "bm25":
+        return "bm25"
+    return adapter_id(path) if path else None

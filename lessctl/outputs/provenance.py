@@ -268,15 +268,3 @@ def eval_fingerprint(cfg: Config, task: str, *, eval_file: str | os.PathLike | N
 
 def base_model_id(cfg: Config) -> str:
     return f"base {cfg.model.name_or_path}"
-
-
-def model_id(cfg: Config, name: str, path: str | os.PathLike | None) -> str | None:
-    """What an evaluation records of the model it scored: the base model's name, `bm25` (a first-stage order),
-    or an adapter's run id (None for a folder lessctl did not train)."""
-    from lessctl.outputs.artifacts import adapter_id
-
-    if name == "base":
-        return base_model_id(cfg)
-    if name == "bm25":
-        return "bm25"
-    return adapter_id(path) if path else None

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from lessctl.config import Config
 from lessctl.errors import ConfigError
-from lessctl.ir.evaluate import BM25_MODEL
+from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.slurm.quoting import TASK
 from lessctl.slurm.submit import JobSpec
 from lessctl.study.graph import BASE, Job, is_complete

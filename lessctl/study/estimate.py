@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lessctl.config import Config
-from lessctl.ir.evaluate import BM25_MODEL
+from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.study.graph import Job
 
 BBH_TASKS = 27  # BBH's tasks (LESS's eval/bbh/bbh/*.json)

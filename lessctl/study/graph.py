@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lessctl.config import Config
+from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.evaluation.targets import RANKING, TargetEval, target_eval
-from lessctl.ir.evaluate import BM25_MODEL
 from lessctl.outputs import artifacts, provenance
 from lessctl.outputs import layout as paths
 from lessctl.outputs.artifacts import CURRENT, MISSING, STALE, State
@@ -261,7 +261,7 @@ def eval_fingerprint(cfg: Config, job: Job) -> provenance.Fingerprint:
 
 def model_id(cfg: Config, model: str) -> str | None:
     """What an evaluation records of its model (lessctl.outputs.provenance.model_id)."""
-    return provenance.model_id(cfg, model, paths.finetune_dir(cfg.output_dir, model))
+    return artifacts.model_id(cfg, model, paths.finetune_dir(cfg.output_dir, model))
 
 
 def finetune_state(cfg: Config, job: Job) -> str:

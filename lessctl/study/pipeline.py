@@ -248,9 +248,9 @@ def _finetune(cfg: Config, job: Job, device, tell: _Told, stale: bool) -> StageR
 
 
 def _eval(cfg: Config, job: Job, device, tell: _Told, stale: bool) -> StageReport:
+    from lessctl.evaluation.ranking import BM25_MODEL
     from lessctl.evaluation.runner import describe_model
     from lessctl.evaluation.targets import run_target_eval, target_eval
-    from lessctl.ir.evaluate import BM25_MODEL
 
     if job.model == BM25_MODEL:  # a reranking target's first stage: the order any reranker must beat
         model_spec = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.config import Config
-from lessctl.ir.evaluate import BM25_MODEL
+from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.study.graph import BASE, FULL, expand, job_config
 from lessctl.study.plan import resolve_plan
 

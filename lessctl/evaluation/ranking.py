@@ -5,6 +5,9 @@ messages (user prompt, gold ranking) and its candidates ({label, doc_id, grade, 
 model's answer is generated greedily from the same chat format as training. An answer that does not
 name every identifier exactly once (or names an unknown one) is malformed: it scores 0 and stays in
 the averages. Scores are fractions here; results report percentages like the other tasks.
+
+It lives in evaluation/ (not ir/) because it reads only the files `lessctl ir prepare` writes, so ir/ (BEIR data
+-> prompts, BM25 first stage) and evaluation/ import nothing of each other.
 """
 
 from __future__ import annotations
