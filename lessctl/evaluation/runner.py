@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 HEADLINE = {"mmlu": "accuracy", "bbh": "exact_match", "tydiqa": "f1"}
-RUN_FILE = "lessctl_run.json"  # written by `lessctl finetune` into its output folder
+RUN_FILE = paths.RUN_FILE  # written by `lessctl finetune` into its output folder
 BASE_NAME = "base"
 
 

@@ -30,6 +30,7 @@ RESULTS_FILE = "results.jsonl"
 RUN_FILE = "lessctl_run.json"  # a warmup's or finetune's run record (settings, counts, provenance)
 SUMMARY_FILE = "summary.json"  # a selection's record
 SORTED_FILE = "sorted.csv"  # a selection's every pool row by score
+STAGING_SUFFIX = ".new"  # a training run's folder while it trains (moved into place when complete)
 
 
 def warmup_dir(output_dir: Folder) -> Path:
@@ -150,6 +151,11 @@ def transfer_model(target: str, model: str, models: Sequence[str] = (), selectio
     """The finetune folder of a target's selection trained on another base model (LESS-T):
     `<target>-<selection>-<model's short name>`, unique among the study's `models`."""
     return finetune_name(target, f"{selection}-{transfer_names([*models, model])[model]}")
+
+
+def staging_dir(folder: Folder) -> Path:
+    """Where a warmup or finetune is trained before it replaces `folder` (lessctl's own name beside it)."""
+    return Path(folder).with_name(Path(folder).name + STAGING_SUFFIX)
 
 
 def finetune_dir(output_dir: Folder, name: str) -> Path:

@@ -277,7 +277,7 @@ def run_ablation(
                 force=True,  # the ablation's own selections, one per subset
                 progress=cb,
             )
-            _note_subset(res.out_dir / "summary.json", subset)
+            _note_subset(res.out_dir / paths.SUMMARY_FILE, subset)
             scored[subset] = res.scored
             keys.append(set(selected_keys(res.scored, res.n_selected)))
             s = res.summary

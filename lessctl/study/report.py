@@ -46,12 +46,12 @@ def _selections(cfg: Config) -> dict[str, dict[str, _Selection]]:
     out: dict[str, dict[str, _Selection]] = {}
     for tdir in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
         methods = sorted(
-            (d for d in tdir.iterdir() if (d / "summary.json").is_file() and (d / "sorted.csv").is_file()),
+            (d for d in tdir.iterdir() if (d / paths.SUMMARY_FILE).is_file() and (d / paths.SORTED_FILE).is_file()),
             key=lambda d: (METHODS.index(d.name) if d.name in METHODS else len(METHODS), d.name),
         )
         for d in methods:
-            summary = json.loads((d / "summary.json").read_text())
-            rows = read_sorted_csv(d / "sorted.csv")
+            summary = json.loads((d / paths.SUMMARY_FILE).read_text())
+            rows = read_sorted_csv(d / paths.SORTED_FILE)
             k = int(summary.get("selected", 0))
             sel = _Selection(d.name, summary, [r[2] for r in rows], {(r[0], r[1]) for r in rows[:k]})
             out.setdefault(tdir.name, {})[d.name] = sel

@@ -8,14 +8,16 @@ table shows exactly the study's runs, whatever else results.jsonl holds.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from lessctl.config import Config
 from lessctl.evaluation.ranking import BM25_MODEL
-from lessctl.study.graph import BASE, FULL, expand, job_config
+from lessctl.outputs import artifacts
+from lessctl.outputs.artifacts import STALE
+from lessctl.outputs.layout import transfer_names
+from lessctl.study.graph import BASE, FULL, Job, expand, job_config, plan_states
 from lessctl.study.plan import resolve_plan
 
 # LESS.md section 8 (Xia et al., 2024, Table 2 and 3): 5% of the pool, the mean of 3 runs.
@@ -37,23 +39,19 @@ def paper_model(name_or_path: str) -> str | None:
     return next((v for k, v in _MODEL_KEYS.items() if name.startswith(k)), None)
 
 
-def read_score(cfg: Config, model: str, task: str) -> float | None:
-    """The headline score of eval/<model>/<task>.json (its `metric`, else its first key), or None."""
-    from lessctl.evaluation.results import eval_json_path
+def read_score(cfg: Config, model: str, task: str, current: bool = True) -> float | None:
+    """The headline score of eval/<model>/<task>.json, or None (no result, or `current` False: a stale one)."""
+    from lessctl.outputs import artifacts
 
-    path = eval_json_path(cfg.output_dir, model, task)
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    value = saved.get(saved.get("metric") or next(iter(saved), ""))
-    return float(value) if isinstance(value, (int, float)) else None
+    rec = artifacts.eval_record(cfg.output_dir, model, task)
+    return artifacts.headline_score(rec) if rec is not None and current else None
 
 
-def _summary(scores: list[float | None]) -> dict[str, Any]:
-    """A cell: one score, or the mean and standard deviation of several draws (n: how many are evaluated)."""
+def _summary(scores: list[float | None], stale: int = 0) -> dict[str, Any]:
+    """A cell: one score, or the mean and standard deviation of several draws (n: how many are evaluated and
+    current; stale: how many have a result older than what it claims to come from, left out of the score)."""
     got = [s for s in scores if s is not None]
-    cell: dict[str, Any] = {"score": None, "n": len(got), "of": len(scores)}
+    cell: dict[str, Any] = {"score": None, "n": len(got), "of": len(scores), "stale": stale}
     if got:
         mean = sum(got) / len(got)
         cell["score"] = round(mean, 4)
@@ -67,7 +65,19 @@ def _summary(scores: list[float | None]) -> dict[str, Any]:
 def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, Any]:
     """The study's tables as one dict (`lessctl results --study --json`)."""
     plan = resolve_plan(cfg, methods, check_models=False)
-    evals = [j for j in expand(cfg, plan) if j.stage == "eval" and not j.reason]
+    jobs = expand(cfg, plan)
+    states = plan_states(cfg, jobs)  # a result is shown only while it is current
+    evals = [j for j in jobs if j.stage == "eval" and not j.reason]
+
+    def cell(cells: list[Job]) -> dict[str, Any]:
+        scores = [read_score(job_config(cfg, j), j.model, j.task, states[j.key].current) for j in cells]
+        stale = sum(
+            states[j.key].status == STALE
+            and artifacts.eval_record(job_config(cfg, j).output_dir, j.model, j.task) is not None
+            for j in cells
+        )
+        return _summary(scores, stale)
+
     who = paper_model(cfg.model.name_or_path)
     paper = PAPER.get(who or "", {})
     main: dict[str, dict] = {}
@@ -80,27 +90,28 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
         task = mine[0].task
         row: dict[str, Any] = {"task": task, "methods": {}, "paper": {}}
         if plan.base:
-            row["base"] = _summary([read_score(cfg, BASE, task)])
+            row["base"] = cell([j for j in mine if j.model == BASE])
         if any(j.model == BM25_MODEL for j in mine):  # a reranking target: the BM25 order it reranks
-            row["first_stage"] = _summary([read_score(cfg, BM25_MODEL, task)])
+            row["first_stage"] = cell([j for j in mine if j.model == BM25_MODEL])
         for m in plan.methods:
             cells = [j for j in mine if j.branch == "main" and j.method == m]
             # random: its draws; less with [study] warmup_seeds: its runs, each in its own folder
-            row["methods"][m] = _summary([read_score(job_config(cfg, j), j.model, task) for j in cells])
+            row["methods"][m] = cell(cells)
             if task in paper.get(m, {}):
                 row["paper"][m] = paper[m][task]
         if plan.full:
-            row["full"] = _summary([read_score(cfg, FULL, task)])
+            row["full"] = cell([j for j in mine if j.model == FULL])
         if task in paper.get("full", {}):
             row["paper"]["full"] = paper["full"][task]
         main[target] = row
         subsets = [j for j in mine if j.branch == "ablation"]
         if subsets:
-            cells = {j.selection: _summary([read_score(cfg, j.model, task)]) for j in subsets}
+            cells = {j.selection: cell([j]) for j in subsets}
             ablation[target] = {"task": task, "all": row["methods"].get("less"), "subsets": cells}
         others = [j for j in mine if j.branch == "transfer"]
         if others:
-            cells = {Path(j.base_model).name: _summary([read_score(cfg, j.model, task)]) for j in others}
+            names = transfer_names([j.base_model for j in others])
+            cells = {names[j.base_model]: cell([j]) for j in others}
             transfer[target] = {"task": task, "selection_model": row["methods"].get("less"), "models": cells}
     return {
         "model": cfg.model.name_or_path,
@@ -118,12 +129,14 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
 def cell_text(cell: dict | None) -> str:
     """'41.20', '38.10 ± 1.20' (mean ± standard deviation of the draws; '(2/3)' when some are missing), '-'."""
     if not cell or cell.get("score") is None:
-        return "-"
+        return f"- ({cell['stale']} stale)" if cell and cell.get("stale") else "-"
     text = f"{cell['score']:.2f}"
     if "spread" in cell:
         text += f" ± {cell['spread']:.2f}"
     if cell["n"] < cell["of"]:
         text += f" ({cell['n']}/{cell['of']})"
+    if cell.get("stale"):
+        text += f" ({cell['stale']} stale)"
     return text
 
 

@@ -89,7 +89,7 @@ def run_warmup(cfg: Config, *, force: bool = False, device: str | None = None, o
     if not (force and out.exists()):
         _check_resume(cfg, out)
         return _warmup_into(cfg, files, out, device, on_log)
-    staging = out.with_name(out.name + ".new")
+    staging = paths.staging_dir(out)
     _clear(staging)
     try:
         res = _warmup_into(cfg, files, staging, device, on_log)
@@ -179,7 +179,7 @@ def run_finetune(
     from lessctl.models import resolve_device
 
     device = resolve_device(device)
-    if not name or "/" in name or name in (".", "..") or name.endswith(".new"):
+    if not name or "/" in name or name in (".", "..") or name.endswith(paths.STAGING_SUFFIX):
         raise ConfigError(f"--name: {name!r} is not a folder name (no '/', not '.', '..' or ending in .new)")
     if not Path(train_file).is_file():
         raise MissingArtifactError(f"{train_file}: no such training file")
@@ -189,7 +189,7 @@ def run_finetune(
         state = artifacts.adapter_state(cfg.output_dir, name, fingerprint)
         now = "(current)" if state.current else f"made from other inputs ({state.reason})"
         raise AlreadyExistsError(f"{out} already holds a finetuned adapter {now}; pass --force to train it again")
-    staging = out.with_name(out.name + ".new")
+    staging = paths.staging_dir(out)
     _clear(staging)
     try:
         res = _finetune_into(cfg, Path(train_file), staging, base_model, meta, device, on_log, fingerprint)
