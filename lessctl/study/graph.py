@@ -244,13 +244,15 @@ def plan_states(cfg: Config, jobs: list[Job]) -> dict[str, State]:
     new id). A gradient store redone changes a selection only through what the selection's own fingerprint
     already holds (the sources, the warmup run), so after grads the job's own state stands."""
     states: dict[str, State] = {}
-    stage = {j.key: j.stage for j in jobs}
+    renewed: set[str] = set()  # jobs that will give what follows them a new upstream id
     for job in jobs:
         state = job_state(cfg, job)
-        redone = [a for a in job.after if a in states and not states[a].current and stage[a] != "grads"]
+        redone = [a for a in job.after if a in renewed]
         if redone and state.current:
             state = State(STALE, f"{redone[0]} runs first")
         states[job.key] = state
+        if not state.current and (job.stage != "grads" or redone):  # stores keep the ids of what made them
+            renewed.add(job.key)
     return states
 
 
