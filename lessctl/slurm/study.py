@@ -21,19 +21,17 @@ from lessctl.errors import ConfigError
 from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.slurm.quoting import TASK
 from lessctl.slurm.submit import JobSpec
-from lessctl.study.graph import BASE, Job, is_complete
+from lessctl.study.graph import BASE, Job, plan_states
 from lessctl.vocab import REPS, STAGES
 
 UNTRAINED = (BASE, BM25_MODEL)  # evaluations that wait for no finetune: the base model, a BM25 first stage
 
 
 def pending_jobs(cfg: Config, jobs: list[Job]) -> list[Job]:
-    """The jobs not complete on disk, and every job after one of them (it must run again once that one has)."""
-    pending: set[str] = set()
-    for j in jobs:  # in stage order: what a job waits for comes before it
-        if not j.reason and (not is_complete(cfg, j) or any(a in pending for a in j.after)):
-            pending.add(j.key)
-    return [j for j in jobs if j.key in pending]
+    """The jobs `lessctl run` would run: missing or stale, or after a job that makes a new upstream artifact
+    (lessctl.study.graph.plan_states, what `run --dry-run` lists)."""
+    states = plan_states(cfg, jobs)
+    return [j for j in jobs if not j.reason and not states[j.key].current]
 
 
 def plan_study(

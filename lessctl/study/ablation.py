@@ -23,9 +23,11 @@ import numpy as np
 from lessctl import __version__
 from lessctl.config import Config
 from lessctl.errors import AlreadyExistsError, ConfigError, MissingArtifactError
-from lessctl.evaluation.targets import BENCHMARK, TargetEval, run_target_eval, target_eval
-from lessctl.files import atomic_path, sha256_file, write_atomic
+from lessctl.evaluation.targets import BENCHMARK, TargetEval, target_eval
+from lessctl.files import atomic_path, write_atomic
+from lessctl.outputs import artifacts, provenance
 from lessctl.outputs import layout as paths
+from lessctl.outputs.artifacts import STALE
 from lessctl.vocab import CHECKPOINT_METHODS
 
 log = logging.getLogger(__name__)
@@ -262,25 +264,42 @@ def run_ablation(
     entries: list[dict] = []
     keys: list[set] = []
     scored: dict[tuple[int, ...], Any] = {}
+    fingerprints = {
+        subset: provenance.selection_fingerprint(
+            cfg, target, method, ckpts=[steps_all[p - 1] for p in subset], percentage=percentage, dim=dim,
+            warmup_run=artifacts.warmup_run_id(cfg.output_dir),
+        )
+        for subset in order
+    }  # fmt: skip
+    if finetune and not force:  # refused before anything is replaced: the adapters trained on these selections stay
+        for subset in order:
+            sel = paths.ablation_selection(subset, method)
+            state = artifacts.selection_state(cfg.output_dir, target, sel, fingerprints[subset])
+            adapter = _finetune_dir(cfg, target, sel)
+            if state.status == STALE and artifacts.is_adapter_dir(adapter):
+                raise AlreadyExistsError(
+                    f"selection {target}/{sel} was made otherwise ({state.reason}) and {adapter} was trained on it; "
+                    "pass --force to match and train both again"
+                )
     if rank == 0:
         for subset in order:
             label = paths.subset_label(subset)
             cb = (lambda done, total, _l=label: progress(_l, done, total)) if progress else None
-            res = run_match(
-                cfg,
-                target,
-                method=method,
-                ckpts=[steps_all[p - 1] for p in subset],
-                percentage=percentage,
-                dim=dim,
-                out_name=paths.ablation_selection(subset, method),
-                force=True,  # the ablation's own selections, one per subset
-                progress=cb,
-            )
-            _note_subset(res.out_dir / paths.SUMMARY_FILE, subset)
-            scored[subset] = res.scored
-            keys.append(set(selected_keys(res.scored, res.n_selected)))
-            s = res.summary
+            sel = paths.ablation_selection(subset, method)
+            ckpts = [steps_all[p - 1] for p in subset]
+            if not force and artifacts.selection_state(cfg.output_dir, target, sel, fingerprints[subset]).current:
+                s = artifacts.selection_record(cfg.output_dir, target, sel) or {}
+                out_dir, k = paths.selection_dir(cfg.output_dir, target, sel), int(s["selected"])
+                scored[subset] = _scored_from_csv(out_dir / paths.SORTED_FILE)
+                keys.append(set(selected_keys(scored[subset], k)))
+                sel_file, total = out_dir / s["file"], int(s["total"])
+            else:  # the ablation's own selections, one per subset: redone when not current
+                res = run_match(cfg, target, method=method, ckpts=ckpts, percentage=percentage, dim=dim,
+                                out_name=sel, force=True, progress=cb)  # fmt: skip
+                _note_subset(res.out_dir / paths.SUMMARY_FILE, subset)
+                scored[subset] = res.scored
+                keys.append(set(selected_keys(res.scored, res.n_selected)))
+                s, out_dir, k, sel_file, total = res.summary, res.out_dir, res.n_selected, res.file, res.total
             entries.append(
                 {
                     "subset": list(subset),
@@ -288,11 +307,11 @@ def run_ablation(
                     "reference": subset == full,
                     "checkpoints": s["checkpoints"],
                     "weights": s["weights"],
-                    "selection": str(res.out_dir.relative_to(cfg.output_dir)),
-                    "file": str(res.file),
-                    "selected": res.n_selected,
-                    "total": res.total,
-                    "composition": {k[3:]: v for k, v in s.items() if k.startswith("by_")},
+                    "selection": str(out_dir.relative_to(cfg.output_dir)),
+                    "file": str(sel_file),
+                    "selected": k,
+                    "total": total,
+                    "composition": {key[3:]: v for key, v in s.items() if key.startswith("by_")},
                     "selected_score": s.get("selected_score"),
                 }
             )
@@ -309,24 +328,19 @@ def run_ablation(
                 shutil.rmtree(_finetune_dir(cfg, target, paths.ablation_selection(subset, method)), ignore_errors=True)
     barrier()
 
-    # 2. optional finetuning (every rank: the Trainer runs them as DDP), then evaluation (rank 0 alone)
+    # 2. optional finetuning (every rank: the Trainer runs them as DDP), then evaluation (rank 0 alone), as the
+    # study's ablation jobs: what is current is reused, decided as `lessctl run` decides it
+    jobs = _study_jobs(cfg, target, order) if finetune else {}
     if finetune:
-        from lessctl.select.match import selection_file
-
         for i, subset in enumerate(order):
-            sel_name = paths.ablation_selection(subset, method)
-            ft = _finetune_subset(
-                cfg, target, sel_name, selection_file(cfg, target, sel_name), subset, device=device, on_log=on_log
-            )
+            ft = _finetune_subset(cfg, jobs[subset][0], force=force, device=device, on_log=on_log)
             if rank == 0:
                 entries[i]["finetune"] = ft
     if rank != 0:  # nothing waits for rank 0's evaluations and report
         return AblationResult(target, {}, ablation_path(cfg, target), None, [])
     if evaluate:
-        for e in entries:
-            e["eval"] = _evaluate_subset(
-                cfg, plan, Path(e["finetune"]["output_dir"]), reuse=e["finetune"]["reused"], device=device
-            )
+        for subset, e in zip(order, entries):
+            e["eval"] = _evaluate_subset(cfg, plan, jobs[subset][1], device=device)
 
     # 3. the report and the heat map
     labels = [e["label"] for e in entries]
@@ -377,62 +391,85 @@ def _finetune_dir(cfg: Config, target: str, sel_name: str) -> Path:
     return paths.finetune_dir(cfg.output_dir, paths.finetune_name(target, sel_name))
 
 
-def _finetune_subset(
-    cfg: Config, target: str, sel_name: str, train_file: Path, subset: tuple[int, ...], *, device: str | None, on_log
-) -> dict:
-    """Trains finetune/<target>-<sel_name>/ on the selection, or reuses it when it was trained on this very file."""
-    from lessctl.training import RUN_FILE, run_finetune
+def _scored_from_csv(path: Path) -> Any:
+    """Every pool row's score as a selection's sorted.csv keeps it (rounded to 6 decimals), in its order."""
+    from lessctl.select.match import read_sorted_csv
+    from lessctl.select.scores import Scored
 
-    out = _finetune_dir(cfg, target, sel_name)
-    name = out.name
-    sha = sha256_file(train_file)
-    if (out / "adapter_config.json").is_file():
-        try:
-            run = json.loads((out / RUN_FILE).read_text())
-        except (OSError, ValueError):
-            run = {}
-        if run.get("selection_sha256") != sha:
-            raise AlreadyExistsError(
-                f"{out} holds an adapter trained on another selection than {train_file}; pass --force to train it again"
-            )
-        return {"name": name, "output_dir": str(out), "reused": True, "seconds": 0.0}
-    meta = {"target": target, "method": sel_name, "checkpoint_positions": list(subset), "selection_sha256": sha}
-    res = run_finetune(cfg, train_file, name, meta=meta, device=device, on_log=on_log)
+    rows = read_sorted_csv(path)
+    return Scored(
+        [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.int64), np.array([r[2] for r in rows], float)
+    )
+
+
+def _study_jobs(cfg: Config, target: str, order: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[Any, Any]]:
+    """{subset: (finetune job, eval job)} of the study's ablation branch for this target (lessctl.study.graph)."""
+    from lessctl.study.graph import expand
+    from lessctl.study.plan import Plan
+
+    jobs = expand(cfg, Plan(("less",), (), ablation=tuple(order), study=True))
+    mine = [j for j in jobs if j.target == target and j.branch == "ablation"]
+    out = {}
+    for subset in order:
+        ft = next(j for j in mine if j.stage == "finetune" and j.subset == subset)
+        ev = next(j for j in mine if j.stage == "eval" and j.after == (ft.key,))
+        out[subset] = (ft, ev)
+    return out
+
+
+def _finetune_subset(cfg: Config, job: Any, *, force: bool, device: str | None, on_log) -> dict:
+    """Trains finetune/<target>-<selection>/ on the subset's selection, or reuses it when it is current; an
+    adapter made from another selection or settings is replaced only with `force` (the refusal says why)."""
+    from lessctl.study.graph import job_state
+    from lessctl.study.pipeline import run_job
+
+    out = paths.finetune_dir(cfg.output_dir, job.model)
+    state = job_state(cfg, job)
+    if state.current:  # (with force, step 1 removed it)
+        return {"name": job.model, "output_dir": str(out), "reused": True, "seconds": 0.0}
+    if state.status == STALE and not force:
+        raise AlreadyExistsError(
+            f"{out} holds an adapter made otherwise ({state.reason}); pass --force to train it again"
+        )
+    t0 = time.time()
+    run_job(cfg, job, device, _Logged(on_log))
+    run = artifacts.adapter_record(cfg.output_dir, job.model) or {}
     return {
-        "name": name,
-        "output_dir": str(res.output_dir),
+        "name": job.model,
+        "output_dir": str(out),
         "reused": False,
-        "seconds": round(res.seconds, 1),
-        "examples": res.counts.get("subset"),
+        "seconds": round(time.time() - t0, 1),
+        "examples": (run.get("counts") or {}).get("subset"),
     }
 
 
-def _evaluate_subset(cfg: Config, plan: TargetEval, model_dir: Path, *, reuse: bool, device: str | None) -> dict:
-    """The score of one finetuned selection on the target's benchmark or eval_file, or why there is none.
+class _Logged:
+    """run_job's progress, handed on as the trainer's logs (`on_log`)."""
 
-    An earlier result is reused only when the adapter was not trained again."""
+    def __init__(self, on_log):
+        self._on_log = on_log
+
+    def update(self, completed=None, total=None, status=None, **kw) -> None:
+        if self._on_log is not None and completed is not None and total:
+            rec = {"step": completed, "max_steps": total}
+            if isinstance(status, str) and status.startswith("loss "):
+                rec["loss"] = float(status.split()[1])
+            self._on_log(rec)
+
+
+def _evaluate_subset(cfg: Config, plan: TargetEval, job: Any, *, device: str | None) -> dict:
+    """The score of one finetuned selection on the target's benchmark or eval_file, or why there is none; an
+    earlier result is reused while it is current (its adapter not trained again, the same eval settings)."""
     if plan.task is None:
         return {"status": "not applicable", "reason": plan.reason}
-    from lessctl.evaluation.results import eval_json_path
-    from lessctl.evaluation.runner import describe_model
+    from lessctl.study.pipeline import run_job
 
-    spec = describe_model(model_dir, output_dir=cfg.output_dir)
-    existing = eval_json_path(cfg.output_dir, spec.name, plan.task)
-    if reuse and existing.is_file():
-        saved = json.loads(existing.read_text())
-        metric = saved.get("metric") or next(iter(saved))  # the headline metric is the file's first key
-        return {
-            "status": "reused",
-            "task": plan.task,
-            "metric": metric,
-            "score": saved.get(metric),
-            "eval_json": str(existing),
-        }
-    out = run_target_eval(cfg, plan, spec, device=device)
+    report = run_job(cfg, job, device)[0]
+    rec = artifacts.eval_record(cfg.output_dir, job.model, job.task) or {}
     return {
-        "status": "done",
+        "status": "reused" if report.status == "skipped" else "done",
         "task": plan.task,
-        "metric": out.record["metric"],
-        "score": out.record["score"],
-        "eval_json": str(out.path),
+        "metric": rec.get("metric"),
+        "score": artifacts.headline_score(rec),
+        "eval_json": str(paths.eval_json(cfg.output_dir, job.model, job.task)),
     }
