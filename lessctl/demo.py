@@ -69,7 +69,7 @@ def run_demo(
                 "file": str(file),
             }
             if train:
-                entry[method].update(_scores(cfg, paths.finetune_name(target, method), target))
+                entry[method].update(_scores(cfg, paths.selection_model(target, method, method), target))
         if train:
             entry["base"] = _scores(cfg, BASE, target)
         report["targets"][target] = entry

@@ -73,8 +73,9 @@ def run_done(cli, ws: Path) -> set[str]:
 
 
 MATCHES = {f"match {TARGET}/{s}" for s in ("less", "random", "random-seed4", "bm25")}
-FINETUNES = {f"finetune {TARGET}-{s}" for s in ("less", "random", "random-seed4", "bm25")}
-EVALS = {f"eval {TARGET}-{s}/{TARGET}" for s in ("less", "random", "random-seed4", "bm25")}
+MODELS = (f"{TARGET}-less", "random", "random-seed4", f"{TARGET}-bm25")  # a random draw: one model, every target
+FINETUNES = {f"finetune {m}" for m in MODELS}
+EVALS = {f"eval {m}/{TARGET}" for m in MODELS}
 LESS_CHAIN = {"grads", f"match {TARGET}/less", f"finetune {TARGET}-less", f"eval {TARGET}-less/{TARGET}"}
 
 
@@ -124,9 +125,9 @@ EDITS = {
     "experiment seed": (
         lambda cli, ws: set_key(ws, "experiment", "seed", "4"),
         {
-            f"{stage} {TARGET}{sep}{s}{tail}"
+            job
             for s in ("random", "random-seed3")
-            for stage, sep, tail in (("match", "/", ""), ("finetune", "-", ""), ("eval", "-", f"/{TARGET}"))
+            for job in (f"match {TARGET}/{s}", f"finetune {s}", f"eval {s}/{TARGET}")
         },
         "seed 3 -> 4",
     ),  # fmt: skip

@@ -47,14 +47,18 @@ def test_submit_dry_run_graph_of_the_study(tiny_ws, cli, monkeypatch, tmp_path):
     assert r.code == 0, r
     jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}
     # the fixture warmed up: no warmup job; grads over the 2 checkpoints, reps at the last
-    assert list(jobs) == ["grads", "grads reps", "match", "finetune", "eval", "eval base"]
+    assert list(jobs) == ["grads", "grads reps", "match", "finetune", "eval", "eval more", "eval base"]
     assert jobs["grads"]["array"] == "1-2" and jobs["grads"]["after"] == []
     assert "--type reps --ckpt-index 2" in jobs["grads reps"]["script"]
     assert jobs["match"]["array"] is None and jobs["match"]["after"] == ["grads", "grads reps"]
     per_target = 1 + 2 + 1 + 1 + 1  # less, random x 2, bm25, rds, less-ckpt2
     assert len(jobs["match"]["items"]) == 3 * per_target
-    assert jobs["finetune"]["array"] == f"1-{3 * per_target}" and jobs["finetune"]["after"] == ["match"]
-    assert jobs["eval"]["array"] == f"1-{3 * per_target}" and jobs["eval"]["after"] == ["finetune"]
+    n_ft = 3 * (per_target - 2) + 2  # a random draw is one model, evaluated on every target
+    assert jobs["finetune"]["array"] == f"1-{n_ft}" and jobs["finetune"]["after"] == ["match"]
+    assert jobs["eval"]["array"] == f"1-{n_ft}" and jobs["eval"]["after"] == ["finetune"]
+    assert jobs["eval more"]["array"] == "1-4" and jobs["eval more"]["after"] == ["finetune"]
+    assert jobs["eval more"]["sbatch"][2] == "--dependency=afterany:<finetune>"
+    assert "finetune random-seed4" in jobs["finetune"]["items"]
     assert jobs["eval base"]["array"] == "1-3" and jobs["eval base"]["after"] == []
     assert "finetune sorting-less-ckpt2" in jobs["finetune"]["items"]
     script = jobs["finetune"]["script"]
@@ -82,12 +86,12 @@ def test_submit_skips_complete_items(tiny_ws, cli):
     assert cli("--config", cfgp, "run", "--until", "match").code == 0
     cfg = load_config(cfgp)
     specs = describe_specs(plan_study(cfg))
-    assert [(s["label"], s["array"]) for s in specs] == [("finetune", "1-6"), ("eval", "1-6")]
+    assert [(s["label"], s["array"]) for s in specs] == [("finetune", "1-4"), ("eval", "1-4"), ("eval more", "1-2")]
     assert plan_study(cfg)[0].after == ()  # the selections exist: the finetunes wait for nothing
     res = cli("--config", cfgp, "run", "--items", "finetune sorting-bm25", "--items", "eval sorting-bm25/sorting")
     assert res.code == 0, res
     specs = describe_specs(plan_study(cfg))
-    assert [(s["label"], s["array"]) for s in specs] == [("finetune", "1-5"), ("eval", "1-5")]
+    assert [(s["label"], s["array"]) for s in specs] == [("finetune", "1-3"), ("eval", "1-3"), ("eval more", "1-2")]
     assert "finetune sorting-bm25" not in specs[0]["items"]
     # a changed selection makes its finetune and evaluation pending again
     assert (
@@ -108,21 +112,24 @@ def test_cancelled_finetune_is_all_a_resubmission_runs(local_slurm, tiny_ws, cli
     r = cli("--config", cfgp, "slurm", "submit", "--json")
     assert r.code == 0, r
     jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}
-    assert list(jobs) == ["match", "finetune", "eval"] and jobs["finetune"]["after"] == [jobs["match"]["job_id"]]
+    assert list(jobs) == ["match", "finetune", "eval", "eval more"]
+    assert jobs["finetune"]["after"] == [jobs["match"]["job_id"]]
     ft, ev = jobs["finetune"]["job_id"], jobs["eval"]["job_id"]
     victim = jobs["finetune"]["items"][1]  # array task 2, pending while the match job runs
     subprocess.run(["scancel", f"{ft}_2"], check=True)
-    states = wait_tasks([jobs["match"]["job_id"], ft, ev])
+    states = wait_tasks([jobs["match"]["job_id"], ft, ev, jobs["eval more"]["job_id"]])
+    # the random draw's other targets ran after the finetune array, although one of its tasks was cancelled
+    assert set(states[jobs["eval more"]["job_id"]].tasks.values()) == {"COMPLETED"}, states
     assert states[jobs["match"]["job_id"]].state == "COMPLETED", states
-    # a pending task cancelled before it started leaves the array's records; the other five ran
-    assert states[ft].tasks == {k: "COMPLETED" for k in ("1", "3", "4", "5", "6")}, states
-    # aftercorr: the evaluation of the cancelled finetune can never start; the other five ran
-    assert {k: v for k, v in states[ev].tasks.items() if v == "COMPLETED"}.keys() == {"1", "3", "4", "5", "6"}, states
+    # a pending task cancelled before it started leaves the array's records; the other three ran
+    assert states[ft].tasks == {k: "COMPLETED" for k in ("1", "3", "4")}, states
+    # aftercorr: the evaluation of the cancelled finetune can never start; the other three ran
+    assert {k: v for k, v in states[ev].tasks.items() if v == "COMPLETED"}.keys() == {"1", "3", "4"}, states
     out = tiny_ws / "out"
     name = victim.split(" ", 1)[1]
     assert not (out / "finetune" / name / "adapter_config.json").exists()
     trained = {p: p.stat().st_mtime_ns for p in (out / "finetune").rglob("adapter_model.safetensors")}
-    assert len(trained) == 5
+    assert len(trained) == 3
 
     r = cli("--config", cfgp, "slurm", "submit", "--json")
     assert r.code == 0, r
@@ -132,9 +139,9 @@ def test_cancelled_finetune_is_all_a_resubmission_runs(local_slurm, tiny_ws, cli
     states = wait_tasks([again["finetune"]["job_id"], again["eval"]["job_id"]])
     assert all(s.state == "COMPLETED" for s in states.values()), states
     for t in TARGETS:
-        for sel in ("random", "bm25"):
-            assert (out / "eval" / f"{t}-{sel}" / f"{t}.json").is_file()
-    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # the five were not trained again
+        for model in ("random", f"{t}-bm25"):
+            assert (out / "eval" / model / f"{t}.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # the three were not trained again
     r = cli("--config", cfgp, "slurm", "submit", "--json")
     assert r.code == 0 and json.loads(r.out)["jobs"] == []
 

@@ -31,11 +31,13 @@ def test_run_methods_trains_and_evaluates_every_selection_then_does_nothing(tiny
         for sel in selections:
             summary = json.loads((out / "selected" / t / sel / "summary.json").read_text())
             assert summary["method"] == sel.split("-")[0]
-            assert (out / "finetune" / f"{t}-{sel}" / "adapter_config.json").is_file()
-            run = json.loads((out / "finetune" / f"{t}-{sel}" / "lessctl_run.json").read_text())
-            assert (run["target"], run["method"]) == (t, sel.split("-")[0])
-            assert json.loads((out / "eval" / f"{t}-{sel}" / f"{t}.json").read_text())["task"] == t
+            model = sel if sel.startswith("random") else f"{t}-{sel}"  # a random draw: one model for every target
+            assert (out / "finetune" / model / "adapter_config.json").is_file()
+            run = json.loads((out / "finetune" / model / "lessctl_run.json").read_text())
+            assert (run["target"], run["method"]) == (TARGETS[0] if model == sel else t, sel.split("-")[0])
+            assert json.loads((out / "eval" / model / f"{t}.json").read_text())["task"] == t
         assert (out / "eval" / "base" / f"{t}.json").is_file()
+    assert not (out / "finetune" / "sorting-random").exists()
     # the two random draws differ and each records its seed
     a, b = ((out / "selected" / "sorting" / s / "top_p0.05.jsonl").read_text() for s in ("random", "random-seed4"))
     assert a != b
@@ -45,7 +47,8 @@ def test_run_methods_trains_and_evaluates_every_selection_then_does_nothing(tiny
     ]
     assert seeds == [3, 4]
     done = {(r["stage"], r["item"]) for r in first if r["status"] == "done"}
-    assert ("finetune", "sorting-random-seed4") in done and ("eval", "base/sorting") in done
+    assert ("finetune", "random-seed4") in done and ("eval", "base/sorting") in done
+    assert ("eval", "random-seed4/sorting") in done and ("eval", "random-seed4/arithmetic") in done
     assert not any(r["stage"] == "grads" and r["item"].endswith("-reps.h5") for r in first)  # no rds: no reps
 
     res = cli(*cfg, "results", "--study", "--methods", "less", "random", "bm25", "--json")
@@ -57,8 +60,7 @@ def test_run_methods_trains_and_evaluates_every_selection_then_does_nothing(tiny
         assert set(row["methods"]) == {"less", "random", "bm25"} and row["base"]["n"] == 1
         rnd = row["methods"]["random"]
         draws = [
-            json.loads((out / "eval" / f"{t}-{s}" / f"{t}.json").read_text())["exact_match"]
-            for s in ("random", "random-seed4")
+            json.loads((out / "eval" / s / f"{t}.json").read_text())["exact_match"] for s in ("random", "random-seed4")
         ]
         assert rnd["n"] == 2 and rnd["draws"] == pytest.approx(draws) and rnd["score"] == pytest.approx(sum(draws) / 2)
         assert row["methods"]["less"]["score"] is not None
@@ -96,9 +98,10 @@ def test_dry_run_lists_every_job_with_its_edges_and_estimate(tiny_ws, cli):
     assert jobs["match sorting/bm25"]["after"] == [] and jobs["match sorting/random-seed5"]["seed"] == 5
     assert jobs["match sorting/less-ckpt1"]["after"] == ["grads"] and jobs["match sorting/less-ckpt1"]["subset"] == [1]
     assert jobs["finetune sorting-less-ckpt1"]["after"] == ["match sorting/less-ckpt1"]
-    assert jobs["eval sorting-random-seed4/sorting"]["after"] == ["finetune sorting-random-seed4"]
+    assert jobs["eval random-seed4/sorting"]["after"] == ["finetune random-seed4"]
+    assert jobs["finetune random-seed4"]["after"] == ["match arithmetic/random-seed4"]  # the first target's draw
     assert jobs["eval base/sorting"]["after"] == []
-    assert len([k for k in jobs if k.startswith("finetune ")]) == 3 * (1 + 3 + 1 + 1 + 1)
+    assert len([k for k in jobs if k.startswith("finetune ")]) == 3 * (1 + 1 + 1 + 1) + 3  # random: once a draw
     # the grads estimate is the pool's rows x checkpoints at the measured rate
     pool = view["pool_examples"]
     assert pool == 360 and jobs["grads"]["gpu_seconds"] == pytest.approx(pool * 2 / 33.8)
@@ -175,31 +178,43 @@ def _eval_file(out, model: str, task: str, metric: str, score: float) -> None:
     p.write_text(json.dumps({metric: score, "task": task, "metric": metric, "n": 10}))
 
 
-def test_results_table_has_the_papers_numbers_and_the_spread_of_random(tmp_path, cli, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+def test_results_table_has_the_papers_numbers_and_the_spread_of_random(tmp_path, cli):
+    """The table's layout from eval files (as record_result writes them), every result taken as current: which
+    results are current is test_provenance.py's (a stale one is left out of its cell)."""
+    from lessctl.config import load_config
+    from lessctl.study.graph import expand
+    from lessctl.study.plan import resolve_plan
+    from lessctl.study.results import study_table, tables
+
     (tmp_path / "lessctl.toml").write_text(
         '[model]\nname_or_path = "meta-llama/Llama-2-7b-hf"\n[data]\ntargets = {tydiqa = "tydiqa", mmlu = "mmlu"}\n'
         '[study]\nmethods = ["less", "random"]\nrandom_seeds = [3, 4, 5]\nablation = ["1"]\n'
     )
     out = tmp_path / "out"
-    for model, score in (("tydiqa-less", 57.0), ("tydiqa-random", 50.0), ("tydiqa-random-seed4", 52.0),
-                         ("tydiqa-random-seed5", 54.0), ("base", 40.0), ("tydiqa-less-ckpt1", 55.5)):  # fmt: skip
+    for model, score in (("tydiqa-less", 57.0), ("random", 50.0), ("random-seed4", 52.0),
+                         ("random-seed5", 54.0), ("base", 40.0), ("tydiqa-less-ckpt1", 55.5)):  # fmt: skip
         _eval_file(out, model, "tydiqa", "f1", score)
-    _eval_file(out, "mmlu-random", "mmlu", "accuracy", 45.0)
-    res = cli("--config", tmp_path / "lessctl.toml", "results", "--study", "--json")
-    assert res.code == 0, res
-    study = json.loads(res.out)["study"]
+    _eval_file(out, "random", "mmlu", "accuracy", 45.0)
+    cfg = load_config(tmp_path / "lessctl.toml")
+    plan = resolve_plan(cfg, check_models=False)
+    study = study_table(cfg, plan, expand(cfg, plan), lambda job: "current")
     assert study["paper_model"] == "Llama-2-7B"
     ty = study["targets"]["tydiqa"]
     assert ty["paper"] == {"less": 56.2, "random": 52.7, "full": 54.0}
     assert ty["base"]["score"] == 40.0 and ty["methods"]["less"]["score"] == 57.0
-    assert ty["methods"]["random"] == {"score": 52.0, "n": 3, "of": 3, "spread": 2.0, "draws": [50.0, 52.0, 54.0]}
+    assert ty["methods"]["random"] == {
+        "score": 52.0, "n": 3, "of": 3, "stale": 0, "spread": 2.0, "draws": [50.0, 52.0, 54.0]
+    }  # fmt: skip
     mm = study["targets"]["mmlu"]
     assert mm["methods"]["random"]["n"] == 1 and mm["methods"]["random"]["of"] == 3 and mm["methods"]["less"]["n"] == 0
     assert study["ablation"]["tydiqa"]["subsets"]["less-ckpt1"]["score"] == 55.5
-    res = cli("--config", tmp_path / "lessctl.toml", "results", "--study")
+    text = "\n".join(" | ".join(row) for _, _, rows in tables(study) for row in rows)
+    assert "52.00 ± 2.00" in text and "56.2" in text and "45.00 (1/3)" in text
+    assert [title for title, _, _ in tables(study)][1].startswith("ablation")
+    # through the command, with the workspace's real states: results no lessctl run made are not current
+    res = cli("--config", tmp_path / "lessctl.toml", "results", "--study", "--json")
     assert res.code == 0, res
-    assert "52.00 ± 2.00" in res.out and "56.2" in res.out and "45.00 (1/3)" in res.out and "ablation" in res.out
+    assert json.loads(res.out)["study"]["targets"]["tydiqa"]["methods"]["random"]["n"] == 0
 
 
 @pytest.mark.slow

@@ -129,6 +129,12 @@ def finetune_name(target: str, selection: str) -> str:
     return f"{target}-{selection}"
 
 
+def selection_model(target: str, selection: str, method: str) -> str:
+    """The study's finetune folder for a selection: `<target>-<selection>`, except a random draw, which does not
+    depend on the target: one model per draw (`random`, `random-seed<s>`), evaluated on every target."""
+    return selection if method == "random" else finetune_name(target, selection)
+
+
 def transfer_names(models: Sequence[str]) -> dict[str, str]:
     """Each transfer base model's short name, unique among `models`: the folder's name, with as many parent
     folders as it takes to tell two apart (`a/hf`, `b/hf` -> `a-hf`, `b-hf`); characters other than letters,

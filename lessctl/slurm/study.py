@@ -94,16 +94,16 @@ def plan_study(
     if len(paired) < len(finetunes):  # --stages without eval
         paired = []
     in_pairs = {j.key for j in paired}
+    training = {f.key for f in finetunes}
+    rest = [j for j in todo if j.stage == "eval" and j.model not in UNTRAINED and j.key not in in_pairs]
     groups = [
         ("match", [j for j in todo if j.stage == "match"], False, "afterok"),
         ("finetune", finetunes, True, "afterok"),
         ("eval", paired, True, "aftercorr"),  # task k evaluates the model finetune task k trains
-        (
-            "eval trained",
-            [j for j in todo if j.stage == "eval" and j.model not in UNTRAINED and j.key not in in_pairs],
-            True,
-            "afterok",
-        ),  # fmt: skip
+        # the other targets of a model evaluated on every target (a random draw, the full pool): after the whole
+        # finetune array, whatever became of its other tasks (an evaluation whose model failed says so and fails)
+        ("eval more", [j for j in rest if set(j.after) & training], True, "afterany"),
+        ("eval trained", [j for j in rest if not set(j.after) & training], True, "afterok"),
         ("eval base", [j for j in todo if j.stage == "eval" and j.model in UNTRAINED], True, "afterok"),
     ]
     for label, items, array, dependency in groups:

@@ -1,11 +1,13 @@
 """The study's jobs: a Plan expanded into warmup -> grads -> match -> finetune -> eval items, what each waits for,
-whether it is complete on disk, and an estimate of its GPU time.
+and each one's state on disk: current, stale (what made it changed: lessctl.outputs.provenance) or missing.
 
 One job per item: `match <target>/<selection>`, `finetune <model>`, `eval <model>/<task>`. A selection is a
 method's folder under selected/<target>/ (random draws: `random`, `random-seed<s>`; ablation subsets:
 `less-ckpt<subset>`); a model is a folder under finetune/ (`<target>-<selection>`, transfer:
-`<target>-less-<model folder name>`), or `base`. `lessctl run` runs the jobs in order and `lessctl slurm submit`
-submits them; both skip complete ones, so a re-run does only what is missing.
+`<target>-less-<model folder name>`; a random draw does not depend on the target: one model per draw,
+`random` or `random-seed<s>`, trained on the first target's selection and evaluated on every target), or
+`base`. `lessctl run` runs the jobs in order and `lessctl slurm submit` submits them; both skip current ones,
+so a re-run does only what is missing or stale.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
                 )
         jobs += selections
         for m in selections:
-            name = paths.finetune_name(target, m.selection)
+            name = paths.selection_model(target, m.selection, m.method)
+            if any(f.model == name for f in finetunes):  # a random draw: trained once, on the first target's file
+                continue
             ft = dataclasses.replace(m, key=f"finetune {name}", stage="finetune", after=(m.key,), model=name)
             finetunes.append(ft)
         if plan.uses_checkpoints:
@@ -136,7 +140,8 @@ def expand(cfg: Config, plan: Plan) -> list[Job]:
         jobs += more
         finetunes += more
     for ft in finetunes:
-        for target in [ft.target] if ft.target else cfg.data.targets:  # the full-pool model: every target
+        every = ft.branch == FULL or ft.method == "random"  # the full-pool model and a random draw: every target
+        for target in cfg.data.targets if every else [ft.target]:
             fields = _eval_fields(evals[target], target)
             run = "" if ft.run_seed is None else f"seed{ft.run_seed} "
             jobs.append(dataclasses.replace(ft, key=f"{run}eval {ft.model}/{fields['task']}", stage="eval",

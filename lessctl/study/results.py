@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lessctl.config import Config
 from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.outputs import artifacts
-from lessctl.outputs.artifacts import STALE
+from lessctl.outputs.artifacts import CURRENT, STALE
 from lessctl.outputs.layout import transfer_names
 from lessctl.study.graph import BASE, FULL, Job, expand, job_config, plan_states
-from lessctl.study.plan import resolve_plan
+from lessctl.study.plan import Plan, resolve_plan
 
 # LESS.md section 8 (Xia et al., 2024, Table 2 and 3): 5% of the pool, the mean of 3 runs.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
@@ -67,13 +67,18 @@ def study_results(cfg: Config, methods: list[str] | None = None) -> dict[str, An
     plan = resolve_plan(cfg, methods, check_models=False)
     jobs = expand(cfg, plan)
     states = plan_states(cfg, jobs)  # a result is shown only while it is current
+    return study_table(cfg, plan, jobs, lambda j: states[j.key].status)
+
+
+def study_table(cfg: Config, plan: Plan, jobs: list[Job], status: Callable[[Job], str]) -> dict[str, Any]:
+    """The study's tables from the plan's eval jobs; `status(job)` (current, stale, missing) decides which results
+    count: only current ones (study_results passes lessctl.study.graph.plan_states)."""
     evals = [j for j in jobs if j.stage == "eval" and not j.reason]
 
     def cell(cells: list[Job]) -> dict[str, Any]:
-        scores = [read_score(job_config(cfg, j), j.model, j.task, states[j.key].current) for j in cells]
+        scores = [read_score(job_config(cfg, j), j.model, j.task, status(j) == CURRENT) for j in cells]
         stale = sum(
-            states[j.key].status == STALE
-            and artifacts.eval_record(job_config(cfg, j).output_dir, j.model, j.task) is not None
+            status(j) == STALE and artifacts.eval_record(job_config(cfg, j).output_dir, j.model, j.task) is not None
             for j in cells
         )
         return _summary(scores, stale)
