@@ -1,10 +1,12 @@
-"""File helpers every stage shares: sha256 of a file or of a set of files, atomic writes, UTF-8 decoding."""
+"""File helpers every stage shares: sha256 of a file or of a set of files, atomic writes, folder swaps, UTF-8
+decoding, and the one safe way torch files are read."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,15 +55,53 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+ASIDE_MARK = ".lessctl-old-"  # in the name of the folder replace_dir moves an old `dst` to: lessctl's own
+
+
 def replace_dir(new: Path, dst: Path) -> None:
-    """Moves the complete folder `new` onto `dst`: the old `dst` is renamed aside first, then deleted."""
+    """Moves the complete folder `new` onto `dst`: the old `dst` is renamed aside first, then deleted.
+
+    The aside name (`.<dst>.lessctl-old-<pid>-<random>`) is new each time and lessctl's alone, so no folder of
+    the user's (a `<dst>.old` kept by hand, say) is ever removed.
+    """
     new, dst = Path(new), Path(dst)
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = dst.with_name(f".{dst.name}{ASIDE_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    moved = False
     if dst.exists():
         os.replace(dst, old)
+        moved = True
     os.replace(new, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def torch_load_safe(path: Path, what: str, redo: str):
+    """The contents of a torch file (`torch.save`) read with `weights_only=True`: tensors, numbers, strings and
+    containers only, so no code in the file ever runs. A file that holds anything else (a pickled object, a
+    payload), or is not a torch file at all, is an InputError naming it, `what` it should be and `redo`."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": what follows says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        why = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "GLOBAL" in ln), "")
+        if "Weights only load failed" in text:
+            why = why or "it holds objects other than tensors and numbers"
+            raise InputError(
+                f"{path}: refused by the safe load ({why}): lessctl reads torch files with weights_only=True "
+                f"and runs no code from them; the file is damaged or not {what}: {redo}"
+            ) from None
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise InputError(f"{path}: cannot be read as {what} ({first}); the file is damaged: {redo}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, random bytes, EOF: a damaged file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot be read as {what} ({first}); the file is damaged: {redo}") from None
 
 
 def decode_utf8(data: bytes, path: str | Path, first_line: int = 1) -> str:
