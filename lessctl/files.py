@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -115,3 +116,21 @@ def decode_utf8(data: bytes, path: str | Path, first_line: int = 1) -> str:
         raise InputError(
             f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {col} is not UTF-8; save the file as UTF-8"
         ) from None
+
+
+def read_json_file(path: Path, expected: str, redo: str, kind: type = dict):
+    """A JSON file lessctl wrote, read back: an InputError naming `file:line` when it is not UTF-8 or not JSON,
+    and naming the file when its top level is not a `kind`; `expected` says what it should hold, `redo` how to
+    write it again."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror}); {redo}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); {redo}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected {expected}; {redo}") from None
+    if not isinstance(data, kind):
+        raise InputError(f"{path}: expected {expected}, found a JSON {type(data).__name__}; {redo}")
+    return data

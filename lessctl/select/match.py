@@ -7,7 +7,6 @@ streamed from the stores in chunks, so memory stays bounded whatever the pool's 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -60,7 +59,9 @@ def selection_file(cfg: Config, target: str, method: str) -> Path:
             f"no selection for target '{target}' with method '{method}' in {d}; run `lessctl match --target {target} "
             f"--method {method}` first"
         )
-    return d / json.loads(summary.read_text())["file"]
+    from lessctl.select.readback import read_summary
+
+    return d / read_summary(summary)["file"]
 
 
 def _target_subtasks_and_prompts(cfg: Config, target: str) -> tuple[list[str], list[str]]:
@@ -280,9 +281,9 @@ def _sorted_csv(scored: Scored, order: np.ndarray) -> str:
 
 
 def read_sorted_csv(path: Path) -> list[tuple[str, int, float]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh, skipinitialspace=True))
-    return [(r[0], int(r[1]), float(r[2])) for r in rows[1:]]
+    from lessctl.select.readback import read_sorted_csv as checked
+
+    return checked(path)
 
 
 def _count(values) -> dict:

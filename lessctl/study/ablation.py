@@ -372,7 +372,9 @@ def run_ablation(
 
 def _note_subset(summary_path: Path, subset: tuple[int, ...]) -> None:
     """Adds the subset's positions to the selection's summary.json (run_match names the checkpoints by step)."""
-    summary = json.loads(summary_path.read_text())
+    from lessctl.select.readback import read_summary
+
+    summary = read_summary(summary_path)
     summary["checkpoint_positions"] = list(subset)
     write_atomic(summary_path, json.dumps(summary, indent=2, default=str))
 
@@ -423,8 +425,11 @@ def _evaluate_subset(cfg: Config, plan: TargetEval, model_dir: Path, *, reuse: b
     spec = describe_model(model_dir, output_dir=cfg.output_dir)
     existing = eval_json_path(cfg.output_dir, spec.name, plan.task)
     if reuse and existing.is_file():
-        saved = json.loads(existing.read_text())
-        metric = saved.get("metric") or next(iter(saved))  # the headline metric is the file's first key
+        from lessctl.files import read_json_file
+
+        redo = f"delete it, and the ablation evaluates {spec.name} again"
+        saved = read_json_file(existing, "an evaluation result (a JSON object of metrics)", redo)
+        metric = saved.get("metric") or next(iter(saved), None)  # the headline metric is the file's first key
         return {
             "status": "reused",
             "task": plan.task,

@@ -84,6 +84,8 @@ def subset_positions(token: Any) -> tuple[int, ...] | None:
 
 def study_problems(cfg: Config, label: Callable[[str], str]) -> list[str]:
     """Problems with the values of `[study]`, each naming its key through `label` (which adds the file)."""
+    from lessctl.config import name_problem, seed_problem
+
     s = cfg.study
     out: list[str] = []
 
@@ -100,7 +102,7 @@ def study_problems(cfg: Config, label: Callable[[str], str]) -> list[str]:
     for key in ("random_seeds", "warmup_seeds"):
         seeds = getattr(s, key)
         for seed in seeds:
-            if problem := type_problem("", seed, int):
+            if problem := type_problem("", seed, int) or seed_problem(seed):
                 bad(key, problem.lstrip(": "))
         if len(set(map(repr, seeds))) != len(seeds):
             bad(key, f"a seed is named twice in {seeds!r}")
@@ -120,6 +122,12 @@ def study_problems(cfg: Config, label: Callable[[str], str]) -> list[str]:
     for t in s.transfer:
         if not isinstance(t, str) or not t.strip():
             bad("transfer", f"expected model folders or hub names, got {t!r}")
+        elif problem := name_problem(transfer_name(t)):  # `/`, `.`, `x/..`: no folder name to name the finetune
+            bad(
+                "transfer",
+                f"{t!r}: its last part {transfer_name(t)!r} names the transfer finetunes (`<target>-less-<name>`), "
+                f"and {problem.split(': ', 1)[1]}",
+            )
     return out
 
 

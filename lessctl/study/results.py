@@ -8,7 +8,6 @@ table shows exactly the study's runs, whatever else results.jsonl holds.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,14 @@ def paper_model(name_or_path: str) -> str | None:
 def read_score(cfg: Config, model: str, task: str) -> float | None:
     """The headline score of eval/<model>/<task>.json (its `metric`, else its first key), or None."""
     from lessctl.evaluation.results import eval_json_path
+    from lessctl.files import read_json_file
 
     path = eval_json_path(cfg.output_dir, model, task)
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
+        return None
+    redo = f"`lessctl eval --model {model} --task {task}` evaluates it again"
+    saved = read_json_file(path, "an evaluation result (a JSON object of metrics)", redo)
+    if not saved:
         return None
     value = saved.get(saved.get("metric") or next(iter(saved), ""))
     return float(value) if isinstance(value, (int, float)) else None

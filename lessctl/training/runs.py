@@ -147,8 +147,11 @@ def run_finetune(
     from lessctl.models import resolve_device
 
     device = resolve_device(device)
-    if not name or "/" in name or name in (".", "..") or name.endswith(".new"):
-        raise ConfigError(f"--name: {name!r} is not a folder name (no '/', not '.', '..' or ending in .new)")
+    if not name or "/" in name or name in (".", "..") or name.endswith(".new") or len(name) > 200:
+        raise ConfigError(
+            f"--name: {name[:60]!r} is not a folder name (no '/', not '.', '..' or ending in .new, at most 200 "
+            "characters)"
+        )
     out = paths.finetune_dir(cfg.output_dir, name)
     if (out / "adapter_config.json").is_file() and not force:
         raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
