@@ -335,8 +335,15 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
         bad("eval.batch_size", f"must be at least 1, got {cfg.eval.batch_size}")
     if cfg.eval.kv_cache not in KV_CACHES:
         bad("eval.kv_cache", f"expected {spelled(KV_CACHES)}, got {cfg.eval.kv_cache!r}")
-    if cfg.eval.limit < 0 or cfg.eval.bbh_examples_per_task < 1:
-        bad("eval.limit", "limit must be 0 or more and bbh_examples_per_task at least 1")
+    if cfg.eval.limit < 0:
+        bad("eval.limit", f"must be 0 (all) or more, got {cfg.eval.limit}")
+    if cfg.eval.bbh_examples_per_task < 0:
+        bad("eval.bbh_examples_per_task", f"must be 0 (all) or more, got {cfg.eval.bbh_examples_per_task}")
+    if cfg.eval.tydiqa_questions_per_language < 0:
+        bad(
+            "eval.tydiqa_questions_per_language",
+            f"must be 0 (all) or more, got {cfg.eval.tydiqa_questions_per_language}",
+        )
     for key, seed in (
         ("experiment.seed", cfg.experiment.seed),
         ("grads.projection_seed", cfg.grads.projection_seed),

@@ -118,6 +118,30 @@ def decode_utf8(data: bytes, path: str | Path, first_line: int = 1) -> str:
         ) from None
 
 
+def not_a_file(path: Path, what: str) -> str | None:
+    """Why `path` cannot be read as `what` (a data file, a training file), or None when it is a regular file:
+    missing, a folder, or a FIFO, device or socket (`/dev/zero`, a named pipe), which lessctl cannot hash and
+    read again (every data file is read more than once)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{path}: no such {what}"
+    except OSError as e:
+        return f"{path}: cannot be read as {what} ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{path}: is a folder, expected a {what}"
+    kind = "a socket"
+    if stat.S_ISFIFO(mode):
+        kind = "a FIFO (named pipe)"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    return f"{path}: is {kind}, not a regular file; give the {what} as a regular file (lessctl reads it more than once)"
+
+
 def read_json_file(path: Path, expected: str, redo: str, kind: type = dict):
     """A JSON file lessctl wrote, read back: an InputError naming `file:line` when it is not UTF-8 or not JSON,
     and naming the file when its top level is not a `kind`; `expected` says what it should hold, `redo` how to

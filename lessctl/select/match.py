@@ -64,6 +64,13 @@ def selection_file(cfg: Config, target: str, method: str) -> Path:
     return d / read_summary(summary)["file"]
 
 
+def _lr_weight_source(cfg: Config) -> tuple[str, str]:  # where the default checkpoint weights come from
+    return f"{paths.checkpoints_file(cfg.output_dir)} (lr_mean)", (
+        ": the weights are the warmup's mean learning rates, and no step learned (learning rate 0: a warmup of "
+        "one step spent warming up?); give --weights, or train a longer warmup with `lessctl warmup --force`"
+    )
+
+
 def _target_subtasks_and_prompts(cfg: Config, target: str) -> tuple[list[str], list[str]]:
     from lessctl.data.targets import load_target_examples
 
@@ -156,7 +163,7 @@ def run_match(
                 raise ConfigError(f"--weights: {len(weights)} weights for {len(steps)} checkpoints")
             w = normalize_weights(weights)
         else:
-            w = normalize_weights([by_step[s]["lr_mean"] for s in steps])
+            w = normalize_weights([by_step[s]["lr_mean"] for s in steps], *_lr_weight_source(cfg))
         dim = dim or max(cfg.grads.dims)
         _refuse_existing(out_dir, force)
         train_readers = _open_stores(cfg, train, steps, "adam")
@@ -164,15 +171,15 @@ def run_match(
         try:
             everything = [r for rs in train_readers.values() for r in rs] + target_readers
             check_compatible(everything, dim)
+            run_id = warmup_run_id(cfg)
+            for ds in data_sets(cfg, train, [target], None):  # first: it says which file, or whose store, it is
+                _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
             for n, rs in train_readers.items():
                 if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
                     raise InputError(
                         f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
                         f"the file changed: recompute with `lessctl grads --train {n}`"
                     )
-            run_id = warmup_run_id(cfg)
-            for ds in data_sets(cfg, train, [target], None):
-                _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
             if target_readers[0].n_rows != len(subtasks):
                 raise InputError(
                     f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "

@@ -19,7 +19,7 @@ from lessctl.config import Config
 from lessctl.data.records import data_stem
 from lessctl.distributed import barrier, is_main
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
-from lessctl.files import replace_dir, sha256_file, write_atomic
+from lessctl.files import not_a_file, replace_dir, sha256_file, write_atomic
 from lessctl.training.loop import MANIFEST, RUN_FILE, TrainResult, train_lora
 
 
@@ -155,8 +155,8 @@ def run_finetune(
     out = paths.finetune_dir(cfg.output_dir, name)
     if (out / "adapter_config.json").is_file() and not force:
         raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
-    if not Path(train_file).is_file():
-        raise MissingArtifactError(f"{train_file}: no such training file")
+    if problem := not_a_file(Path(train_file), "training file"):
+        raise (MissingArtifactError if "no such" in problem else InputError)(problem)
     staging = out.with_name(out.name + ".new")
     _clear(staging)
     try:
