@@ -155,6 +155,8 @@ def run_finetune(
     out = paths.finetune_dir(cfg.output_dir, name)
     if (out / "adapter_config.json").is_file() and not force:
         raise AlreadyExistsError(f"{out} already holds a finetuned adapter; pass --force to train it again")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):  # a folder of the user's
+        raise AlreadyExistsError(f"{out} exists and holds no adapter; pass --force to replace it with the finetune")
     if problem := not_a_file(Path(train_file), "training file"):
         raise (MissingArtifactError if "no such" in problem else InputError)(problem)
     staging = out.with_name(out.name + ".new")
