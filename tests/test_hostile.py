@@ -453,6 +453,14 @@ def s_eval_json(model: str, task: str, text: str):
     return setup
 
 
+def s_both(*setups):
+    def setup(ws):
+        for one in setups:
+            one(ws)
+
+    return setup
+
+
 def s_lr_zero(ws):  # what a one-step warmup spent warming up records: every checkpoint's mean learning rate 0
     p = ws / "out" / "warmup" / "checkpoints.json"
     p.write_text(json.dumps([{**c, "lr_mean": 0.0} for c in json.loads(p.read_text())]))
@@ -764,7 +772,7 @@ CASES = [
     (
         "results-study-eval-a-list",
         W,
-        lambda ws: (s_study("")(ws), s_eval_json("base", T, "[1, 2]")(ws)),
+        s_both(s_study(""), s_eval_json("base", T, "[1, 2]")),
         ["results", "--study"],
         2,
         f"{T}.json: expected",
@@ -772,7 +780,7 @@ CASES = [
     (
         "results-study-eval-garbage",
         W,
-        lambda ws: (s_study("")(ws), s_eval_json("base", T, '{"accuracy": ')(ws)),
+        s_both(s_study(""), s_eval_json("base", T, '{"accuracy": ')),
         ["results", "--study"],
         2,
         f"{T}.json:1",
