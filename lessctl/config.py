@@ -28,6 +28,7 @@ from lessctl.vocab import (
     METHODS,
     PROJECTOR_KINDS,
     closest,
+    seed_problem,
     spelled,
     type_problem,
 )
@@ -258,7 +259,17 @@ def option_name(key: str) -> str:
     return _OPTIONS.get(key) or "--" + key.partition(".")[2].replace("_", "-")
 
 
+SEEDS = ("seed", "sample_data_seed", "data_seed")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+NAME_MAX = 64  # a name is part of file names (`<name>-ckpt<step>-<type>.h5.part`, `<target>-<method>-s<seed>`)
+NAME_RULE = f"letters, digits and _ . + - only, not starting with . + or -, at most {NAME_MAX} characters"
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a data set, target or model folder (None when it can): NAME_RULE."""
+    if not NAME_RE.fullmatch(name) or len(name) > NAME_MAX:
+        return f"{name[:40]!r}{'...' if len(name) > 40 else ''} ({len(name)} characters): a name may hold {NAME_RULE}"
+    return None
 
 
 def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[str]) -> None:
@@ -317,15 +328,27 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
         bad("eval.batch_size", f"must be at least 1, got {cfg.eval.batch_size}")
     if cfg.eval.kv_cache not in KV_CACHES:
         bad("eval.kv_cache", f"expected {spelled(KV_CACHES)}, got {cfg.eval.kv_cache!r}")
-    if cfg.eval.limit < 0 or cfg.eval.bbh_examples_per_task < 1:
-        bad("eval.limit", "limit must be 0 or more and bbh_examples_per_task at least 1")
+    if cfg.eval.limit < 0:
+        bad("eval.limit", f"must be 0 (all) or more, got {cfg.eval.limit}")
+    if cfg.eval.bbh_examples_per_task < 0:
+        bad("eval.bbh_examples_per_task", f"must be 0 (all) or more, got {cfg.eval.bbh_examples_per_task}")
+    if cfg.eval.tydiqa_questions_per_language < 0:
+        bad(
+            "eval.tydiqa_questions_per_language",
+            f"must be 0 (all) or more, got {cfg.eval.tydiqa_questions_per_language}",
+        )
+    for key, seed in (
+        ("experiment.seed", cfg.experiment.seed),
+        ("grads.projection_seed", cfg.grads.projection_seed),
+        *((f"{sec}.{k}", getattr(getattr(cfg, sec), k)) for sec in ("warmup", "finetune") for k in SEEDS),
+    ):
+        if problem := seed_problem(seed):
+            bad(key, problem)
     for section, names in (("data.train", cfg.data.train), ("data.targets", cfg.data.targets)):
         for name in names:
-            if not NAME_RE.fullmatch(str(name)):
-                bad(
-                    f"{section}.{name}",
-                    "a data set name may hold letters, digits and _ . + - only (it names files and folders)",
-                )
+            if problem := name_problem(str(name)):
+                short = str(name) if len(str(name)) <= 40 else str(name)[:40] + "..."
+                bad(f"{section}.{short}", f"{problem} (it names files and folders)")
     for name, path in cfg.data.train.items():
         if not isinstance(path, str):
             bad(f"data.train.{name}", f"expected a path string, got {path!r}")

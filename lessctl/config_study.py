@@ -8,9 +8,10 @@ What the section resolves to (the Plan) is lessctl.study.plan's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Callable
 
-from lessctl.vocab import METHODS, STUDY_METHODS, closest, spelled, type_problem
+from lessctl.vocab import METHODS, STUDY_METHODS, closest, seed_problem, spelled, type_problem
 
 SECTION = "study"
 
@@ -91,7 +92,7 @@ def study_problems(s: StudyConfig, n_ckpts: int, label: Callable[[str], str]) ->
     for key in ("random_seeds", "warmup_seeds"):
         seeds = getattr(s, key)
         for seed in seeds:
-            if problem := type_problem("", seed, int):
+            if problem := type_problem("", seed, int) or seed_problem(seed):
                 bad(key, problem.lstrip(": "))
         if len(set(map(repr, seeds))) != len(seeds):
             bad(key, f"a seed is named twice in {seeds!r}")
@@ -110,4 +111,6 @@ def study_problems(s: StudyConfig, n_ckpts: int, label: Callable[[str], str]) ->
     for t in s.transfer:
         if not isinstance(t, str) or not t.strip():
             bad("transfer", f"expected model folders or hub names, got {t!r}")
+        elif PurePath(t).name in ("", ".", ".."):  # `/`, `.`, `x/..`: no folder name to name the finetunes by
+            bad("transfer", f"{t!r} names no model folder (its last part names the finetunes `<target>-less-<name>`)")
     return out

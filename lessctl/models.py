@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -127,8 +126,14 @@ def add_lora(model: Any, lora_cfg: Any):
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
-    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
-    return cfg.get("base_model_name_or_path") or ""
+    from lessctl.files import read_json_file
+
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    cfg = read_json_file(path, "a PEFT adapter config (a JSON object)", "train the adapter again with --force")
+    base = cfg.get("base_model_name_or_path") or ""
+    if not isinstance(base, str):
+        raise InputError(f"{path}: base_model_name_or_path is not a path ({base!r}); train the adapter again")
+    return base
 
 
 def load_adapter_model(

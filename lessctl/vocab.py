@@ -124,3 +124,13 @@ def closest(name: str, options: Iterable[str], list_all: bool = True) -> str:
 DATA_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".parquet")
 """Training and target data files: jsonl, gzip-compressed jsonl, parquet (as the Hugging Face hub exports data sets).
 A name ending in `.parquet` is read as parquet, one ending in `.gz` as gzip-compressed jsonl, any other as jsonl."""
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 0 .. 2**32 - 1
+
+
+def seed_problem(seed) -> str | None:
+    """Why `seed` is not a seed (None when it is): an integer from 0 to SEED_MAX."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:
+        return None
+    return f"a seed is an integer from 0 to {SEED_MAX}, got {seed!r}"

@@ -343,3 +343,19 @@ def test_training_set_is_the_seeded_subset_of_the_pooled_files(tok, tiny_data):
     idx = reference_subset(len(flat), 0.05, 3)
     assert counts == {"pool": 360, "subset": 18, "dropped_no_labels": 0}
     assert [(e.source, e.line) for e in out] == [(flat[i][0], flat[i][1].line) for i in idx]
+
+
+def test_examples_without_an_answer_are_not_blamed_on_truncation(tok, tmp_path, caplog):
+    asked = {"messages": [{"role": "user", "content": "Add 2 and 3."}]}  # no assistant turn: nothing to learn
+    short = {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
+    f = tmp_path / "pool.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in (asked, short)) + "\n")
+    out, counts = build_training_set({"pool": f}, tok, 24, "tulu", 1.0, 3)
+    assert counts["dropped_no_labels"] == 1 and [e.line for e in out] == [1]
+    from lessctl.errors import LogFormatter
+
+    lines = [LogFormatter().format(r) for r in caplog.records if "no trainable tokens" in r.getMessage()]
+    assert lines == [
+        "warning: 1 of 2 examples have no trainable tokens (no assistant answer to learn, before any cut) and were "
+        "skipped"
+    ]

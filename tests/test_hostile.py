@@ -347,6 +347,146 @@ def s_target_parquet_bad_row(ws):
     edit_toml(ws, "data/sorting_target.jsonl", "data/sorting_target.parquet")
 
 
+# ----------------------------------------------------------------------------- setups of round two (issue 28)
+
+
+class Payload:
+    """A pickle that runs a shell command when it is unpickled (what a hostile checkpoint holds)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def save_payload(path: Path, command: str) -> None:
+    import torch
+
+    torch.save({"state": Payload(command), "param_groups": [{"params": [0]}]}, path)
+
+
+def s_payload_optimizer(ws):  # run, the payload would append to the workspace file (the snapshot sees it)
+    ckpt = ws / "out" / "warmup" / f"checkpoint-{steps(ws)[0]}"
+    save_payload(ckpt / "optimizer.pt", f"echo pwned >> {ws / 'lessctl.toml'}")
+
+
+def s_interrupted_warmup(damage: Callable[[Path], None]):
+    """A warmup killed after its last checkpoint (no checkpoints.json yet: the next `warmup` resumes), whose last
+    checkpoint is then damaged by `damage(checkpoint folder)`."""
+
+    def setup(ws):
+        (ws / "out" / "warmup" / "checkpoints.json").unlink()
+        last = max((ws / "out" / "warmup").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+        damage(last)
+
+    return setup
+
+
+def s_results(*lines: bytes):
+    """results.jsonl with these lines (each given with its own newline, or none)."""
+
+    def setup(ws):
+        (ws / "out" / "results.jsonl").write_bytes(b"".join(lines))
+
+    return setup
+
+
+GOOD_RESULT = b'{"model": "base", "task": "sorting", "metric": "accuracy", "score": 12.5, "n": 4}\n'
+
+
+def s_huge_claim(ws):
+    """synth_a's store at the first checkpoint replaced by a tiny file whose datasets claim 10^9 rows (unwritten
+    chunks read back as zeros: reading them all takes hours)."""
+    p = store(ws, S, "adam")
+    with h5py.File(p, "r") as f:
+        attrs = dict(f.attrs)
+        dims = [int(g[3:]) for g in f if g.startswith("dim")]
+    p.unlink()
+    n = 10**9
+    with h5py.File(p, "w") as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs.modify("n_rows", np.int64(n))
+        f.attrs.modify("rows_completed", np.int64(n))
+        if "total_rows" in attrs:
+            f.attrs.modify("total_rows", np.int64(n))
+        f.create_dataset("index", shape=(n,), dtype=np.int64, chunks=(1 << 16,))
+        for d in dims:
+            f.create_dataset(f"dim{d}/features", shape=(n, d), dtype=np.float16, chunks=(1 << 12, d))
+            f.create_dataset(f"dim{d}/norms", shape=(n,), dtype=np.float32, chunks=(1 << 16,))
+    assert p.stat().st_size < 100_000
+
+
+STUDY = "\n[study]\nmethods = [\"less\", \"random\"]\n"
+
+
+def s_study(extra: str):
+    def setup(ws):
+        p = ws / "lessctl.toml"
+        p.write_text(p.read_text() + STUDY + extra)
+
+    return setup
+
+
+def s_selection_then(damage: Callable[[Path], None]):
+    """A selection of the sorting target, then `damage(selected/sorting/less)`."""
+
+    def setup(ws, cli):
+        s_selection(ws, cli)
+        damage(ws / "out" / "selected" / T / "less")
+
+    return setup
+
+
+def s_fifo_data(ws):
+    os.mkfifo(ws / "data" / "pipe.jsonl")
+    edit_toml(ws, 'synth_a = "data/synth_a.jsonl"', 'synth_a = "data/pipe.jsonl"')
+
+
+def s_eval_json(model: str, task: str, text: str):
+    def setup(ws):
+        d = ws / "out" / "eval" / model
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{task}.json").write_text(text)
+
+    return setup
+
+
+def s_both(*setups):
+    def setup(ws):
+        for one in setups:
+            one(ws)
+
+    return setup
+
+
+def s_lr_zero(ws):  # what a one-step warmup spent warming up records: every checkpoint's mean learning rate 0
+    p = ws / "out" / "warmup" / "checkpoints.json"
+    p.write_text(json.dumps([{**c, "lr_mean": 0.0} for c in json.loads(p.read_text())]))
+
+
+def s_trained_then(damage: Callable[[Path], None]):
+    """A selection of the sorting target and an adapter trained on it (as `run` would leave them), then
+    `damage(selected/sorting/less)`."""
+
+    def setup(ws, cli):
+        s_selection(ws, cli)
+        d = ws / "out" / "finetune" / f"{T}-less"
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text('{"base_model_name_or_path": "model"}')
+        (d / "adapter_model.safetensors").write_bytes(b"weights of a finetune")
+        damage(ws / "out" / "selected" / T / "less")
+
+    return setup
+
+
+def s_other_data_sets_store(ws):  # synth_b's store copied over synth_a's: not a change of synth_a.jsonl
+    for k in (0, 1):
+        src, dst = store(ws, "synth_b", "adam", k), store(ws, S, "adam", k)
+        dst.write_bytes(src.read_bytes())
+
+
 G, W = "tiny_grads_ws", "tiny_ws"  # the workspace each case starts from: with gradient stores, or warmed up only
 T, S = "sorting", "synth_a"
 WARMUP = ["warmup", "--force", "--device", "cpu"]
@@ -482,6 +622,201 @@ CASES = [
     ),
     ("garbage-manifest", W, s_garbage_manifest, ["grads"], 2, "checkpoints.json:2"),
     ("results-unknown-task", W, None, ["results", "--task", "nosuch"], 2, "--task"),
+    # round two (issue 28): code in a checkpoint, damaged files lessctl reads back, names, seeds, messages
+    (
+        "optimizer-pickle-payload",
+        W,
+        s_payload_optimizer,
+        ["grads", "--train", S, "--ckpt", "{step0}", "--force", "--device", "cpu"],
+        2,
+        "optimizer.pt: refused by the safe load",
+    ),
+    (
+        "warmup-resume-garbage-optimizer",
+        W,
+        s_interrupted_warmup(lambda d: (d / "optimizer.pt").write_bytes(b"\x80\x04garbage" * 10)),
+        ["warmup", "--device", "cpu"],
+        2,
+        "optimizer.pt",
+    ),
+    (
+        "warmup-resume-cut-optimizer",
+        W,
+        s_interrupted_warmup(lambda d: cut_in_half(d / "optimizer.pt")),
+        ["warmup", "--device", "cpu"],
+        2,
+        "optimizer.pt: cannot be read",
+    ),
+    (
+        "warmup-resume-payload-scheduler",
+        W,
+        s_interrupted_warmup(lambda d: save_payload(d / "scheduler.pt", f"echo pwned >> {d / 'trainer_state.json'}")),
+        ["warmup", "--device", "cpu"],
+        2,
+        "scheduler.pt: refused by the safe load",
+    ),
+    (
+        "warmup-resume-bad-lrs",
+        W,
+        s_interrupted_warmup(lambda d: (d / "lessctl_lrs.json").write_text('{"lrs": [0.1, ')),
+        ["warmup", "--device", "cpu"],
+        2,
+        "lessctl_lrs.json",
+    ),
+    (
+        "warmup-resume-cut-adapter",
+        W,
+        s_interrupted_warmup(lambda d: cut_in_half(d / "adapter_model.safetensors")),
+        ["warmup", "--device", "cpu"],
+        2,
+        "adapter_model.safetensors",
+    ),
+    ("results-bad-middle-line", W, s_results(GOOD_RESULT, b'{"model": oops}\n', GOOD_RESULT), ["results"], 2, ":2"),
+    ("results-a-list-line", W, s_results(GOOD_RESULT, b"[1, 2]\n", GOOD_RESULT), ["results"], 2, "results.jsonl:2"),
+    ("store-claims-1e9-rows-verify", G, s_huge_claim, ["store", "verify"], 1, "claim 1000000000 rows"),
+    ("store-claims-1e9-rows-match", G, s_huge_claim, ["match", "--target", T], 2, "synth_a-ckpt"),
+    ("random-seed-negative", W, s_study("random_seeds = [-1]\n"), ["run", "--dry-run"], 2, "study.random_seeds"),
+    ("warmup-seed-negative", W, s_study("warmup_seeds = [-5]\n"), ["run", "--dry-run"], 2, "study.warmup_seeds"),
+    ("random-seed-huge", W, s_study("random_seeds = [4294967296]\n"), ["run", "--dry-run"], 2, "study.random_seeds"),
+    (
+        "experiment-seed-negative",
+        W,
+        s_toml("seed = 3", "seed = -3"),
+        ["grads", "--device", "cpu"],
+        2,
+        "experiment.seed",
+    ),
+    ("warmup-data-seed-negative", W, s_toml("\ndata_seed = 3", "\ndata_seed = -1"), WARMUP, 2, "warmup.data_seed"),
+    (
+        "data-set-name-300",
+        W,
+        s_toml("synth_a = ", "d" * 300 + " = "),
+        ["grads", "--device", "cpu"],
+        2,
+        "data.train.ddd",
+    ),
+    ("target-name-300", W, s_toml("sorting = {", "s" * 300 + " = {"), ["run", "--dry-run"], 2, "data.targets.sss"),
+    ("target-name-dot", W, s_toml("sorting = {", '".hidden" = {'), ["run", "--dry-run"], 2, "data.targets..hidden"),
+    (
+        "finetune-name-300",
+        W,
+        None,
+        ["finetune", "--train-file", "data/synth_a.jsonl", "--name", "x" * 300, "--device", "cpu"],
+        2,
+        "--name",
+    ),
+    (
+        "report-summary-garbage",
+        G,
+        s_selection_then(lambda d: (d / "summary.json").write_text('{"file": ')),
+        ["report"],
+        2,
+        "summary.json:1",
+    ),
+    (
+        "report-summary-a-list",
+        G,
+        s_selection_then(lambda d: (d / "summary.json").write_text("[1, 2]")),
+        ["report"],
+        2,
+        "summary.json: expected",
+    ),
+    (
+        "report-summary-by-is-a-list",
+        G,
+        s_selection_then(lambda d: (d / "summary.json").write_text('{"file": "x.jsonl", "by_train_set": [1]}')),
+        ["report"],
+        2,
+        "'by_train_set'",
+    ),
+    (
+        "report-sorted-garbage",
+        G,
+        s_selection_then(lambda d: put_bytes(d / "sorted.csv", 3, b"synth_a, x, 0.5")),
+        ["report"],
+        2,
+        "sorted.csv:3",
+    ),
+    (
+        "report-sorted-short-row",
+        G,
+        s_selection_then(lambda d: put_bytes(d / "sorted.csv", 2, b"synth_a")),
+        ["report"],
+        2,
+        "sorted.csv:2",
+    ),
+    (
+        "report-checkpoints-garbage",
+        G,
+        s_selection_then(lambda d: (d.parents[2] / "warmup" / "checkpoints.json").write_text("{")),
+        ["report"],
+        2,
+        "checkpoints.json:1",
+    ),
+    (
+        "report-checkpoints-not-a-list",
+        G,
+        s_selection_then(lambda d: (d.parents[2] / "warmup" / "checkpoints.json").write_text('{"step": 1}')),
+        ["report"],
+        2,
+        "checkpoints.json: expected",
+    ),
+    (
+        "dry-run-summary-garbage",
+        G,
+        s_trained_then(lambda d: (d / "summary.json").write_text('{"file": ')),
+        ["run", "--dry-run"],
+        2,
+        "summary.json",
+    ),
+    (
+        "results-study-eval-a-list",
+        W,
+        s_both(s_study(""), s_eval_json("base", T, "[1, 2]")),
+        ["results", "--study"],
+        2,
+        f"{T}.json: expected",
+    ),
+    (
+        "results-study-eval-garbage",
+        W,
+        s_both(s_study(""), s_eval_json("base", T, '{"accuracy": ')),
+        ["results", "--study"],
+        2,
+        f"{T}.json:1",
+    ),
+    ("transfer-root", W, s_study('transfer = ["/"]\n'), ["run", "--dry-run"], 2, "study.transfer"),
+    ("transfer-dotdot", W, s_study('transfer = ["model/.."]\n'), ["run", "--dry-run"], 2, "study.transfer"),
+    ("bbh-examples-negative", W, None, ["eval", "--task", "bbh", "--bbh-examples", "-1"], 2, "--bbh-examples"),
+    ("data-file-fifo", W, s_fifo_data, WARMUP, 2, "pipe.jsonl: is a FIFO"),
+    ("data-file-dev-zero", W, s_toml('"data/synth_a.jsonl"', '"/dev/zero"'), WARMUP, 2, "/dev/zero: is a device"),
+    (
+        "finetune-train-file-dev-zero",
+        W,
+        None,
+        ["finetune", "--train-file", "/dev/zero", "--name", "z", "--device", "cpu"],
+        2,
+        "/dev/zero: is a device",
+    ),
+    (
+        "finetune-over-a-users-folder",
+        W,
+        lambda ws: (
+            (ws / "out" / "finetune" / "mine").mkdir(parents=True) or (ws / "out/finetune/mine/notes.txt").touch()
+        ),
+        ["finetune", "--train-file", "data/synth_a.jsonl", "--name", "mine", "--device", "cpu"],
+        2,
+        "--force",
+    ),
+    ("match-another-data-sets-store", G, s_other_data_sets_store, ["match", "--target", T], 2, "another data set"),
+    (
+        "match-lr-zero-warmup",
+        G,
+        s_lr_zero,
+        ["match", "--target", T],
+        2,
+        "checkpoints.json (lr_mean)",
+    ),
     # the machine refuses: a file in a folder's place, a read-only folder, a full disk
     ("selected-is-a-file", G, s_selected_is_a_file, ["match", "--target", T], 2, "selected"),
     ("grads-is-a-file", W, s_grads_is_a_file, ["grads", "--device", "cpu"], 2, "grads"),
@@ -794,3 +1129,138 @@ def test_two_writers_one_store(tiny_ws):
     from lessctl.grads.store.reader import verify_store
 
     assert verify_store(store(tiny_ws, S, "adam")) == []
+
+
+# ----------------------------------------------------------------------------- round two (issue 28), beyond the table
+
+
+def test_a_pickle_payload_in_a_checkpoint_never_runs(tiny_ws, tmp_path, cli):
+    """A hostile optimizer.pt or scheduler.pt (a pickle whose __reduce__ runs a shell command) is refused by the
+    safe load, naming the file, in `grads` and in a warmup resume: the command never runs."""
+    cfg = ("--config", tiny_ws / "lessctl.toml")
+    marker = tmp_path / "payload-ran"
+    first = tiny_ws / "out" / "warmup" / f"checkpoint-{steps(tiny_ws)[0]}" / "optimizer.pt"
+    save_payload(first, f"touch {marker}")
+    res = cli(*cfg, "grads", "--train", S, "--ckpt", steps(tiny_ws)[0], "--force", "--device", "cpu")
+    errors = [line for line in res.err.splitlines() if line.startswith("error:")]
+    assert res.code == 2 and len(errors) == 1 and str(first) in errors[0], res
+    assert not marker.exists()
+    s_interrupted_warmup(lambda d: save_payload(d / "scheduler.pt", f"touch {marker}"))(tiny_ws)
+    res = cli(*cfg, "warmup", "--device", "cpu")
+    assert res.code == 2 and "scheduler.pt: refused by the safe load" in res.err, res
+    assert not marker.exists()
+
+
+def test_a_real_optimizer_state_still_loads_safely(tiny_ws):
+    """weights_only=True reads what the Trainer saves: the moments of every trainable parameter."""
+    from lessctl.config import load_config
+    from lessctl.grads.adam import load_adam_state
+    from lessctl.models import add_lora, load_base_model
+
+    cfg = load_config(tiny_ws / "lessctl.toml")
+    model = add_lora(load_base_model(cfg.model_ref(), "fp32", "cpu"), cfg.lora)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    state = load_adam_state(tiny_ws / "out" / "warmup" / f"checkpoint-{steps(tiny_ws)[0]}", params, "cpu")
+    assert state.exp_avg.numel() == sum(p.numel() for _, p in params) and float(state.exp_avg_sq.min()) >= 0
+
+
+def test_the_users_old_folders_survive_swaps(tiny_ws, cli):
+    """`<name>.old` folders are the user's: `finetune --force` and `warmup --force` swap their outputs into place
+    through an aside of lessctl's own, and leave no aside behind."""
+    cfg = ("--config", tiny_ws / "lessctl.toml")
+    s_fake_adapter(tiny_ws)
+    kept = {}
+    for d in (tiny_ws / "out" / "finetune" / "mine.old", tiny_ws / "out" / "warmup.old"):
+        d.mkdir(parents=True)
+        (d / "keep.txt").write_text(f"the user's {d.name}")
+        kept[d] = snapshot(d)
+    args = ("--train-file", tiny_ws / "data" / "synth_a.jsonl", "--device", "cpu", "--epochs", "1")
+    assert cli(*cfg, "finetune", *args, "--name", "mine", "--force").code == 0
+    assert cli(*cfg, "finetune", *args, "--name", "mine.old").code == 2  # it exists (holds no adapter: --force)
+    assert cli(*cfg, "warmup", "--force", "--device", "cpu").code == 0
+    for d, snap in kept.items():
+        assert snapshot(d) == snap, d
+    assert (tiny_ws / "out" / "finetune" / "mine" / "adapter_config.json").is_file()
+    asides = [p for p in (tiny_ws / "out").rglob("*") if ".lessctl-old-" in p.name]
+    assert not asides, asides
+
+
+def test_a_torn_results_line_is_skipped_and_the_next_eval_starts_a_fresh_line(tiny_ws, data_dir):
+    """A killed append leaves half a record without its newline: `results` warns once and shows the rest, and
+    the next evaluation's record goes on a line of its own (not glued onto the torn one)."""
+    log = tiny_ws / "out" / "results.jsonl"
+    log.write_bytes(GOOD_RESULT + GOOD_RESULT[:40])
+
+    def lessctl(*args: str) -> tuple[int, str, str]:
+        p = _run_lessctl(tiny_ws, *args)
+        out, err = p.communicate(timeout=600)
+        return p.returncode, out, err
+
+    code, out, err = lessctl("results", "--json")
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1 and "results.jsonl:2" in warnings[0], err
+    assert "error:" not in err and len(json.loads(out)["results"]) == 1
+    code, _, err = lessctl(
+        "eval", "--task", "mmlu", "--model", "base", "--limit", "1", "--device", "cpu", "--data-dir", str(data_dir)
+    )
+    assert code == 0, err
+    lines = log.read_bytes().split(b"\n")
+    assert lines[1] == GOOD_RESULT[:40] and json.loads(lines[2])["task"] == "mmlu" and lines[3] == b""
+    code, out, err = lessctl("results", "--json")
+    assert code == 0 and err.count("warning:") == 1, err
+    assert [r["task"] for r in json.loads(out)["results"]] == ["sorting", "mmlu"]
+
+
+def test_a_torn_record_anywhere_is_skipped_but_a_wrong_line_is_an_error(tmp_path, caplog):
+    from lessctl.errors import InputError
+    from lessctl.evaluation.results import append_result, read_results
+
+    log = tmp_path / "results.jsonl"
+    log.write_bytes(GOOD_RESULT + b'{"model": "a", "task": "bb')  # torn, then a record appended after it
+    append_result(tmp_path, {"model": "b", "task": "mmlu", "score": 1.0})
+    assert [r["model"] for r in read_results(tmp_path)] == ["base", "b"]
+    assert [r.getMessage() for r in caplog.records if "torn" in r.getMessage()] == [
+        f"{log}:2: skipping a torn record (cut short by an interrupted evaluation)"
+    ]
+    log.write_bytes(GOOD_RESULT + '{"t": "caf\u00e9'.encode()[:-1])  # cut inside a UTF-8 character
+    assert len(read_results(tmp_path)) == 1
+    log.write_bytes(GOOD_RESULT + b'{"model": "a"} trailing\n' + GOOD_RESULT)
+    with pytest.raises(InputError, match=r"results.jsonl:2: invalid JSON"):
+        read_results(tmp_path)
+
+
+def test_verify_reports_progress_and_refuses_a_store_claiming_more_than_it_holds(tiny_grads_ws):
+    from lessctl.grads.store.reader import verify_store
+
+    p = store(tiny_grads_ws, S, "adam")
+    with h5py.File(p) as f:
+        rows, dims = int(f.attrs["n_rows"]), sum(1 for g in f if g.startswith("dim"))
+    seen = []
+    assert verify_store(p, progress=seen.append) == []
+    assert sum(seen) == rows * dims
+    s_huge_claim(tiny_grads_ws)
+    t0 = time.time()
+    (problem,) = verify_store(p)
+    assert time.time() - t0 < 10 and "claim 1000000000 rows" in problem and p.name in problem
+
+
+def test_report_draws_mathtext_labels_as_plain_text(tiny_grads_ws, cli):
+    cfg = ("--config", tiny_grads_ws / "lessctl.toml")
+    assert cli(*cfg, "match", "--target", T).code == 0
+    p = tiny_grads_ws / "out" / "selected" / T / "less" / "summary.json"
+    summary = json.loads(p.read_text())
+    summary["by_train_set"] = {r"$\undefinedmacro{x}$": 3, "a $ b": 1}
+    p.write_text(json.dumps(summary))
+    res = cli(*cfg, "report")
+    assert res.code == 0 and "Traceback" not in res.err, res
+    assert (tiny_grads_ws / "out" / "report" / f"composition-{T}.png").stat().st_size > 0
+
+
+def test_zero_bbh_examples_means_all(tiny_ws):
+    from lessctl.config import load_config
+
+    cfg = load_config(tiny_ws / "lessctl.toml", overrides={"eval.bbh_examples_per_task": 0})
+    assert cfg.eval.bbh_examples_per_task == 0
+    from lessctl.evaluation.runner import task_options
+
+    assert task_options(cfg.eval, "bbh")["examples_per_task"] is None

@@ -269,7 +269,6 @@ def store_verify(
 ) -> None:
     """Check stores: schema, completeness, finite values, unit rows. Exit 1 on a problem."""
     from lessctl.errors import VerifyError
-    from lessctl.grads.store.reader import verify_store
 
     if not paths:
         cfg = load_config()
@@ -279,7 +278,7 @@ def store_verify(
             from lessctl.errors import MissingArtifactError
 
             raise MissingArtifactError(f"no gradient stores in {cfg.output_dir / 'grads'}; run `lessctl grads` first")
-    report = {str(p): verify_store(p) for p in paths}
+    report = _verify_all(paths, quiet=json_out)
     bad = {p: probs for p, probs in report.items() if probs}
     if json_out:
         emit_json({"ok": not bad, "stores": report})
@@ -291,6 +290,31 @@ def store_verify(
     if bad:
         first = next(iter(bad))
         raise VerifyError(f"{len(bad)} of {len(report)} stores failed verification; first: {first}: {bad[first][0]}")
+
+
+VERIFY_PROGRESS_ROWS = 200_000  # stores with more rows than this (per dim) show a progress bar while read
+
+
+def _verify_all(paths: list[Path], quiet: bool) -> dict[str, list[str]]:
+    """verify_store of each path; a progress bar (rows of each dim read) for stores larger than
+    VERIFY_PROGRESS_ROWS."""
+    import h5py
+
+    from lessctl.grads.store.reader import verify_store
+
+    report = {}
+    for p in paths:
+        try:
+            with h5py.File(p, "r", locking=False) as f:
+                n = int(f.attrs.get("rows_completed", 0)) * sum(1 for g in f if g.startswith("dim"))
+        except (OSError, TypeError, ValueError):
+            n = 0
+        if n <= VERIFY_PROGRESS_ROWS:
+            report[str(p)] = verify_store(p)
+            continue
+        with ProgressBar(f"store verify {Path(p).name}", total=n, unit="rows", quiet=quiet) as bar:
+            report[str(p)] = verify_store(p, progress=lambda k: bar.update(advance=k))
+    return report
 
 
 def register(app: typer.Typer) -> None:

@@ -78,10 +78,7 @@ def warmup(
         return
     con = err_console()
     if res.counts.get("dropped_no_labels"):
-        con.print(
-            f"[yellow]{res.counts['dropped_no_labels']} examples had no trainable tokens after truncation and were "
-            f"skipped"
-        )
+        con.print(f"[yellow]{res.counts['dropped_no_labels']} examples had no trainable tokens and were skipped")
     con.print(
         f"warmup on {res.counts['subset'] - res.counts['dropped_no_labels']} of {res.counts['pool']} examples "
         f"in {res.seconds:.0f}s -> {res.output_dir}"

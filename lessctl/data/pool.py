@@ -85,8 +85,18 @@ def encode_training_set(
     truncation.log("training set " + "+".join(files))
     out = [enc for enc in encoded if enc.n_label_tokens > 0]
     dropped = len(encoded) - len(out)
-    if dropped:
-        warn(log, f"{dropped} of {len(idx)} examples have no trainable tokens after truncation and were skipped")
+    never = sum(1 for e in encoded if e.n_label_tokens == 0 and not e.untruncated_label_tokens)  # no answer at all
+    if dropped - never:
+        warn(
+            log,
+            f"{dropped - never} of {len(idx)} examples have no trainable tokens after truncation and were skipped",
+        )
+    if never:
+        warn(
+            log,
+            f"{never} of {len(idx)} examples have no trainable tokens (no assistant answer to learn, before any "
+            "cut) and were skipped",
+        )
     return out, {"pool": len(pool), "subset": int(len(idx)), "dropped_no_labels": dropped}, truncation
 
 

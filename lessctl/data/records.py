@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from lessctl.errors import InputError
-from lessctl.files import decode_utf8
+from lessctl.files import decode_utf8, not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ def read_examples(path: str | Path) -> list[Record]:
     """Reads a training data file (.jsonl, .jsonl.gz or .parquet), validating each example; a bad one is an
     InputError naming `file:line` (parquet: `file row N`)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
+    if problem := not_a_file(path, "data file"):
+        raise InputError(problem)
     records: list[Record] = []
     layout = PARQUET_EXAMPLES_LAYOUT if is_parquet(path) else EXAMPLES_LAYOUT
     for number, raw, obj in iter_objects(path, layout, EXAMPLE_COLUMNS):

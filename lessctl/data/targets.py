@@ -30,6 +30,7 @@ from typing import Any
 from lessctl.data.encoding import join_prompt_completion
 from lessctl.data.records import iter_objects, read_text, where
 from lessctl.errors import ConfigError, InputError
+from lessctl.files import not_a_file
 from lessctl.vocab import BUILTIN_TARGETS, PROMPT_FORMATS
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,8 @@ def task_dir(data_dir: str | os.PathLike, task: str) -> Path:
 
 
 def require_file(path: Path, layout: str) -> Path:
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; expected {layout}")
+    if problem := not_a_file(path, "file"):
+        raise InputError(f"{problem}; expected {layout}")
     return path
 
 

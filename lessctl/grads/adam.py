@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lessctl.errors import InputError, MissingArtifactError
+from lessctl.files import torch_load_safe
 from lessctl.vocab import GRAD_TYPES
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,34 @@ def load_adam_state(ckpt_dir: Path, params: list[tuple[str, Any]], device) -> Ad
             f"{path}: the checkpoint has no optimizer state, which adam features need; "
             "use a checkpoint saved by `lessctl warmup`, or --type sgd"
         )
+    sd = torch_load_safe(path, "a torch optimizer state", "`lessctl warmup --force` trains the warmup again")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        state, groups, entries = _entries(path, sd, params)
+        m, v = [], []
+        for (key, st), (name, p) in zip(entries, params):
+            if "exp_avg" not in st or tuple(st["exp_avg"].shape) != tuple(p.shape):
+                got = tuple(st["exp_avg"].shape) if "exp_avg" in st else "no exp_avg"
+                raise InputError(
+                    f"{path}: optimizer state {key!r} ({got}) does not match parameter {name} {tuple(p.shape)}"
+                )
+            m.append(st["exp_avg"].reshape(-1).float())
+            v.append(st["exp_avg_sq"].reshape(-1).float())
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
         raise InputError(
-            f"{path}: cannot be read as a torch optimizer state ({why}); "
-            "the checkpoint is damaged: `lessctl warmup --force` trains the warmup again"
+            f"{path}: not an optimizer state ({type(e).__name__}: {e}); expected torch's dict of 'state' and "
+            "'param_groups': `lessctl warmup --force` trains the warmup again"
         ) from None
+    g0 = groups[0] if groups and isinstance(groups[0], dict) else {}
+    try:
+        b1, b2 = (float(b) for b in g0.get("betas", (0.9, 0.999)))
+        eps = float(g0.get("eps", 1e-8))
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: param_groups[0] has no valid betas/eps: {g0.get('betas')!r}") from None
+    return AdamState(torch.cat(m).to(device), torch.cat(v).to(device), b1, b2, eps)
+
+
+def _entries(path: Path, sd, params: list[tuple[str, Any]]):
+    """(state, param_groups, [(key, per-parameter state)] in parameter order) of a loaded optimizer state."""
     if not isinstance(sd, dict) or not isinstance(sd.get("state", {}), dict):
         raise InputError(f"{path}: not an optimizer state (expected a dict with 'state' and 'param_groups')")
     state, groups = sd.get("state", {}), sd.get("param_groups", [{}])
@@ -67,18 +88,7 @@ def load_adam_state(ckpt_dir: Path, params: list[tuple[str, Any]], device) -> Ad
         entries = [(k, by_name[k]) for k in keys]
     if len(entries) != len(params):
         raise InputError(f"{path}: optimizer state has {len(entries)} entries for {len(params)} trainable parameters")
-    m, v = [], []
-    for (key, st), (name, p) in zip(entries, params):
-        if "exp_avg" not in st or tuple(st["exp_avg"].shape) != tuple(p.shape):
-            got = tuple(st["exp_avg"].shape) if "exp_avg" in st else "no exp_avg"
-            raise InputError(
-                f"{path}: optimizer state {key!r} ({got}) does not match parameter {name} {tuple(p.shape)}"
-            )
-        m.append(st["exp_avg"].reshape(-1).float())
-        v.append(st["exp_avg_sq"].reshape(-1).float())
-    g0 = groups[0] if groups else {}
-    b1, b2 = g0.get("betas", (0.9, 0.999))
-    return AdamState(torch.cat(m).to(device), torch.cat(v).to(device), float(b1), float(b2), float(g0.get("eps", 1e-8)))
+    return state, groups, entries
 
 
 def transform(g, grad_type: str, adam: AdamState | None = None):

@@ -375,6 +375,12 @@ def stale_reason(attrs: dict, source_sha: str, run_id: str | None, source: Path)
     """Why a complete store no longer describes its data: its source changed, or the warmup was trained again
     since (its checkpoints are other weights under the same steps); None when it is current."""
     if attrs.get("source_sha256") != source_sha:
+        recorded = [Path(p).name for p in str(attrs.get("source") or "").split(";") if p]
+        if recorded and Path(source).name not in recorded:  # not a changed file: another data set's store
+            return (
+                f"it was computed from {';'.join(recorded)}, not {Path(source).name}: another data set's store "
+                "under this one's name"
+            )
         return f"{source} changed since it was written (its sha256 differs)"
     if attrs.get("warmup_run") and run_id and attrs["warmup_run"] != run_id:
         return "the warmup was trained again since it was written (another warmup run)"

@@ -7,7 +7,6 @@ streamed from the stores in chunks, so memory stays bounded whatever the pool's 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -64,6 +63,13 @@ def selection_file(cfg: Config, target: str, method: str) -> Path:
             f"--method {method}{' --force' if what != 'selection' else ''}` first"
         )
     return found
+
+
+def _lr_weight_source(cfg: Config) -> tuple[str, str]:  # where the default checkpoint weights come from
+    return f"{paths.checkpoints_file(cfg.output_dir)} (lr_mean)", (
+        ": the weights are the warmup's mean learning rates, and no step learned (learning rate 0: a warmup of "
+        "one step spent warming up?); give --weights, or train a longer warmup with `lessctl warmup --force`"
+    )
 
 
 def _target_subtasks_and_prompts(cfg: Config, target: str) -> tuple[list[str], list[str]]:
@@ -251,7 +257,7 @@ def less_checkpoints(cfg: Config, ckpts: list[int] | None, weights: list[float] 
         if len(weights) != len(steps):
             raise ConfigError(f"--weights: {len(weights)} weights for {len(steps)} checkpoints")
         return steps, normalize_weights(weights)
-    return steps, normalize_weights([by_step[s]["lr_mean"] for s in steps])
+    return steps, normalize_weights([by_step[s]["lr_mean"] for s in steps], *_lr_weight_source(cfg))
 
 
 def _score_less(j: _Scoring) -> tuple[Scored, dict]:
@@ -266,15 +272,15 @@ def _score_less(j: _Scoring) -> tuple[Scored, dict]:
     try:
         everything = [r for rs in train_readers.values() for r in rs] + target_readers
         check_compatible(everything, dim)
+        run_id = warmup_run_id(cfg)
+        for ds in data_sets(cfg, j.train, [target], None):  # first: it says which file, or whose store, it is
+            _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
         for n, rs in train_readers.items():
             if rs[0].n_rows != len(records[n]) or any(r.n_rows != rs[0].n_rows for r in rs):
                 raise InputError(
                     f"the stores of '{n}' hold {rs[0].n_rows} rows but {files[n]} has {len(records[n])} examples; "
                     f"the file changed: recompute with `lessctl grads --train {n}`"
                 )
-        run_id = warmup_run_id(cfg)
-        for ds in data_sets(cfg, j.train, [target], None):
-            _check_source(ds, train_readers[ds.name] if ds.role == "train" else target_readers, run_id)
         if target_readers[0].n_rows != len(subtasks):
             raise InputError(
                 f"the '{target}' stores hold {target_readers[0].n_rows} rows but the target has {len(subtasks)} "
@@ -350,9 +356,9 @@ def _sorted_csv(scored: Scored, order: np.ndarray) -> str:
 
 
 def read_sorted_csv(path: Path) -> list[tuple[str, int, float]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh, skipinitialspace=True))
-    return [(r[0], int(r[1]), float(r[2])) for r in rows[1:]]
+    from lessctl.select.readback import read_sorted_csv as checked
+
+    return checked(path)
 
 
 def _count(values) -> dict:

@@ -45,12 +45,16 @@ def aggregate(scores, A):
     return (scores @ A).max(axis=1)
 
 
-def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+def normalize_weights(weights: Sequence[float], source: str = "--weights", hint: str = "") -> np.ndarray:
+    """The checkpoint weights scaled to sum to 1; `source` (the option, or the file they were read from) and
+    `hint` go into the error when they are not finite, non-negative and not all zero."""
     w = np.asarray(weights, dtype=np.float64)
     if not np.isfinite(w).all():
-        raise ConfigError(f"--weights: checkpoint weights must be finite numbers, got {list(weights)}")
+        raise ConfigError(f"{source}: checkpoint weights must be finite numbers, got {list(weights)}{hint}")
     if (w < 0).any() or w.sum() <= 0:
-        raise ConfigError(f"--weights: checkpoint weights must be non-negative and not all zero, got {list(weights)}")
+        raise ConfigError(
+            f"{source}: checkpoint weights must be non-negative and not all zero, got {list(weights)}{hint}"
+        )
     return w / w.sum()
 
 

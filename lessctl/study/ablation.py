@@ -382,7 +382,9 @@ def run_ablation(
 
 def _note_subset(summary_path: Path, subset: tuple[int, ...]) -> None:
     """Adds the subset's positions to the selection's summary.json (run_match names the checkpoints by step)."""
-    summary = json.loads(summary_path.read_text())
+    from lessctl.select.readback import read_summary
+
+    summary = read_summary(summary_path)
     summary["checkpoint_positions"] = list(subset)
     write_atomic(summary_path, json.dumps(summary, indent=2, default=str))
 

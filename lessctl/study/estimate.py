@@ -96,7 +96,10 @@ def estimate_seconds(cfg: Config, job: Job, pool: int) -> tuple[float | None, st
     if job.model == BM25_MODEL:
         return 0.0, "CPU only"
     if job.task == "bbh":
-        n = BBH_TASKS * min(x for x in (cfg.eval.bbh_examples_per_task, limit) if x)
+        per = [x for x in (cfg.eval.bbh_examples_per_task, limit) if x]
+        if not per:
+            return None, "bbh: every example (count not read)"
+        n = BBH_TASKS * min(per)
         return n / RATES["eval-bbh"].per_second, f"{n:,} prompts at {RATES['eval-bbh'].per_second:.1f}/s"
     if job.task == "tydiqa":
         per = [x for x in (cfg.eval.tydiqa_questions_per_language, limit) if x]

@@ -9,7 +9,6 @@ the results table when `eval` ran. Figures are PNG files in the report folder, r
 from __future__ import annotations
 
 import html
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,10 @@ from lessctl.errors import ConfigError, MissingArtifactError
 from lessctl.evaluation.results import read_results
 from lessctl.files import atomic_path, write_atomic
 from lessctl.outputs import layout as paths
-from lessctl.select.match import SUMMARY_KEYS, read_sorted_csv
+from lessctl.select.match import SUMMARY_KEYS
+from lessctl.select.readback import read_sorted_csv, read_summary
 from lessctl.study.ablation import HEATMAP_FILE
+from lessctl.training.runs import read_checkpoints
 from lessctl.vocab import METHODS
 
 
@@ -50,7 +51,7 @@ def _selections(cfg: Config) -> dict[str, dict[str, _Selection]]:
             key=lambda d: (METHODS.index(d.name) if d.name in METHODS else len(METHODS), d.name),
         )
         for d in methods:
-            summary = json.loads((d / paths.SUMMARY_FILE).read_text())
+            summary = read_summary(d / paths.SUMMARY_FILE)
             rows = read_sorted_csv(d / paths.SORTED_FILE)
             k = int(summary.get("selected", 0))
             sel = _Selection(d.name, summary, [r[2] for r in rows], {(r[0], r[1]) for r in rows[:k]})
@@ -63,6 +64,7 @@ def _pyplot():
         import matplotlib
 
         matplotlib.use("Agg")
+        matplotlib.rcParams["text.parse_math"] = False  # labels are names from the data: plain text, `$` and all
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError(f"lessctl report draws with matplotlib ({exc}): pip install 'lessctl[plot]'") from exc
@@ -203,7 +205,7 @@ def build_report(cfg: Config, out_dir: Path | None = None) -> ReportResult:
     ]
     ckpt_file = paths.checkpoints_file(cfg.output_dir)
     if ckpt_file.is_file():
-        checkpoints = json.loads(ckpt_file.read_text())
+        checkpoints = read_checkpoints(cfg)
         if checkpoints:
             res.figures.append(_weights_figure(plt, checkpoints, out / "checkpoint-weights.png"))
             parts += ["<h2>Warmup checkpoints</h2>", _img(res.figures[-1], "checkpoint weights")]

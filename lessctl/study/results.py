@@ -15,6 +15,7 @@ from typing import Any, Callable
 from lessctl.config import Config
 from lessctl.evaluation.ranking import BM25_MODEL
 from lessctl.outputs import artifacts
+from lessctl.outputs import layout as paths
 from lessctl.outputs.artifacts import CURRENT, STALE
 from lessctl.outputs.layout import transfer_names
 from lessctl.study.graph import BASE, FULL, Job, expand, job_config, plan_states
@@ -41,10 +42,15 @@ def paper_model(name_or_path: str) -> str | None:
 
 def read_score(cfg: Config, model: str, task: str, current: bool = True) -> float | None:
     """The headline score of eval/<model>/<task>.json, or None (no result, or `current` False: a stale one)."""
+    from lessctl.files import read_json_file
     from lessctl.outputs import artifacts
 
-    rec = artifacts.eval_record(cfg.output_dir, model, task)
-    return artifacts.headline_score(rec) if rec is not None and current else None
+    path = paths.eval_json(cfg.output_dir, model, task)
+    if not path.is_file():
+        return None
+    redo = f"`lessctl eval --model {model} --task {task}` evaluates it again"
+    rec = read_json_file(path, "an evaluation result (a JSON object of metrics)", redo)  # damaged: one error line
+    return artifacts.headline_score(rec) if current else None
 
 
 def _summary(scores: list[float | None], stale: int = 0) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from lessctl.config import Config, TrainConfig
 from lessctl.distributed import world_size
 from lessctl.errors import ConfigError, InputError
-from lessctl.files import write_atomic
+from lessctl.files import torch_load_safe, write_atomic
 from lessctl.outputs import layout as paths
 from lessctl.training import varlen as attention
 from lessctl.training.trainers import PackingCollator, trainer_class
@@ -47,6 +47,40 @@ def _complete_checkpoints(out: Path) -> list[Path]:
         if step is not None and d.is_dir() and (d / LR_FILE).is_file() and (d / "trainer_state.json").is_file():
             found.append((step, d))
     return [d for _, d in sorted(found)]
+
+
+def _check_resumable(ckpt: Path) -> list[float]:
+    """The recorded learning rates of the checkpoint a warmup resumes from, once every file the Trainer will load
+    from it has been read as it will be (torch files with weights_only=True): a damaged or hostile file is an
+    InputError naming it, before training starts."""
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    redo = f"delete {ckpt} to resume from the checkpoint before it, or `lessctl warmup --force` to start again"
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+        if (ckpt / name).is_file():
+            torch_load_safe(ckpt / name, "a Trainer checkpoint file", redo)
+    for rng in sorted(ckpt.glob("rng_state*.pth")):
+        with safe_globals():  # numpy's random state, as the Trainer allows it
+            torch_load_safe(rng, "a Trainer random state", redo)
+    for weights in sorted(ckpt.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - safetensors' errors have no common type
+            raise InputError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0]}); {redo}") from None
+    for name in ("trainer_state.json", LR_FILE):
+        try:
+            data = json.loads((ckpt / name).read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise InputError(f"{ckpt / name}: cannot be read as JSON ({e}); {redo}") from None
+        if name == LR_FILE:
+            lrs = data.get("lrs") if isinstance(data, dict) else None
+            if not isinstance(lrs, list) or not all(isinstance(x, (int, float)) for x in lrs):
+                raise InputError(f'{ckpt / name}: expected {{"lrs": [numbers]}}; {redo}')
+            history = [float(x) for x in lrs]
+    return history
 
 
 def _lr_callback(history: list[float], output_dir: Path):
@@ -267,7 +301,7 @@ def train_lora(
         done = _complete_checkpoints(out)
         if done:
             resume_from = done[-1]
-            history = list(json.loads((resume_from / LR_FILE).read_text())["lrs"])
+            history = _check_resumable(resume_from)
             log.info("resuming from %s", resume_from)
 
     callbacks: list[Any] = [_lr_callback(history, out)]

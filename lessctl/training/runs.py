@@ -19,7 +19,7 @@ from lessctl.config import Config
 from lessctl.data.records import data_stem
 from lessctl.distributed import barrier, is_main
 from lessctl.errors import AlreadyExistsError, ConfigError, InputError, MissingArtifactError
-from lessctl.files import replace_dir, sha256_file, write_atomic
+from lessctl.files import not_a_file, replace_dir, sha256_file, write_atomic
 from lessctl.outputs import artifacts, provenance
 from lessctl.outputs import layout as paths
 from lessctl.training.loop import MANIFEST, RUN_FILE, TrainResult, train_lora
@@ -179,16 +179,21 @@ def run_finetune(
     from lessctl.models import resolve_device
 
     device = resolve_device(device)
-    if not name or "/" in name or name in (".", "..") or name.endswith(paths.STAGING_SUFFIX):
-        raise ConfigError(f"--name: {name!r} is not a folder name (no '/', not '.', '..' or ending in .new)")
-    if not Path(train_file).is_file():
-        raise MissingArtifactError(f"{train_file}: no such training file")
+    if not name or "/" in name or name in (".", "..") or name.endswith(paths.STAGING_SUFFIX) or len(name) > 200:
+        raise ConfigError(
+            f"--name: {name[:60]!r} is not a folder name (no '/', not '.', '..' or ending in .new, at most 200 "
+            "characters)"
+        )
+    if problem := not_a_file(Path(train_file), "training file"):
+        raise (MissingArtifactError if "no such" in problem else InputError)(problem)
     fingerprint = fingerprint or provenance.adapter_fingerprint(cfg, train_file, base_model=base_model)
     out = paths.finetune_dir(cfg.output_dir, name)
     if artifacts.is_adapter_dir(out) and not force:
         state = artifacts.adapter_state(cfg.output_dir, name, fingerprint)
         now = "(current)" if state.current else f"made from other inputs ({state.reason})"
         raise AlreadyExistsError(f"{out} already holds a finetuned adapter {now}; pass --force to train it again")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):  # a folder of the user's
+        raise AlreadyExistsError(f"{out} exists and holds no adapter; pass --force to replace it with the finetune")
     staging = paths.staging_dir(out)
     _clear(staging)
     try:

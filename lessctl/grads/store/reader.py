@@ -243,10 +243,12 @@ def list_stores(grads_dir: Path) -> list[dict]:
     return out
 
 
-def verify_store(path_or_reader: Path | str | StoreReader) -> list[str]:
-    """Problems found in one store file or in every file of a reader; an empty list means it is sound."""
+def verify_store(path_or_reader: Path | str | StoreReader, progress=None) -> list[str]:
+    """Problems found in one store file or in every file of a reader; an empty list means it is sound.
+
+    progress: called with a number of rows each time that many more rows of one dim have been checked."""
     if isinstance(path_or_reader, StoreReader):
-        problems = [q for p in path_or_reader.paths for q in verify_store(p)]
+        problems = [q for p in path_or_reader.paths for q in verify_store(p, progress)]
         if (np.diff(path_or_reader.index) <= 0).any():
             problems.append(f"{path_or_reader.paths[0].name}: index is not strictly increasing across shards")
         return problems
@@ -256,4 +258,4 @@ def verify_store(path_or_reader: Path | str | StoreReader) -> list[str]:
     except OSError as e:
         return [f"{path.name}: cannot be read as HDF5 ({e})"]
     with f:
-        return _file_problems(f, path, require_complete=True, check_values=True)
+        return _file_problems(f, path, require_complete=True, check_values=True, progress=progress)

@@ -125,11 +125,34 @@ def name_problem(path: Path) -> str | None:
         return None
 
 
-def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_values: bool) -> list[str]:
-    """Schema problems of one open file, then (check_values) the values of its first rows_completed rows."""
+def _claimed_bytes(f: h5py.File) -> int:
+    """The bytes the file's index, features and norms datasets say they hold (shape x item size)."""
+    total = 0
+    for name in ("index", *(f"{g}/{ds}" for g in f if g.startswith("dim") for ds in ("features", "norms"))):
+        ds = f.get(name)
+        if isinstance(ds, h5py.Dataset) and ds.shape is not None:
+            total += int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize
+    return total
+
+
+def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_values: bool, progress=None) -> list[str]:
+    """Schema problems of one open file, then (check_values) the values of its first rows_completed rows
+    (`progress(rows)` is called as rows are checked).
+
+    lessctl writes stores uncompressed with every chunk allocated, so the file is at least as large as the
+    data its datasets claim: a file smaller than that (a tiny file claiming 10^9 rows) is refused before
+    anything is read, rather than read as unwritten zeros for hours.
+    """
     a = _read_attrs(f)
     if missing := [k for k in ROOT_ATTRS if k not in a]:
         return [f"{path.name}: missing attributes {missing}"]
+    claimed, size = _claimed_bytes(f), os.path.getsize(path)
+    if claimed > size:
+        return [
+            f"{path.name}: its datasets claim {a.get('n_rows')!r} rows ({claimed:,} bytes) but the file is "
+            f"{size:,} bytes: it is damaged or not a store lessctl wrote; compute it again with "
+            "`lessctl grads ... --force`"
+        ]
     n, done = a["n_rows"], a["rows_completed"]
     counts_ok = isinstance(n, int) and isinstance(done, int) and 0 <= done <= n
     problems = [
@@ -180,14 +203,15 @@ def _file_problems(f: h5py.File, path: Path, *, require_complete: bool, check_va
             problems.append(f"dim{d}/norms must be float32 [{n}]")
         elif check_values and counts_ok:
             try:
-                problems += [f"dim{d}: {p}" for p in _value_problems(feats, norms, done)]
+                problems += [f"dim{d}: {p}" for p in _value_problems(feats, norms, done, progress)]
             except OSError as e:  # a Fletcher-32 checksum mismatch, or a truncated file
                 problems.append(f"dim{d}: cannot be read ({str(e).splitlines()[0]})")
     return [f"{path.name}: {p}" for p in problems]
 
 
-def _value_problems(feats: h5py.Dataset, norms: h5py.Dataset, rows: int) -> list[str]:
-    """Non-finite values, non-unit rows and bad zero rows among the first `rows` rows."""
+def _value_problems(feats: h5py.Dataset, norms: h5py.Dataset, rows: int, progress=None) -> list[str]:
+    """Non-finite values, non-unit rows and bad zero rows among the first `rows` rows (`progress(k)` after each
+    k rows read)."""
     step = max(1, (64 << 20) // (4 * feats.shape[1]))  # about 64 MiB of float32 per read
     masks: dict[str, list[np.ndarray]] = {}
     for start in range(0, rows, step):
@@ -201,6 +225,8 @@ def _value_problems(feats: h5py.Dataset, norms: h5py.Dataset, rows: int) -> list
             ("zero-norm rows with non-zero features", (nrm == 0) & (length != 0)),
         ):
             masks.setdefault(kind, []).append(mask)
+        if progress is not None:
+            progress(len(x))
     out = []
     for kind, parts in masks.items():
         mask = np.concatenate(parts)
