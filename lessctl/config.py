@@ -27,6 +27,7 @@ from lessctl.vocab import (
     LOSS_WEIGHTINGS,
     METHODS,
     PROJECTOR_KINDS,
+    STEP_STREAMS,
     closest,
     spelled,
     type_problem,
@@ -82,9 +83,15 @@ class TrainConfig:
         "effective_batch_size is 0.",
     )
     effective_batch_size: int = _f(
-        0,
-        "Examples per optimizer step over all devices (the paper presets: 128); when set, the accumulation is "
+        128,
+        "Examples per optimizer step over all devices (the paper's 4 GPUs x 1 x 32 = 128); the accumulation is "
         "this / (batch_size x devices), which must divide exactly. 0: use gradient_accumulation_steps.",
+    )
+    step_stream: str = _f(
+        "less",
+        "less (transformers 4.36's, LESS's: the epochs' examples one stream, a step may straddle two epochs, "
+        "epochs x floor(examples / step) steps, a checkpoint where each epoch ends: 105, 211, 317, 420 on 13,533 "
+        "examples at 128) or epoch (transformers 5's: every epoch ends with a shorter step: 106, 212, 318, 424).",
     )
     loss_weighting: str = _f(
         "example",
@@ -104,8 +111,12 @@ class TrainConfig:
     pack_tokens: int = _f(8192, "Tokens per pack when packing (an example longer than this trains alone).")
     report_to: list = _f([], "transformers' report_to (tensorboard, wandb, ...); log_history.jsonl is always written.")
     sample_data_seed: int = _f(42, "Seed of the subset drawn from the pool (LESS's sample_data_seed).")
-    seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout (LESS's --seed 0).")
-    data_seed: int = _f(3, "Seed of the order of the training data (the Trainer's data_seed; LESS's DATA_SEED=3).")
+    seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout, the data order (LESS's --seed 0).")
+    data_seed: int = _f(
+        -1,
+        "Seed of the order of the training data; -1: the Trainer's seed, as transformers 4.36 drew it (LESS's "
+        "DATA_SEED=3 went to --data_seed, which 4.36 never read).",
+    )
     lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup (transformers name).")
     logging_steps: int = _f(1, "Log the loss every this many optimizer steps.")
 
@@ -113,9 +124,6 @@ class TrainConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     percentage: float = _f(1.0, "Share of the selection to train on (1.0: all of it).")
-    data_seed: int = _f(
-        0, "Seed of the order of the training data (LESS's finetune passes no --data_seed: the Trainer's seed, 0)."
-    )
 
 
 @dataclass(frozen=True)
@@ -299,6 +307,10 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
             bad(f"{sec}.effective_batch_size", "must be 0 (unset) or positive")
         if not all(isinstance(x, str) for x in t.report_to):
             bad(f"{sec}.report_to", f"expected a list of names such as ['tensorboard'], got {t.report_to!r}")
+        if t.step_stream not in STEP_STREAMS:
+            bad(f"{sec}.step_stream", f"expected {spelled(STEP_STREAMS)}, got {t.step_stream!r}")
+        if t.data_seed < -1:
+            bad(f"{sec}.data_seed", f"must be -1 (the Trainer's seed) or a seed, got {t.data_seed}")
         if t.loss_weighting not in LOSS_WEIGHTINGS:
             bad(f"{sec}.loss_weighting", f"expected {spelled(LOSS_WEIGHTINGS)}, got {t.loss_weighting!r}")
     if not 0 < cfg.select.percentage <= 1:
