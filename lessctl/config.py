@@ -171,8 +171,12 @@ class SelectConfig:
 class EvalConfig:
     data_dir: str = _f("", "LESS-layout data folder for evaluation (default: [data] data_dir).")
     batch_size: int = _f(8, "Prompts per forward pass / generation batch.")
-    bbh_examples_per_task: int = _f(
-        40, "Seeded sample of examples per BBH task (LESS: 40, drawn in the file system's order; 0: all)."
+    bbh_examples_per_task: int = _f(40, "Seeded sample of examples per BBH task (LESS: 40; 0: all).")
+    bbh_sample: str = _f(
+        "less",
+        "How the BBH sample is drawn: less (random.seed(42) once, random.sample per task in sorted task order: "
+        "LESS's draw, which followed the file system's order) or per_task (a seeded sample per task, independent "
+        "of the other tasks).",
     )
     tydiqa_questions_per_language: int = _f(200, "Seeded sample of TydiQA questions per language (LESS: 200; 0: all).")
     limit: int = _f(0, "Examples per subject/task/language (0: all).")
@@ -327,6 +331,8 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
         bad("grads.block_size", f"must be at least 1, got {cfg.grads.block_size}")
     if cfg.eval.batch_size < 1:
         bad("eval.batch_size", f"must be at least 1, got {cfg.eval.batch_size}")
+    if cfg.eval.bbh_sample not in ("less", "per_task"):
+        bad("eval.bbh_sample", f"expected less or per_task, got {cfg.eval.bbh_sample!r}")
     if cfg.eval.kv_cache not in KV_CACHES:
         bad("eval.kv_cache", f"expected {spelled(KV_CACHES)}, got {cfg.eval.kv_cache!r}")
     if cfg.eval.limit < 0 or cfg.eval.bbh_examples_per_task < 1:
