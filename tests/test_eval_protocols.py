@@ -232,6 +232,23 @@ def test_tydiqa_context_cut_has_no_literal_bos(tiny):
     assert len(tok.encode(cut, add_special_tokens=False)) <= 21
 
 
+def test_tydiqa_context_keeps_less_length(tiny):
+    """LESS: ids = tokenizer.encode(context) (with the BOS); when len(ids) > max_context_length (512), context =
+    tokenizer.decode(ids[:512]): the BOS, shown as a literal "<s>", and 511 tokens of text. lessctl keeps the
+    same 511 tokens, without the "<s>"; a context of exactly 511 tokens of text is not cut."""
+    _, tok = tiny
+    assert tok.encode("x")[0] == tok.bos_token_id  # the Llama-style tokenizer adds a BOS, as Llama's does
+    ctx = " ".join(f"word{i % 97} stone river" for i in range(400))
+    less = tok.decode(tok.encode(ctx)[:512])  # LESS's line
+    assert less.startswith(tok.bos_token)
+    cut = tydiqa.trim_context(tok, ctx, 512)
+    assert cut == less[len(tok.bos_token) :]
+    assert len(tok.encode(cut, add_special_tokens=False)) == 511
+    ids = tok.encode(ctx, add_special_tokens=False)
+    fits = tok.decode(ids[:511])
+    assert len(tok.encode(fits)) == 512 and tydiqa.trim_context(tok, fits, 512) == fits
+
+
 @needs_data
 def test_mmlu_shot_count_carries_over_within_a_subject(tiny):
     """open-instruct's run_eval.py: k starts at 5 per subject and, question after question, drops while the prompt
@@ -264,6 +281,31 @@ def test_mmlu_shot_count_carries_over_within_a_subject(tiny):
     res = mmlu.evaluate_mmlu(model, tok, DATA, limit=12, subjects=[subject], max_prompt_tokens=cap, batch_size=16)
     assert [p["shots"] for p in res["predictions"]] == want
     assert res["settings"]["prompts_with_fewer_shots"] == sum(k < 5 for k in want)
+
+
+@needs_data
+def test_mmlu_choices_pandas_reads_as_nan_are_shown_as_nan():
+    """LESS reads the MMLU csv files with pandas (pd.read_csv(header=None)), which reads a cell "None" (and its
+    other default NA strings) as NaN, and formats it "nan": choice A of 10 of the 14,042 test questions."""
+    subjects = sorted(p.name[: -len("_test.csv")] for p in (DATA / "eval/mmlu/test").glob("*_test.csv"))
+    shown = []
+    for subject in subjects:
+        for row in mmlu.read_mmlu_csv(DATA / f"eval/mmlu/test/{subject}_test.csv"):
+            prompt = mmlu.build_prompt(subject, [], row, 0)
+            for letter, choice in zip("ABCD", row[1:5]):
+                if choice == "None":
+                    assert f"\n{letter}. nan\n" in prompt and f"\n{letter}. None\n" not in prompt
+                    shown.append((subject, letter))
+    assert len(shown) == 10 and {s for s, _ in shown} == {
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "electrical_engineering",
+    }
+    from lessctl.data.targets import PANDAS_NA, mmlu_question
+
+    assert mmlu_question(["q", "None", "NA", "", "x", "A"], False) == "q\nA. nan\nB. nan\nC. nan\nD. x\nAnswer:"
+    assert "None" in PANDAS_NA and "none" not in PANDAS_NA and " None" not in PANDAS_NA
 
 
 @needs_data
