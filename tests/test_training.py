@@ -363,7 +363,7 @@ def test_paper_presets_step_on_128_examples_on_any_number_of_devices(tmp_path, p
     assert plan["steps_per_epoch"] == 106 and plan["checkpoints"] == [106, 212, 318, 424]
 
 
-# LESS's README (less/scripts/.../README: CKPTS="105 211 317 420", CHECKPOINT_WEIGHTS)
+# princeton-nlp/LESS README.md: CKPTS="105 211 317 420" and the checkpoint weights it hard-codes
 LESS_README_WEIGHTS = [1.6877e-05, 1.2859e-05, 7.7030e-06, 2.5616e-06]
 
 
@@ -523,3 +523,21 @@ def test_warmup_force_under_torchrun_replaces_the_warmup_once(tiny_ws):
         lrs = json.loads((out / f"checkpoint-{c['step']}" / "lessctl_lrs.json").read_text())["lrs"]
         assert len(lrs) == c["step"]
     assert not list(out.rglob("*.part"))
+
+
+def test_an_added_token_embedding_is_the_mean_of_the_others(tiny_template):
+    """LESS adds a `<pad>` token to Llama's tokenizer and resizes the embeddings: transformers 4.36 drew the new
+    row at random; transformers 5 (lessctl) sets it to the mean of the other rows (README's difference table)."""
+    import torch
+
+    from lessctl.models import load_base_model, load_tokenizer
+
+    model_dir = tiny_template / "model"
+    tok = load_tokenizer(str(model_dir))
+    n = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<lessctl-extra>"]})
+    assert len(tok) == n + 1
+    model = load_base_model(str(model_dir), "fp32", "cpu", tokenizer=tok)
+    emb = model.get_input_embeddings().weight.detach()
+    assert emb.shape[0] >= n + 1
+    torch.testing.assert_close(emb[n], emb[:n].mean(0), rtol=1e-4, atol=1e-5)
