@@ -27,6 +27,7 @@ from lessctl.vocab import (
     LOSS_WEIGHTINGS,
     METHODS,
     PROJECTOR_KINDS,
+    STEP_STREAMS,
     closest,
     seed_problem,
     spelled,
@@ -83,9 +84,15 @@ class TrainConfig:
         "effective_batch_size is 0.",
     )
     effective_batch_size: int = _f(
-        0,
-        "Examples per optimizer step over all devices (the paper presets: 128); when set, the accumulation is "
+        128,
+        "Examples per optimizer step over all devices (the paper's 4 GPUs x 1 x 32 = 128); the accumulation is "
         "this / (batch_size x devices), which must divide exactly. 0: use gradient_accumulation_steps.",
+    )
+    step_stream: str = _f(
+        "less",
+        "less (transformers 4.36's, LESS's: the epochs' examples one stream, a step may straddle two epochs, "
+        "epochs x floor(examples / step) steps, a checkpoint where each epoch ends: 105, 211, 317, 420 on 13,533 "
+        "examples at 128) or epoch (transformers 5's: every epoch ends with a shorter step: 106, 212, 318, 424).",
     )
     loss_weighting: str = _f(
         "example",
@@ -105,8 +112,12 @@ class TrainConfig:
     pack_tokens: int = _f(8192, "Tokens per pack when packing (an example longer than this trains alone).")
     report_to: list = _f([], "transformers' report_to (tensorboard, wandb, ...); log_history.jsonl is always written.")
     sample_data_seed: int = _f(42, "Seed of the subset drawn from the pool (LESS's sample_data_seed).")
-    seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout (LESS's --seed 0).")
-    data_seed: int = _f(3, "Seed of the order of the training data (the Trainer's data_seed; LESS's DATA_SEED=3).")
+    seed: int = _f(0, "The Trainer's seed: LoRA initialisation, dropout, the data order (LESS's --seed 0).")
+    data_seed: int = _f(
+        -1,
+        "Seed of the order of the training data; -1: the Trainer's seed, as transformers 4.36 drew it (LESS's "
+        "DATA_SEED=3 went to --data_seed, which 4.36 never read).",
+    )
     lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup (transformers name).")
     logging_steps: int = _f(1, "Log the loss every this many optimizer steps.")
 
@@ -114,9 +125,6 @@ class TrainConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     percentage: float = _f(1.0, "Share of the selection to train on (1.0: all of it).")
-    data_seed: int = _f(
-        0, "Seed of the order of the training data (LESS's finetune passes no --data_seed: the Trainer's seed, 0)."
-    )
 
 
 @dataclass(frozen=True)
@@ -164,8 +172,12 @@ class SelectConfig:
 class EvalConfig:
     data_dir: str = _f("", "LESS-layout data folder for evaluation (default: [data] data_dir).")
     batch_size: int = _f(8, "Prompts per forward pass / generation batch.")
-    bbh_examples_per_task: int = _f(
-        40, "Seeded sample of examples per BBH task (LESS: 40, drawn in the file system's order; 0: all)."
+    bbh_examples_per_task: int = _f(40, "Seeded sample of examples per BBH task (LESS: 40; 0: all).")
+    bbh_sample: str = _f(
+        "less",
+        "How the BBH sample is drawn: less (random.seed(42) once, random.sample per task in sorted task order: "
+        "LESS's draw, which followed the file system's order) or per_task (a seeded sample per task, independent "
+        "of the other tasks).",
     )
     tydiqa_questions_per_language: int = _f(200, "Seeded sample of TydiQA questions per language (LESS: 200; 0: all).")
     limit: int = _f(0, "Examples per subject/task/language (0: all).")
@@ -310,6 +322,10 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
             bad(f"{sec}.effective_batch_size", "must be 0 (unset) or positive")
         if not all(isinstance(x, str) for x in t.report_to):
             bad(f"{sec}.report_to", f"expected a list of names such as ['tensorboard'], got {t.report_to!r}")
+        if t.step_stream not in STEP_STREAMS:
+            bad(f"{sec}.step_stream", f"expected {spelled(STEP_STREAMS)}, got {t.step_stream!r}")
+        if t.data_seed < -1:
+            bad(f"{sec}.data_seed", f"must be -1 (the Trainer's seed) or a seed, got {t.data_seed}")
         if t.loss_weighting not in LOSS_WEIGHTINGS:
             bad(f"{sec}.loss_weighting", f"expected {spelled(LOSS_WEIGHTINGS)}, got {t.loss_weighting!r}")
     if not 0 < cfg.select.percentage <= 1:
@@ -326,6 +342,8 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
         bad("grads.block_size", f"must be at least 1, got {cfg.grads.block_size}")
     if cfg.eval.batch_size < 1:
         bad("eval.batch_size", f"must be at least 1, got {cfg.eval.batch_size}")
+    if cfg.eval.bbh_sample not in ("less", "per_task"):
+        bad("eval.bbh_sample", f"expected less or per_task, got {cfg.eval.bbh_sample!r}")
     if cfg.eval.kv_cache not in KV_CACHES:
         bad("eval.kv_cache", f"expected {spelled(KV_CACHES)}, got {cfg.eval.kv_cache!r}")
     if cfg.eval.limit < 0:
@@ -342,6 +360,8 @@ def _validate_values(cfg: Config, label: Callable[[str], str], problems: list[st
         ("grads.projection_seed", cfg.grads.projection_seed),
         *((f"{sec}.{k}", getattr(getattr(cfg, sec), k)) for sec in ("warmup", "finetune") for k in SEEDS),
     ):
+        if key.endswith(".data_seed") and seed == -1:  # -1: the data order comes from the Trainer's seed
+            continue
         if problem := seed_problem(seed):
             bad(key, problem)
     for section, names in (("data.train", cfg.data.train), ("data.targets", cfg.data.targets)):

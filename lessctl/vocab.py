@@ -65,6 +65,11 @@ LossWeighting = Literal["example", "token"]
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 """How warmup and finetune weigh examples in the loss: example (LESS's, every example the same) or token."""
 
+StepStream = Literal["less", "epoch"]
+STEP_STREAMS: tuple[str, ...] = get_args(StepStream)
+"""How optimizer steps take the epochs' examples: less (transformers 4.36's: a step may straddle two epochs)
+or epoch (transformers 5's: every epoch ends with a step)."""
+
 PROMPT_FORMATS: tuple[str, ...] = CHAT_FORMATS + ("plain",)
 """Formats of target and evaluation prompts: a chat format, or plain text."""
 

@@ -26,9 +26,16 @@ LESS_TRAIN = {  # LESS's four training sets in its data layout
 # Examples per optimizer step in the paper's runs (4 GPUs x 1 x 32): the paper presets keep it on any number of
 # devices, the accumulation being derived from the world size.
 PAPER_BATCH = 128
-# The tiny presets keep what their demo and test fixtures were measured with: one seed (3) for the subset, the
-# Trainer and the data order, and transformers 5's token-weighted loss (the paper presets take LESS's defaults).
-_TINY_TRAINING = {"sample_data_seed": 3, "seed": 3, "data_seed": 3, "loss_weighting": "token"}
+# The tiny presets shrink the sizes for a CPU demo, not the semantics: LESS's seeds (42 for the subset, the
+# Trainer's 0 for the LoRA, dropout and the data order), its example-weighted loss and its step stream. Their
+# pools hold far fewer than 128 examples, so their steps are batch_size x gradient_accumulation_steps x devices.
+_TINY_TRAINING = {
+    "sample_data_seed": 42,
+    "seed": 0,
+    "loss_weighting": "example",
+    "step_stream": "less",
+    "effective_batch_size": 0,
+}
 # Presets outside PRESETS because they need more than a name (tiny-ir: a folder of BEIR collections).
 
 
@@ -88,9 +95,9 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
             "batch_size": 1,
             "gradient_accumulation_steps": 32,
             "effective_batch_size": PAPER_BATCH,
+            "step_stream": "less",
             "sample_data_seed": 42,
             "seed": 0,
-            "data_seed": 3,
         },
         "grads": {"dims": [8192], "projector": "auto", "batch_tokens": 16384},
         "select": {"percentage": 0.05, "method": "less"},
@@ -100,8 +107,8 @@ def preset_config(preset: str, data_dir: str = "data") -> dict[str, Any]:
             "batch_size": 1,
             "gradient_accumulation_steps": 32,
             "effective_batch_size": PAPER_BATCH,
+            "step_stream": "less",
             "seed": 0,
-            "data_seed": 0,
         },
     }
 

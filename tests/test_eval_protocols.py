@@ -78,6 +78,73 @@ def test_bbh_answer_differs_only_when_the_first_paragraph_has_no_answer():
     assert extract_bbh_answer(cut_at_stop(full, bbh.STOP)) == "Let's think step by step. It is (A)"
 
 
+@needs_data
+def test_bbh_sample_is_less_draw_in_sorted_task_order():
+    """LESS: random.seed(42) once, then random.sample(examples, 40) for each task file in glob order
+    (evaluation/eval/bbh/run_eval.py). With the listing sorted every one of the 27 x 40 examples is LESS's, in
+    LESS's order, whichever tasks are evaluated; "per_task" keeps the sample seeded per (seed, task)."""
+    import glob
+    import os
+    import random
+
+    root = DATA / "eval/bbh"
+    random.seed(42)
+    want = {}
+    for task_file in sorted(glob.glob(os.path.join(root, "bbh", "*.json"))):
+        with open(task_file) as f:
+            want[os.path.basename(task_file).split(".")[0]] = random.sample(json.load(f)["examples"], 40)
+    tasks = bbh.bbh_tasks(root)
+    assert len(want) == 27 and list(want) == tasks
+    assert bbh.select_examples(root, tasks, tasks, 40) == want
+    last = tasks[-1:]  # its sample follows the draws of the 26 tasks before it
+    assert bbh.select_examples(root, tasks, last, 40) == {last[0]: want[last[0]]}
+    per_task = bbh.select_examples(root, tasks, tasks, 40, sample="per_task")
+    assert per_task[last[0]] == bbh.sample_examples(
+        json.loads((root / "bbh" / f"{last[0]}.json").read_text())["examples"], last[0], 40, 42
+    )
+    assert sum(a == b for t in tasks for a, b in zip(per_task[t], want[t])) < 27 * 40 // 4  # another draw
+
+
+def test_bbh_generation_opening_with_a_blank_line_is_read_on_as_less_does(tiny):
+    """LESS strips a generation and reads its first paragraph (or its "So the answer is X."): a continuation that
+    opens with blank lines is not an empty answer. The stop check, fed a real tokenizer's tokens one at a time
+    as generation feeds them, stops each row at the first blank line after its first text, and the answer of
+    the cut text is LESS's answer of the whole text."""
+    import torch
+
+    from lessctl.evaluation.stops import StopOnTokenIds
+
+    _, tok = tiny
+    texts = [
+        "\n\nLet's think step by step. So the answer is (B).\n\nQ: next\nA: So the answer is (C).",
+        "\n\n\n  It is 7\n\nQ: more",
+        " Plain. So the answer is True.\n\nQ: again",
+        "\n\n",
+    ]
+    prompt = tok.encode("Q: a question\nA:", add_special_tokens=False)
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        stops = {}
+        for after_text in (False, True):
+            crit = StopOnTokenIds(tok, bbh.STOP, len(prompt), after_text=after_text)
+            stops[after_text] = next(
+                (k for k in range(1, len(ids) + 1) if crit(torch.tensor([prompt + ids[:k]]), None)[0]), None
+            )
+        # the reference: the first prefix whose decoded text (stripped of its leading blanks) holds a blank line
+        prefix = [tok.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+        first = next((k for k in range(1, len(ids) + 1) if "\n\n" in prefix[k].lstrip()), None)
+        assert stops[True] == first, text
+        cut = cut_at_stop(prefix[first or len(ids)], bbh.STOP, after_text=True)
+        full = tok.decode(ids, skip_special_tokens=True)
+        less = re.search(r"So the answer is (.*?)\.", full)
+        less_answer = less.group(1).strip() if less else full.strip().split("\n\n")[0].strip()
+        if text.startswith("\n\n"):
+            assert stops[False] is not None and stops[False] < (first or len(ids) + 1)  # the old stop: at once
+            assert extract_bbh_answer(cut_at_stop(full, bbh.STOP)) == ""
+        assert extract_bbh_answer(cut) == less_answer, text
+    assert extract_bbh_answer(cut_at_stop("\n\nIt is 7\n\nQ: x", bbh.STOP, after_text=True)) == "It is 7"
+
+
 def write_tydiqa(root: Path, dev: list[dict], shots: dict[str, list[dict]]) -> Path:
     d = root / "eval" / "tydiqa"
     d.mkdir(parents=True)
@@ -165,6 +232,23 @@ def test_tydiqa_context_cut_has_no_literal_bos(tiny):
     assert len(tok.encode(cut, add_special_tokens=False)) <= 21
 
 
+def test_tydiqa_context_keeps_less_length(tiny):
+    """LESS: ids = tokenizer.encode(context) (with the BOS); when len(ids) > max_context_length (512), context =
+    tokenizer.decode(ids[:512]): the BOS, shown as a literal "<s>", and 511 tokens of text. lessctl keeps the
+    same 511 tokens, without the "<s>"; a context of exactly 511 tokens of text is not cut."""
+    _, tok = tiny
+    assert tok.encode("x")[0] == tok.bos_token_id  # the Llama-style tokenizer adds a BOS, as Llama's does
+    ctx = " ".join(f"word{i % 97} stone river" for i in range(400))
+    less = tok.decode(tok.encode(ctx)[:512])  # LESS's line
+    assert less.startswith(tok.bos_token)
+    cut = tydiqa.trim_context(tok, ctx, 512)
+    assert cut == less[len(tok.bos_token) :]
+    assert len(tok.encode(cut, add_special_tokens=False)) == 511
+    ids = tok.encode(ctx, add_special_tokens=False)
+    fits = tok.decode(ids[:511])
+    assert len(tok.encode(fits)) == 512 and tydiqa.trim_context(tok, fits, 512) == fits
+
+
 @needs_data
 def test_mmlu_shot_count_carries_over_within_a_subject(tiny):
     """open-instruct's run_eval.py: k starts at 5 per subject and, question after question, drops while the prompt
@@ -197,6 +281,31 @@ def test_mmlu_shot_count_carries_over_within_a_subject(tiny):
     res = mmlu.evaluate_mmlu(model, tok, DATA, limit=12, subjects=[subject], max_prompt_tokens=cap, batch_size=16)
     assert [p["shots"] for p in res["predictions"]] == want
     assert res["settings"]["prompts_with_fewer_shots"] == sum(k < 5 for k in want)
+
+
+@needs_data
+def test_mmlu_choices_pandas_reads_as_nan_are_shown_as_nan():
+    """LESS reads the MMLU csv files with pandas (pd.read_csv(header=None)), which reads a cell "None" (and its
+    other default NA strings) as NaN, and formats it "nan": choice A of 10 of the 14,042 test questions."""
+    subjects = sorted(p.name[: -len("_test.csv")] for p in (DATA / "eval/mmlu/test").glob("*_test.csv"))
+    shown = []
+    for subject in subjects:
+        for row in mmlu.read_mmlu_csv(DATA / f"eval/mmlu/test/{subject}_test.csv"):
+            prompt = mmlu.build_prompt(subject, [], row, 0)
+            for letter, choice in zip("ABCD", row[1:5]):
+                if choice == "None":
+                    assert f"\n{letter}. nan\n" in prompt and f"\n{letter}. None\n" not in prompt
+                    shown.append((subject, letter))
+    assert len(shown) == 10 and {s for s, _ in shown} == {
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "electrical_engineering",
+    }
+    from lessctl.data.targets import PANDAS_NA, mmlu_question
+
+    assert mmlu_question(["q", "None", "NA", "", "x", "A"], False) == "q\nA. nan\nB. nan\nC. nan\nD. x\nAnswer:"
+    assert "None" in PANDAS_NA and "none" not in PANDAS_NA and " None" not in PANDAS_NA
 
 
 @needs_data

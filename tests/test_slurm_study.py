@@ -150,7 +150,7 @@ def test_submit_dry_run_of_further_warmup_runs(tiny_ws, cli, monkeypatch, tmp_pa
     """`[study] warmup_seeds`: each further run's warmup and grads are one job each running `lessctl run
     --items` (its own folder), chained before its matches, finetunes and evaluations."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with_study(tiny_ws, 'methods = ["less"]\nwarmup_seeds = [3, 4]\nbase = false')
+    with_study(tiny_ws, 'methods = ["less"]\nwarmup_seeds = [0, 4]\nbase = false')
     r = cli("--config", tiny_ws / "lessctl.toml", "slurm", "submit", "--dry-run", "--json")
     assert r.code == 0, r
     jobs = {j["label"]: j for j in json.loads(r.out)["jobs"]}

@@ -1,5 +1,6 @@
 """Tests for warmup: per-epoch checkpoints, the learning-rate manifest, peft-loadable adapters, crash and resume."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lessctl._reference import expected_lrs, step_gradient
-from lessctl.config import CONFIG_NAME, load_config, read_toml, to_toml
+from lessctl.config import CONFIG_NAME, build_config, load_config, read_toml, to_toml
 from lessctl.training import MANIFEST, RUN_FILE, read_checkpoints, warmup_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,13 +86,17 @@ def test_lr_mean_is_the_schedule_mean_per_epoch(cfg):
     n_examples = int(n_pool * t.percentage)
     counts = json.loads((warmup_dir(cfg) / RUN_FILE).read_text())["counts"]
     assert counts == {"pool": n_pool, "subset": n_examples, "dropped_no_labels": 0}
-    per_epoch = math.ceil(n_examples / (t.batch_size * t.gradient_accumulation_steps))
-    total = per_epoch * t.epochs
+    # LESS's step stream (transformers 4.36): epochs x floor(examples / step) steps, each epoch's checkpoint where
+    # its examples end in the stream
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    assert t.step_stream == "less" and n_examples % per_step  # steps straddle epochs here
+    total = n_examples // per_step * t.epochs
+    ends = [0] + [min(total, (e + 1) * n_examples // per_step) for e in range(t.epochs)]
     lrs = schedule_lrs(total, t.learning_rate, t.warmup_ratio)
     manifest = read_checkpoints(cfg)
-    assert [c["step"] for c in manifest] == [per_epoch * (e + 1) for e in range(t.epochs)]
+    assert [c["step"] for c in manifest] == ends[1:]
     for e, c in enumerate(manifest):
-        epoch_lrs = lrs[e * per_epoch : (e + 1) * per_epoch]
+        epoch_lrs = lrs[ends[e] : ends[e + 1]]
         assert c["lr_mean"] == pytest.approx(sum(epoch_lrs) / len(epoch_lrs), rel=1e-9, abs=0)
     assert expected_lrs(total, t.learning_rate, t.warmup_ratio) == pytest.approx(lrs, rel=1e-9, abs=1e-15)
     # the history saved with the last checkpoint is the optimizer's actual learning rates
@@ -134,7 +139,8 @@ def test_complete_warmup_is_not_redone(tiny_ws, cli):
 
 
 def fresh_workspace(template: Path, dst: Path) -> Path:
-    """A copy of the tiny workspace without its warmup, set to 3 quick epochs (18 examples, 3 steps each)."""
+    """A copy of the tiny workspace without its warmup, set to 3 quick epochs (18 examples, 8 a step: LESS's
+    step stream takes 3 x floor(18 / 8) = 6 steps, checkpoints 2, 4, 6; the 3rd and 5th straddle two epochs)."""
     shutil.copytree(template, dst, ignore=shutil.ignore_patterns("out"))
     path = dst / CONFIG_NAME
     raw = read_toml(path)
@@ -167,15 +173,15 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_template, tmp_pa
         timeout=300,
     )
     assert proc.returncode == 17, proc.stderr[-3000:]  # the hard exit right after the first save
-    assert sorted(p.name for p in out_crashed.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(p.name for p in out_crashed.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out_crashed / MANIFEST).exists()
-    first_saved = (out_crashed / "checkpoint-3" / "adapter_model.safetensors").stat().st_mtime_ns
+    first_saved = (out_crashed / "checkpoint-2" / "adapter_model.safetensors").stat().st_mtime_ns
 
     r = cli("--config", crashed, "warmup", "--device", "cpu", "--json")  # no exit hook in this process
     assert r.code == 0, r
     resumed = json.loads(r.out)
-    assert resumed["resumed_from"] == str(out_crashed / "checkpoint-3")
-    assert (out_crashed / "checkpoint-3" / "adapter_model.safetensors").stat().st_mtime_ns == first_saved  # not redone
+    assert resumed["resumed_from"] == str(out_crashed / "checkpoint-2")
+    assert (out_crashed / "checkpoint-2" / "adapter_model.safetensors").stat().st_mtime_ns == first_saved  # not redone
 
     r = cli("--config", clean, "warmup", "--device", "cpu", "--json")
     assert r.code == 0, r
@@ -184,7 +190,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_template, tmp_pa
 
     a = json.loads((out_crashed / MANIFEST).read_text())
     b = json.loads((clean.parent / "out" / "warmup" / MANIFEST).read_text())
-    assert [(c["step"], c["epoch"]) for c in a] == [(c["step"], c["epoch"]) for c in b] == [(3, 1), (6, 2), (9, 3)]
+    assert [(c["step"], c["epoch"]) for c in a] == [(c["step"], c["epoch"]) for c in b] == [(2, 1), (4, 2), (6, 3)]
     for x, y in zip(a, b):
         assert abs(x["lr_mean"] - y["lr_mean"]) <= 1e-12
     assert resumed["checkpoints"] == a and uninterrupted["checkpoints"] == b
@@ -283,17 +289,26 @@ def test_one_step_gradient_is_the_weighted_mean(tiny_template, tmp_path, weighti
 
 def test_three_seeds_have_less_defaults():
     from lessctl.config import Config
+    from lessctl.training.loop import data_order_seed
+    from lessctl.workspace import preset_config
 
     cfg = Config()
-    assert (cfg.warmup.sample_data_seed, cfg.warmup.seed, cfg.warmup.data_seed) == (42, 0, 3)
-    # LESS's finetune script passes no --data_seed: the Trainer orders the data with its seed, 0
-    assert (cfg.finetune.seed, cfg.finetune.data_seed) == (0, 0)
-    for t in (cfg.warmup, cfg.finetune):  # LESS's loss and precision are the defaults of both stages
+    # transformers 4.36 never read --data_seed (LESS's DATA_SEED=3): the data order came from --seed 0
+    assert (cfg.warmup.sample_data_seed, cfg.warmup.seed, data_order_seed(cfg.warmup)) == (42, 0, 0)
+    assert (cfg.finetune.seed, data_order_seed(cfg.finetune)) == (0, 0)
+    for t in (cfg.warmup, cfg.finetune):  # LESS's loss, precision, batch and step stream in both stages
         assert t.loss_weighting == "example" and t.autocast is True
+        assert t.effective_batch_size == 128 and t.step_stream == "less"
+    # every preset, the tiny ones included, runs LESS's semantics (only the sizes shrink)
+    for preset in ("tiny", "llama2-7b", "llama2-13b", "mistral-7b"):
+        raw = preset_config(preset)
+        for section in ("warmup", "finetune"):
+            t = getattr(build_config(raw), section)
+            assert (t.seed, data_order_seed(t), t.loss_weighting, t.step_stream) == (0, 0, "example", "less")
+            assert section == "finetune" or t.sample_data_seed == 42
 
 
 def test_bad_loss_weighting_is_named():
-    from lessctl.config import build_config
     from lessctl.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"finetune.loss_weighting: expected example or token, got 'tokens'"):
@@ -339,9 +354,58 @@ def test_paper_presets_step_on_128_examples_on_any_number_of_devices(tmp_path, p
             acc = accumulation_steps(t, section, devices)
             assert t.batch_size * acc * devices == 128
             assert training_plan(13533, t, acc, devices, True)["examples_per_step"] == 128
-    # 13,533 warmup examples (the README's) at 128 per step: ceil(13533 / 128) = 106 steps per epoch
-    plan = training_plan(13533, cfg.warmup, accumulation_steps(cfg.warmup, "warmup", 4), 4, True)
+    # 13,533 warmup examples (the README's) at 128 per step: LESS's step stream, 4 x floor(13533 / 128) = 420 steps
+    for devices in (1, 2, 4, 8):
+        plan = training_plan(13533, cfg.warmup, accumulation_steps(cfg.warmup, "warmup", devices), devices, True)
+        assert plan["max_steps"] == 420 and plan["checkpoints"] == [105, 211, 317, 420]
+    t = dataclasses.replace(cfg.warmup, step_stream="epoch")  # transformers 5's: every epoch ends with a step
+    plan = training_plan(13533, t, accumulation_steps(t, "warmup", 4), 4, True)
     assert plan["steps_per_epoch"] == 106 and plan["checkpoints"] == [106, 212, 318, 424]
+
+
+# princeton-nlp/LESS README.md: CKPTS="105 211 317 420" and the checkpoint weights it hard-codes
+LESS_README_WEIGHTS = [1.6877e-05, 1.2859e-05, 7.7030e-06, 2.5616e-06]
+
+
+def test_paper_pool_gives_less_checkpoints_and_weights_from_the_plan_alone(tmp_path):
+    """LESS's pool (flan_v2, cot, dolly, oasst1: 270,679 examples) at the paper preset's 5%: int(0.05 x 270679) =
+    13,533 warmup examples, 105, 211, 317, 420 as LESS's README lists, and checkpoint weights (the mean of the
+    learning rates of each checkpoint's steps, under transformers' linear schedule over the plan's 420 steps)
+    within 1% of the README's hard-coded ones (the first: 1.004%; README.md says why they differ)."""
+    from lessctl.training import accumulation_steps, training_plan
+    from lessctl.workspace import init_workspace
+
+    cfg = load_config(init_workspace(tmp_path / "ws", "llama2-7b"))
+    t = cfg.warmup
+    n = int(270679 * t.percentage)
+    assert n == 13533
+    plan = training_plan(n, t, accumulation_steps(t, "warmup", 4), 4, True)
+    assert plan["checkpoints"] == [105, 211, 317, 420]
+    lrs = schedule_lrs(plan["max_steps"], t.learning_rate, t.warmup_ratio)  # a real AdamW under the real schedule
+    bounds = [0, *plan["checkpoints"]]
+    weights = [sum(lrs[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
+    for got, want in zip(weights, LESS_README_WEIGHTS):
+        assert abs(got / want - 1) < 0.0101, (got, want)
+    assert weights == pytest.approx([1.6707617e-05, 1.2899263e-05, 7.6904177e-06, 2.5552826e-06], rel=1e-6)
+
+
+def test_less_step_stream_takes_each_epoch_from_a_seeded_random_sampler():
+    """The stream: each epoch a RandomSampler permutation from one torch generator seeded with the Trainer's seed
+    (as transformers 4.36's Trainer drew the order), the epochs end to end, cut after max_steps whole steps."""
+    import torch
+
+    from lessctl.training.loop import step_stream_order, training_plan
+
+    t = build_config({"warmup": {"batch_size": 2, "effective_batch_size": 0, "gradient_accumulation_steps": 3}}).warmup
+    plan = training_plan(22, t, 3, 1, True)  # 6 per step, 22 examples: 3 steps an epoch, 12 in all
+    assert (plan["max_steps"], plan["checkpoints"]) == (12, [3, 7, 11, 12])
+    g = torch.Generator().manual_seed(0)
+    # an exhausted RandomSampler iteration draws two permutations (the second for num_samples % n = 0 of them)
+    epochs = [[torch.randperm(22, generator=g).tolist(), torch.randperm(22, generator=g)][0] for _ in range(4)]
+    order = step_stream_order(22, plan, 0)
+    assert order == sum(epochs, [])[: 12 * 6]
+    assert sorted(order[:22]) == list(range(22)) and order[18:24] == epochs[0][18:] + epochs[1][:2]  # a straddle
+    assert step_stream_order(22, plan, 1) != order
 
 
 def test_effective_batch_that_does_not_divide_is_an_error(tiny_template, tmp_path, cli, monkeypatch):
@@ -359,18 +423,21 @@ def test_effective_batch_that_does_not_divide_is_an_error(tiny_template, tmp_pat
 
 
 def test_warmup_prints_its_steps_and_checkpoints_before_training(tiny_template, tmp_path, cli):
-    path = fresh_workspace(tiny_template, tmp_path / "ws")  # 18 examples, 4 x 2 per step: 3 steps, 3 epochs
+    path = fresh_workspace(tiny_template, tmp_path / "ws")  # 18 examples, 8 per step: 3 x floor(18 / 8) steps
     raw = read_toml(path)
     raw["warmup"].update(effective_batch_size=8, gradient_accumulation_steps=5)  # 8 / (4 x 1 device) = 2
     path.write_text(to_toml(raw))
     r = cli("--config", path, "warmup", "--device", "cpu")
     assert r.code == 0, r
     err = " ".join(r.err.split())  # the console wraps long lines
-    first = err.index("18 examples, 8 per optimizer step (4 x 2 accumulation x 1 device(s)), 3 steps per epoch")
-    assert err.index("checkpoints: checkpoint-3, checkpoint-6, checkpoint-9") > first
+    first = err.index(
+        "18 examples, 8 per optimizer step (4 x 2 accumulation x 1 device(s)), 2 steps per epoch x 3 epochs in "
+        "LESS's step stream (a step may straddle two epochs): 6 steps"
+    )
+    assert err.index("checkpoints: checkpoint-2, checkpoint-4, checkpoint-6") > first
     assert err.index("warmup on 18 of") > first  # the summary after training comes later
     manifest = json.loads((path.parent / "out" / "warmup" / MANIFEST).read_text())
-    assert [c["step"] for c in manifest] == [3, 6, 9]
+    assert [c["step"] for c in manifest] == [2, 4, 6]
 
 
 # --------------------------------------------------------------------------- precision
@@ -397,7 +464,7 @@ def test_precision_loads_float32_under_autocast(tmp_path, dtype, autocast, loade
     # packed (the default): the Trainer's batch is the step's 32 examples; batch-of-one: 32 passes of one
     assert (args.seed, args.data_seed, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
         0,
-        3,
+        0,
         32,
         1,
     )
@@ -405,7 +472,7 @@ def test_precision_loads_float32_under_autocast(tmp_path, dtype, autocast, loade
     args = _training_args(cfg, cfg.warmup, tmp_path, "cpu", True, 32)
     assert (args.seed, args.data_seed, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
         0,
-        3,
+        0,
         1,
         32,
     )
@@ -456,3 +523,21 @@ def test_warmup_force_under_torchrun_replaces_the_warmup_once(tiny_ws):
         lrs = json.loads((out / f"checkpoint-{c['step']}" / "lessctl_lrs.json").read_text())["lrs"]
         assert len(lrs) == c["step"]
     assert not list(out.rglob("*.part"))
+
+
+def test_an_added_token_embedding_is_the_mean_of_the_others(tiny_template):
+    """LESS adds a `<pad>` token to Llama's tokenizer and resizes the embeddings: transformers 4.36 drew the new
+    row at random; transformers 5 (lessctl) sets it to the mean of the other rows (README's difference table)."""
+    import torch
+
+    from lessctl.models import load_base_model, load_tokenizer
+
+    model_dir = tiny_template / "model"
+    tok = load_tokenizer(str(model_dir))
+    n = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<lessctl-extra>"]})
+    assert len(tok) == n + 1
+    model = load_base_model(str(model_dir), "fp32", "cpu", tokenizer=tok)
+    emb = model.get_input_embeddings().weight.detach()
+    assert emb.shape[0] >= n + 1
+    torch.testing.assert_close(emb[n], emb[:n].mean(0), rtol=1e-4, atol=1e-5)

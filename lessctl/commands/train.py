@@ -41,7 +41,13 @@ def describe_plan(plan: dict) -> str:
     text = (
         f"{plan['examples']} examples, {plan['examples_per_step']} per optimizer step ({plan['batch_size']} x "
         f"{plan['gradient_accumulation_steps']} accumulation x {plan['devices']} device(s)), "
-        f"{plan['steps_per_epoch']} steps per epoch x {plan['epochs']} epochs, {plan['loss_weighting']}-weighted loss"
+        f"{plan['steps_per_epoch']} steps per epoch x {plan['epochs']} epochs"
+        + (
+            " in LESS's step stream (a step may straddle two epochs): {} steps".format(plan["max_steps"])
+            if plan.get("step_stream") == "less"
+            else ""
+        )
+        + f", {plan['loss_weighting']}-weighted loss"
     )
     if plan["checkpoints"]:
         text += "\ncheckpoints: " + ", ".join(layout.checkpoint_name(s) for s in plan["checkpoints"])

@@ -204,11 +204,24 @@ def mmlu_header(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {' ' + subject.replace('_', ' ')}.\n\n"
 
 
+# The strings pandas.read_csv reads as NaN by default (pandas' STR_NA_VALUES): LESS reads MMLU with pandas and
+# shows such a cell as "nan" (choice "None" in 10 of the 14,042 test questions).
+PANDAS_NA = frozenset(
+    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA"]
+    + ["NULL", "NaN", "None", "n/a", "nan", "null"]
+)
+
+
+def _as_pandas(cell: str) -> str:
+    return "nan" if cell in PANDAS_NA else cell
+
+
 def mmlu_question(row: list[str], include_answer: bool) -> str:
-    """`question`, `\\n{L}. {choice}` per choice, `\\nAnswer:` (and ` {X}\\n\\n` when solved)."""
-    text = row[0]
+    """`question`, `\\n{L}. {choice}` per choice, `\\nAnswer:` (and ` {X}\\n\\n` when solved); a cell pandas
+    reads as NaN is shown as "nan", as in LESS's prompts."""
+    text = _as_pandas(row[0])
     for letter, choice in zip(MMLU_CHOICES, row[1:5]):
-        text += f"\n{letter}. {choice}"
+        text += f"\n{letter}. {_as_pandas(choice)}"
     text += "\nAnswer:"
     if include_answer:
         text += f" {row[5].strip()}\n\n"

@@ -16,6 +16,7 @@ from lessctl.evaluation.metrics import bbh_exact_match, extract_bbh_answer, mean
 TASK_LAYOUT = '<data_dir>/eval/bbh/bbh/<task>.json ({"examples": [{"input", "target"}]})'
 PROMPT_LAYOUT = "<data_dir>/eval/bbh/cot-prompts/<task>.txt (the task's 3-shot chain-of-thought prompt)"
 STOP = ("\n\n",)
+SAMPLES = ("less", "per_task")  # [eval] bbh_sample
 
 
 def bbh_tasks(bbh_dir: Path) -> list[str]:
@@ -45,13 +46,50 @@ def build_prompt(cot_prompt: str, question: str, chat_format: str = "plain") -> 
 
 
 def sample_examples(examples: list[dict], task: str, n: int | None, seed: int) -> list[dict]:
-    """A seeded sample of `n` examples of a task (all of them, in file order, when n is None or larger).
-
-    The sample of a task depends only on (seed, task), not on which other tasks run.
+    """The "per_task" sample: a seeded sample of `n` examples of a task (all of them, in file order, when n is
+    None or larger), which depends only on (seed, task), not on which other tasks there are.
     """
     if not n or n >= len(examples):
         return list(examples)
     return random.Random(f"{seed}:{task}").sample(examples, n)
+
+
+def less_sample(counts: dict[str, int], n: int | None, seed: int = 42) -> dict[str, list[int]]:
+    """LESS's sample (evaluation/eval/bbh/run_eval.py): `random.seed(42)` once, then `random.sample(examples, n)`
+    task after task, here in sorted task order (LESS's `glob` order, which the file system decides); indices
+    into each task's examples, in the sampled order. random.sample draws from the population's size alone, so
+    the indices are those of the examples LESS draws. A task with fewer than n examples (where LESS's
+    random.sample fails) keeps all of them, in file order, and draws nothing."""
+    rng = random.Random(seed)
+    out = {}
+    for task in sorted(counts):
+        k = counts[task]
+        out[task] = rng.sample(range(k), n) if n and n <= k else list(range(k))
+    return out
+
+
+def _read_examples(path: Path) -> list[dict]:
+    data = read_json(path, TASK_LAYOUT)
+    examples = data.get("examples") if isinstance(data, dict) else None
+    if not isinstance(examples, list) or not all(
+        isinstance(e, dict) and "input" in e and "target" in e for e in examples
+    ):
+        raise InputError(f"{path}: expected {TASK_LAYOUT}")
+    return examples
+
+
+def select_examples(
+    root: Path, all_tasks: list[str], chosen: list[str], n: int | None, seed: int = 42, sample: str = "less"
+) -> dict[str, list[dict]]:
+    """{task: its sampled examples} for the `chosen` tasks. "less": LESS's one draw over all the tasks (sorted),
+    so a task's sample does not depend on which tasks are chosen; "per_task": `sample_examples`."""
+    if sample not in SAMPLES:
+        raise ConfigError(f"[eval] bbh_sample: expected less or per_task, got {sample!r}")
+    if sample == "per_task":
+        return {t: sample_examples(_read_examples(root / "bbh" / f"{t}.json"), t, n, seed) for t in chosen}
+    examples = {t: _read_examples(root / "bbh" / f"{t}.json") for t in all_tasks}
+    drawn = less_sample({t: len(v) for t, v in examples.items()}, n, seed)
+    return {t: [examples[t][i] for i in drawn[t]] for t in chosen}
 
 
 def evaluate_bbh(
@@ -68,10 +106,14 @@ def evaluate_bbh(
     chat_format: str = "plain",
     tasks: list[str] | None = None,
     kv_cache: str = "auto",
+    sample: str = "less",
 ) -> dict:
     """Exact match (percent), the mean over tasks of each task's exact match, with the breakdown.
 
     examples_per_task: the seeded sample per task (None: all); limit caps it further for quick runs.
+    sample: "less" (LESS's one seeded draw over the sorted tasks: `less_sample`) or "per_task" (a sample
+    per (seed, task): `sample_examples`). A generation that opens with blank lines is read from its first
+    text on, as LESS strips it (the stop applies after that text).
     """
     start = time.time()
     root = task_dir(data_dir, "bbh")
@@ -84,16 +126,8 @@ def evaluate_bbh(
 
     prompts: list[str] = []
     meta: list[tuple[str, dict]] = []
-    for task in chosen:
-        path = root / "bbh" / f"{task}.json"
-        data = read_json(path, TASK_LAYOUT)
-        examples = data.get("examples") if isinstance(data, dict) else None
-        if not isinstance(examples, list) or not all(
-            isinstance(e, dict) and "input" in e and "target" in e for e in examples
-        ):
-            raise InputError(f"{path}: expected {TASK_LAYOUT}")
+    for task, picked in select_examples(root, all_tasks, chosen, examples_per_task, seed, sample).items():
         cot = read_cot_prompt(root / "cot-prompts" / f"{task}.txt")
-        picked = sample_examples(examples, task, examples_per_task, seed)
         if limit:
             picked = picked[:limit]
         for ex in picked:
@@ -111,6 +145,7 @@ def evaluate_bbh(
         batch_size=batch_size,
         hook=hook,
         cache=kv_cache,
+        stop_after_text=True,
     )
 
     per_task: dict[str, list[float]] = {t: [] for t in chosen}
@@ -139,6 +174,7 @@ def evaluate_bbh(
         "settings": {
             "shots": 3,
             "examples_per_task": examples_per_task,
+            "sample": sample,
             "seed": seed,
             "limit": limit,
             "max_new_tokens": max_new_tokens,

@@ -109,15 +109,19 @@ def next_token_scores(
     return out  # type: ignore[return-value]
 
 
-def _stop_criteria(tokenizer: Any, stops: Sequence[str], prompt_len: int, window: int = 16):
+def _stop_criteria(tokenizer: Any, stops: Sequence[str], prompt_len: int, window: int = 16, after_text=False):
     """A StoppingCriteria marking each row done once its new text holds a stop string (token-id prefilter)."""
     from lessctl.evaluation.stops import StopOnTokenIds
 
-    return StopOnTokenIds(tokenizer, stops, prompt_len, window=window)
+    return StopOnTokenIds(tokenizer, stops, prompt_len, window=window, after_text=after_text)
 
 
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string."""
+def cut_at_stop(text: str, stops: Sequence[str], after_text: bool = False) -> str:
+    """The text before the first occurrence of any stop string (after_text: the first after the text's leading
+    whitespace, which is kept)."""
+    if after_text:
+        body = text.lstrip()
+        return text[: len(text) - len(body)] + cut_at_stop(body, stops)
     cut = len(text)
     for s in stops:
         k = text.find(s)
@@ -147,6 +151,7 @@ def generate_greedy(
     hook: ProgressHook | None = None,
     cache: str = "dynamic",  # or "static", or "auto": static on a CUDA device, else dynamic
     stats: dict | None = None,
+    stop_after_text: bool = False,
 ) -> tuple[list[str], int]:
     """Greedy continuations of `prompts`, each cut before its first stop string; and the number of
     prompts that had to lose their first tokens to fit the model's context.
@@ -161,6 +166,7 @@ def generate_greedy(
     graph serve all batches.
     stats, when given, gets the counts `new_tokens` (up to eos), `steps` (decoding steps over all
     batches), `batches` and `text_checks` (rows whose text the stop check decoded) added to it.
+    stop_after_text: a stop string counts only after the continuation's first non-blank character.
     """
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
@@ -202,7 +208,11 @@ def generate_greedy(
             if static:
                 rows += [rows[-1]] * (batch_size - len(rows))
             ids, mask, _ = _left_pad(rows, pad, device, width)
-            criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop, ids.shape[1])]) if stop else None
+            criteria = (
+                StoppingCriteriaList([_stop_criteria(tokenizer, stop, ids.shape[1], after_text=stop_after_text)])
+                if stop
+                else None
+            )
             room = max_new_tokens if not limit else max(1, min(max_new_tokens, limit - longest))
             gen_cfg.max_new_tokens = room  # the batch's own room, set on the config (not as a second source)
             seqs = model.generate(
@@ -220,7 +230,7 @@ def generate_greedy(
                         new = new[:k]
                         break
                 n_new += len(new)
-                outputs[i] = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+                outputs[i] = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop, stop_after_text)
             if stats is not None:
                 for key, v in (
                     ("new_tokens", n_new),

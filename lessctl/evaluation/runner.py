@@ -72,7 +72,11 @@ def check_data(task: str, data_dir: str | Path) -> None:
 def task_options(eval_cfg: Any, task: str) -> dict:
     """The [eval] settings a task's harness takes beyond limit and batch size: the seeded samples' sizes."""
     if task == "bbh":
-        return {"examples_per_task": eval_cfg.bbh_examples_per_task or None, "kv_cache": eval_cfg.kv_cache}
+        return {
+            "examples_per_task": eval_cfg.bbh_examples_per_task or None,
+            "kv_cache": eval_cfg.kv_cache,
+            "sample": eval_cfg.bbh_sample,
+        }
     if task == "tydiqa":
         return {"questions_per_language": eval_cfg.tydiqa_questions_per_language or None, "kv_cache": eval_cfg.kv_cache}
     return {}

@@ -50,10 +50,15 @@ class StopOnTokenIds(StoppingCriteria):
     """Marks each row done (for good) once its new text holds a stop string.
 
     prompt_len: the width of the (left-padded) prompt batch; only tokens after it are new. `checks`
-    counts the rows whose text was decoded, `steps` the calls.
+    counts the rows whose text was decoded, `steps` the calls. after_text: a stop counts only after the
+    row's first non-blank character (LESS strips a BBH generation's leading blank lines and reads on): a
+    row whose new text is all whitespace so far is decoded whole at every step, and once it has text its
+    stop check starts at the token that brought it.
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int, window: int = 16):
+    def __init__(
+        self, tokenizer: Any, stops: Sequence[str], prompt_len: int, window: int = 16, after_text: bool = False
+    ):
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
         self.prompt_len = prompt_len
@@ -63,6 +68,8 @@ class StopOnTokenIds(StoppingCriteria):
         self.done = None
         self.checks = 0
         self.steps = 0
+        self.after_text = after_text
+        self.lead: dict[int, int] = {}  # row -> new tokens before its first text (after_text)
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -83,12 +90,31 @@ class StopOnTokenIds(StoppingCriteria):
             # ids beyond the tokenizer's vocabulary (a padded embedding) are checked, not trusted
             cand = torch.where(last < size, self._on[last.clamp(max=size - 1)], True) & ~self.done
             rows = cand.nonzero().flatten().tolist()
+        if self.after_text:
+            rows = sorted(set(rows) | {r for r in range(input_ids.shape[0]) if r not in self.lead and not self.done[r]})
         if rows:
             start = input_ids.shape[1] - min(n_new, self.window)
-            windows = input_ids[rows, start:].tolist()
             self.checks += len(rows)
             decode = self.tokenizer.decode
-            hits = [r for r, w in zip(rows, windows) if text_has_stop(decode(w, skip_special_tokens=True), self.stops)]
+            if self.after_text:
+                hits = [r for r in rows if self._after_text_hit(input_ids, r, n_new, decode)]
+            else:
+                windows = input_ids[rows, start:].tolist()
+                hits = [
+                    r for r, w in zip(rows, windows) if text_has_stop(decode(w, skip_special_tokens=True), self.stops)
+                ]
             if hits:
                 self.done[torch.tensor(hits, device=input_ids.device)] = True
         return self.done.clone()
+
+    def _after_text_hit(self, input_ids, r: int, n_new: int, decode) -> bool:
+        if r not in self.lead:  # no text yet: the whole (blank) continuation
+            text = decode(input_ids[r, self.prompt_len :].tolist(), skip_special_tokens=True)
+            if not text.strip():
+                return False
+            self.lead[r] = n_new - 1  # the newest token brought the first text
+            return text_has_stop(text.lstrip(), self.stops)
+        first = self.prompt_len + self.lead[r]
+        start = max(first, input_ids.shape[1] - self.window)
+        text = decode(input_ids[r, start:].tolist(), skip_special_tokens=True)
+        return text_has_stop(text.lstrip() if start == first else text, self.stops)

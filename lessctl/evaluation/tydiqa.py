@@ -135,13 +135,15 @@ def sample_questions(dev: list[dict], per_language: int | None, seed: int) -> li
 
 
 def trim_context(tokenizer: Any, context: str, max_tokens: int | None) -> str:
-    """The context cut to its first `max_tokens` tokens (unchanged when it is shorter).
+    """The context cut as LESS cuts it (evaluation/eval/tydiqa/run_eval.py): encoded with the tokenizer's special
+    tokens, cut to its first `max_tokens` ids when longer, decoded; so `max_tokens` counts the leading BOS and a
+    Llama context keeps 511 tokens of text at LESS's max_context_length 512 (unchanged when it fits).
 
-    The cut is decoded without special tokens: LESS's script encodes with the BOS token and decodes it back,
-    which leaves a literal `<s>` at the start of every cut context, mid-prompt; here the text is only cut."""
+    The cut is decoded without special tokens: LESS's decode leaves a literal `<s>` at the start of every cut
+    context, mid-prompt; here the text is only cut."""
     if not max_tokens:
         return context
-    ids = tokenizer.encode(context, add_special_tokens=False, verbose=False)
+    ids = tokenizer.encode(context, verbose=False)
     if len(ids) <= max_tokens:
         return context
     return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)

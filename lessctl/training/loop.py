@@ -143,23 +143,81 @@ def accumulation_steps(tcfg: TrainConfig, section: str, n_devices: int) -> int:
 
 
 def training_plan(n_examples: int, tcfg: TrainConfig, accumulation: int, n_devices: int, save_each_epoch: bool):
-    """Optimizer steps per epoch as transformers 5's Trainer counts them (each device gets ceil(N / devices)
-    examples, in ceil(. / batch_size) passes; an epoch's last step takes the passes left), and the
-    checkpoints warmup writes."""
-    passes = math.ceil(math.ceil(n_examples / n_devices) / tcfg.batch_size)
-    per_epoch = max(1, math.ceil(passes / accumulation))
+    """The optimizer-step plan: examples per step, steps, and the checkpoints warmup writes.
+
+    step_stream "less" (transformers 4.36's, which LESS ran): the epochs' examples form one stream taken
+    `examples_per_step` at a time, so a step may straddle two epochs; max_steps = epochs x floor(examples /
+    examples_per_step), and a checkpoint where each epoch's examples end (floor(e x examples / per step),
+    the last at max_steps): 105, 211, 317, 420 for 13,533 examples at 128. "epoch" (transformers 5's): each
+    device gets ceil(N / devices) examples in ceil(. / batch_size) passes and an epoch's last step takes the
+    passes left. A pool smaller than one step trains one step an epoch either way."""
+    per_step = tcfg.batch_size * accumulation * n_devices
+    stream = tcfg.step_stream == "less" and n_examples >= per_step
+    if stream:
+        per_epoch = n_examples // per_step
+        max_steps = per_epoch * tcfg.epochs
+        ends = [min(max_steps, (e + 1) * n_examples // per_step) for e in range(tcfg.epochs)]
+    else:
+        passes = math.ceil(math.ceil(n_examples / n_devices) / tcfg.batch_size)
+        per_epoch = max(1, math.ceil(passes / accumulation))
+        max_steps = per_epoch * tcfg.epochs
+        ends = [per_epoch * (e + 1) for e in range(tcfg.epochs)]
     return {
         "examples": n_examples,
         "devices": n_devices,
         "batch_size": tcfg.batch_size,
         "gradient_accumulation_steps": accumulation,
-        "examples_per_step": tcfg.batch_size * accumulation * n_devices,
+        "examples_per_step": per_step,
+        "step_stream": "less" if stream else "epoch",
         "steps_per_epoch": per_epoch,
+        "max_steps": max_steps,
         "epochs": tcfg.epochs,
-        "checkpoints": [per_epoch * (e + 1) for e in range(tcfg.epochs)] if save_each_epoch else [],
+        "checkpoints": sorted(set(ends)) if save_each_epoch else [],
         "loss_weighting": tcfg.loss_weighting,
         "pack_tokens": tcfg.pack_tokens if tcfg.packing else 0,
     }
+
+
+def data_order_seed(tcfg: TrainConfig) -> int:
+    """The seed of the data order: data_seed, or (-1, the default) the Trainer's seed, as transformers 4.36 drew it."""
+    return tcfg.seed if tcfg.data_seed < 0 else tcfg.data_seed
+
+
+def step_stream_order(n_examples: int, plan: dict, seed: int) -> list[int]:
+    """The example indices of a "less" plan's steps, end to end (step s = entries [s x per_step, (s+1) x per_step)):
+    each epoch a RandomSampler permutation from one generator seeded with `seed` (the sampler transformers 4.36's
+    Trainer drew every epoch from), the epochs concatenated, cut after max_steps steps."""
+    import torch
+    from torch.utils.data import RandomSampler
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    sampler = RandomSampler(range(n_examples), generator=generator)
+    need = plan["max_steps"] * plan["examples_per_step"]
+    order: list[int] = []
+    while len(order) < need:
+        order += list(sampler)
+    return order[:need]
+
+
+def _stream_callback(plan: dict, save_each_epoch: bool):
+    """For a "less" plan (one Trainer epoch over the whole stream): the epoch count of the examples taken so
+    far in the Trainer's state (exactly e where the e-th epoch's examples end), and a checkpoint there."""
+    from transformers import TrainerCallback
+
+    ends: dict[int, int] = {}
+    for e in range(plan["epochs"]):
+        ends.setdefault(min(plan["max_steps"], (e + 1) * plan["examples"] // plan["examples_per_step"]), e + 1)
+
+    class StreamEpochs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in ends:
+                state.epoch = float(ends[state.global_step])
+                control.should_save = save_each_epoch
+            else:
+                state.epoch = state.global_step * plan["examples_per_step"] / plan["examples"]
+
+    return StreamEpochs()
 
 
 def _precision(cfg: Config, tcfg: TrainConfig, device: str) -> tuple[str, Any]:
@@ -174,14 +232,26 @@ def _precision(cfg: Config, tcfg: TrainConfig, device: str) -> tuple[str, Any]:
     return cfg.model.dtype, (torch.bfloat16 if dtype == torch.bfloat16 else None)
 
 
-def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_each_epoch: bool, accumulation: int):
+def _training_args(
+    cfg: Config,
+    tcfg: TrainConfig,
+    out: Path,
+    device: str,
+    save_each_epoch: bool,
+    accumulation: int,
+    plan: dict | None = None,
+):
+    """The Trainer's arguments; a "less" plan runs as one Trainer epoch of plan["max_steps"] steps over its
+    stream, saved where the plan's epochs end (`_stream_callback`)."""
     import torch
     from transformers import TrainingArguments
 
     _, amp = _precision(cfg, tcfg, device)
+    stream = plan is not None and plan["step_stream"] == "less"
     return TrainingArguments(
         output_dir=str(out),
         num_train_epochs=tcfg.epochs,
+        max_steps=plan["max_steps"] if stream else -1,
         # packing: one batch holds the step's examples (the same ones the batch-of-one passes would take)
         per_device_train_batch_size=tcfg.batch_size * (accumulation if tcfg.packing else 1),
         gradient_accumulation_steps=1 if tcfg.packing else accumulation,
@@ -192,12 +262,12 @@ def _training_args(cfg: Config, tcfg: TrainConfig, out: Path, device: str, save_
         optim="adamw_torch",
         bf16=amp == torch.bfloat16,
         fp16=amp == torch.float16,
-        save_strategy="epoch" if save_each_epoch else "no",
+        save_strategy="epoch" if save_each_epoch and not stream else "no",
         save_only_model=False,
         logging_steps=tcfg.logging_steps,
         report_to=list(tcfg.report_to),
         seed=tcfg.seed,
-        data_seed=tcfg.data_seed,
+        data_seed=data_order_seed(tcfg),
         remove_unused_columns=False,
         use_cpu=device == "cpu",
         disable_tqdm=True,
@@ -228,10 +298,23 @@ def _manifest(out: Path, history: list[float]) -> list[dict]:
 
 
 def build_trainer(
-    cfg, tcfg, model, tok, examples, out: Path, device: str, save_each_epoch: bool, accumulation: int, callbacks
+    cfg,
+    tcfg,
+    model,
+    tok,
+    examples,
+    out: Path,
+    device: str,
+    save_each_epoch: bool,
+    accumulation: int,
+    callbacks,
+    plan: dict | None = None,
 ):
     """The Trainer over `examples` (each with input_ids and labels): packed passes when tcfg.packing, else
-    batches of tcfg.batch_size padded by the tokenizer; logs go to the callbacks, never to stdout."""
+    batches of tcfg.batch_size padded by the tokenizer; logs go to the callbacks, never to stdout.
+    A "less" plan: the Trainer reads `step_stream_order`'s stream in order (a sequential sampler), so every
+    optimizer step takes the stream's next examples_per_step examples, on any number of devices."""
+    from torch.utils.data import SequentialSampler
     from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -240,10 +323,21 @@ def build_trainer(
     else:
         collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     varlen = tcfg.packing and model.config._attn_implementation == attention.NAME
-    trainer = trainer_class(tcfg.loss_weighting, tcfg.packing, varlen)(
+    cls = trainer_class(tcfg.loss_weighting, tcfg.packing, varlen)
+    dataset = _ListDataset(examples)
+    if plan is not None and plan["step_stream"] == "less":
+
+        class StreamTrainer(cls):  # type: ignore[misc, valid-type]
+            def _get_train_sampler(self, train_dataset=None):
+                return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        cls = StreamTrainer
+        dataset = _ListDataset([examples[i] for i in step_stream_order(len(examples), plan, data_order_seed(tcfg))])
+        callbacks = [*callbacks, _stream_callback(plan, save_each_epoch)]
+    trainer = cls(
         model=model,
-        args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation),
-        train_dataset=_ListDataset(examples),
+        args=_training_args(cfg, tcfg, out, device, save_each_epoch, accumulation, plan),
+        train_dataset=dataset,
         data_collator=collator,
         callbacks=callbacks,
     )
@@ -321,8 +415,10 @@ def train_lora(
         callbacks.append(_stop_after_callback(int(stop_after)))
 
     if on_log is not None:
-        on_log({"step": 0, "max_steps": plan["steps_per_epoch"] * plan["epochs"], "plan": plan})
-    trainer = build_trainer(cfg, tcfg, model, tok, examples, out, device, save_each_epoch, accumulation, callbacks)
+        on_log({"step": 0, "max_steps": plan["max_steps"], "plan": plan})
+    trainer = build_trainer(
+        cfg, tcfg, model, tok, examples, out, device, save_each_epoch, accumulation, callbacks, plan
+    )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     checkpoints: list[dict] = []
