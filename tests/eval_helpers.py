@@ -31,8 +31,9 @@ def build_model_dir(out_dir: Path, data: Path = DATA) -> Path:
     return build_tiny_model(out_dir, tokenizer_texts(data))
 
 
-def save_lora_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
-    """A LoRA adapter on `base_dir` with non-zero weights (so merging it changes the model)."""
+def save_lora_adapter(base_dir: Path, out_dir: Path, seed: int = 1, run: dict | None = None) -> Path:
+    """A LoRA adapter on `base_dir` with non-zero weights (so merging it changes the model); `run`: the fields of
+    the run record `lessctl finetune` writes beside it (target, method), which say what the folder is."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -45,6 +46,10 @@ def save_lora_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     peft.save_pretrained(str(out_dir))
+    if run is not None:
+        import json
+
+        (Path(out_dir) / "lessctl_run.json").write_text(json.dumps({"kind": "finetune", **run}))
     return out_dir
 
 

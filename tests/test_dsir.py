@@ -75,6 +75,8 @@ def test_match_dsir_on_the_tiny_workspace(tiny_ws, cli):
     fams = [json.loads(x).get("family") for x in first.splitlines()]
     assert fams.count("antonyms") > 2 * len(fams) / 6  # over twice the share of one family in six
     res = cli("--config", cfg, "match", "--target", "antonyms", "--method", "dsir", "--json")
+    assert res.code == 2 and "this very selection (current)" in res.err  # every method's overwrite rule
+    res = cli("--config", cfg, "match", "--target", "antonyms", "--method", "dsir", "--json", "--force")
     assert Path(json.loads(res.out)["selections"][0]["file"]).read_text() == first
     res = cli("--config", cfg, "match", "--target", "antonyms", "--method", "dsri")
     assert res.code == 2 and res.err.startswith("error: --method") and "dsir" in res.err

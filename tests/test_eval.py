@@ -368,11 +368,16 @@ def test_describe_and_discover_models(tmp_path):
     (out / "finetune/my-mmlu-random").mkdir(parents=True)
     (out / "finetune/my-mmlu-random/adapter_config.json").write_text("{}")
     (out / "finetune/my-mmlu-random/lessctl_run.json").write_text(json.dumps({"target": "mmlu", "method": "random"}))
+    (out / "finetune/mmlu-random-seed4").mkdir(parents=True)
+    (out / "finetune/mmlu-random-seed4/adapter_config.json").write_text("{}")
     (out / "finetune/empty").mkdir()
     specs = finetuned_models(out)
+    # target and method come from the run record only: a folder name is never parsed (`mmlu-random-seed4` is not
+    # target `mmlu-random`, method `seed4`)
     assert [(s.name, s.target, s.method) for s in specs] == [
+        ("mmlu-random-seed4", None, None),
         ("my-mmlu-random", "mmlu", "random"),
-        ("tydiqa-less", "tydiqa", "less"),
+        ("tydiqa-less", None, None),
     ]
     assert describe_model(tmp_path / "llama-7b", output_dir=out) == ModelSpec("llama-7b", str(tmp_path / "llama-7b"))
     assert describe_model("base", output_dir=out, base_model="/models/x") == ModelSpec("base", "/models/x")
@@ -400,7 +405,7 @@ def test_adapter_is_merged_and_run_is_recorded(tiny_dir, tmp_path):
     from lessctl.models import load_model_for_eval
 
     out = tmp_path / "out"
-    adapter = save_lora_adapter(tiny_dir, out / "finetune" / "tydiqa-less")
+    adapter = save_lora_adapter(tiny_dir, out / "finetune" / "tydiqa-less", run={"target": "tydiqa", "method": "less"})
     merged, tok = load_model_for_eval(adapter, device="cpu")
     base, _ = load_model_for_eval(tiny_dir, device="cpu")
     ids = torch.tensor([tok("Who owns HBO?")["input_ids"]])
@@ -453,7 +458,7 @@ def workspace(tiny_dir, tmp_path) -> Path:
         f'[experiment]\noutput_dir = "out"\n[model]\nname_or_path = "{tiny_dir}"\n'
         f'[data]\ndata_dir = "{DATA}"\n[eval]\nbatch_size = 16\n'
     )
-    save_lora_adapter(tiny_dir, tmp_path / "out/finetune/tydiqa-less")
+    save_lora_adapter(tiny_dir, tmp_path / "out/finetune/tydiqa-less", run={"target": "tydiqa", "method": "less"})
     return toml
 
 

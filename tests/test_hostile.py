@@ -992,8 +992,13 @@ def test_match_force_replaces_and_run_redoes_the_finetune(tiny_grads_ws, cli):
     assert cli(*cfg, "match", "--target", T, "--percentage", "0.1", "--force").code == 0
     res = cli(*cfg, "run", "--from", "match", "--until", "finetune", "--device", "cpu", "--json")
     assert res.code == 0, res
-    redone = [s for s in json.loads(res.out)["stages"] if s["stage"] == "finetune" and s["item"] == f"{T}-less"]
-    assert redone[0]["status"] == "done" and adapter.read_bytes() != first
+    stages = {(s["stage"], s["item"]): s for s in json.loads(res.out)["stages"]}
+    # the forced selection is not the plan's ([select] percentage is 0.05): run redoes it, then the finetune on it
+    match = stages[("match", f"{T}/less")]
+    assert match["status"] == "done" and "stale: [select] percentage 0.1 -> 0.05" in match["detail"], match
+    redone = stages[("finetune", f"{T}-less")]
+    assert redone["status"] == "done" and "stale: selection was made again" in redone["detail"], redone
+    assert adapter.read_bytes() == first  # the plan's selection again, trained again: the same adapter
     res = cli(*cfg, "run", "--from", "match", "--until", "finetune", "--device", "cpu", "--json")
     assert all(s["status"] == "skipped" for s in json.loads(res.out)["stages"])
 

@@ -99,7 +99,9 @@ def test_submit_skips_complete_items(tiny_ws, cli):
         == 0
     )
     specs = describe_specs(plan_study(cfg))
-    assert "finetune sorting-bm25" in specs[0]["items"] and "eval sorting-bm25/sorting" in specs[1]["items"]
+    # the forced selection is not the plan's ([select] percentage 0.05): the match is redone, then what follows it
+    assert specs[0]["label"] == "match" and specs[0]["items"] == ["match sorting/bm25"]
+    assert "finetune sorting-bm25" in specs[1]["items"] and "eval sorting-bm25/sorting" in specs[2]["items"]
     res = cli("--config", cfgp, "run", "--items", "finetune sorting-bm25", "--pick", "2")
     assert res.code == 2 and "error: --pick: 2 is not one of the 1 --items" in res.err
 

@@ -120,7 +120,7 @@ def test_round_trip(tmp_path):
 def test_torch_input_and_bad_batches(tmp_path):
     torch = pytest.importorskip("torch")
     rows = make_rows(4)
-    path = tmp_path / "t-ckpt1-sign.h5"
+    path = tmp_path / "t-ckpt105-sign.h5"
     w = StoreWriter(path, dims=DIMS, index=np.arange(4), attrs=make_attrs(grad_type="sign"))
     with pytest.raises(ValueError):
         w.write({8: rows[8]})  # a dimension missing
@@ -139,7 +139,7 @@ def test_torch_input_and_bad_batches(tmp_path):
 def test_size_close_to_payload(tmp_path):
     n, dims = 3000, [256, 512]
     rng = np.random.default_rng(1)
-    path = tmp_path / "big-ckpt1-adam.h5"
+    path = tmp_path / "big-ckpt105-adam.h5"
     with StoreWriter(path, dims=dims, index=np.arange(n), attrs=make_attrs(grad_type="adam")) as w:
         for _ in range(0, n, 500):
             w.write({d: rng.standard_normal((500, d)).astype(np.float32) for d in dims})
@@ -150,7 +150,7 @@ def test_size_close_to_payload(tmp_path):
 
 def test_existing_complete_store_refused(tmp_path):
     rows, index = make_rows(10), np.arange(10)
-    path = write_store(tmp_path / "p-ckpt1-sgd.h5", rows, index)
+    path = write_store(tmp_path / "p-ckpt105-sgd.h5", rows, index)
     with pytest.raises(AlreadyExistsError, match="--force"):
         StoreWriter(path, dims=DIMS, index=index, attrs=make_attrs())
     other = make_rows(10, seed=5)
@@ -161,7 +161,7 @@ def test_existing_complete_store_refused(tmp_path):
 
 def test_resume_refuses_changed_source(tmp_path):
     rows, index = make_rows(20), np.arange(20)
-    path = tmp_path / "p-ckpt1-sgd.h5"
+    path = tmp_path / "p-ckpt105-sgd.h5"
     w = StoreWriter(path, dims=DIMS, index=index, attrs=make_attrs())
     w.write({d: x[:5] for d, x in rows.items()})
     w.close()
@@ -182,15 +182,15 @@ def test_resume_refuses_changed_source(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     n = 40
     rows, index = make_rows(n), np.arange(n) * 3
-    ref = write_store(tmp_path / "ref" / "p-ckpt1-sgd.h5", rows, index, batch=9)
-    path = tmp_path / "p-ckpt1-sgd.h5"
+    ref = write_store(tmp_path / "ref" / "p-ckpt105-sgd.h5", rows, index, batch=9)
+    path = tmp_path / "p-ckpt105-sgd.h5"
     w = StoreWriter(path, dims=DIMS, index=index, attrs=make_attrs())
     for a in (0, 6, 12):
         w.write({d: x[a : a + 6] for d, x in rows.items()})
     w.close()
     assert not store_complete(part_path(path))
     with pytest.raises(MissingArtifactError, match="incomplete.*resumes"):
-        open_store(tmp_path, "p", 1, "sgd")
+        open_store(tmp_path, "p", 105, "sgd")
     w = StoreWriter(path, dims=DIMS, index=index, attrs=make_attrs())
     assert w.rows_completed == 18
     with w:
@@ -221,7 +221,7 @@ KILL_CHILD = textwrap.dedent(
 @pytest.mark.parametrize("kill_after", [30, 301])
 def test_resume_after_kill_9(tmp_path, kill_after):
     n = 3000
-    path = tmp_path / "p-ckpt1-sgd.h5"
+    path = tmp_path / "p-ckpt105-sgd.h5"
     script = KILL_CHILD.format(tests=str(Path(__file__).parent), n=n, path=str(path))
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -244,7 +244,7 @@ def test_resume_after_kill_9(tmp_path, kill_after):
 
 
 def test_part_in_use_by_another_process(tmp_path):
-    path = tmp_path / "p-ckpt1-sgd.h5"
+    path = tmp_path / "p-ckpt105-sgd.h5"
     holder = textwrap.dedent(
         f"""
         import sys, time, numpy as np
@@ -269,7 +269,7 @@ def test_part_in_use_by_another_process(tmp_path):
 
 
 def test_unreadable_part_starts_over(tmp_path, caplog):
-    path = tmp_path / "p-ckpt1-sgd.h5"
+    path = tmp_path / "p-ckpt105-sgd.h5"
     part_path(path).write_bytes(b"not hdf5 at all")
     rows = make_rows(10)
     with caplog.at_level("WARNING", logger="lessctl.grads.store"):
@@ -349,7 +349,7 @@ def test_inconsistent_shards(tmp_path):
 
 def test_verify_detects_problems(tmp_path):
     rows, index = make_rows(12), np.arange(12)
-    good = write_store(tmp_path / "p-ckpt1-sgd.h5", rows, index)
+    good = write_store(tmp_path / "p-ckpt105-sgd.h5", rows, index)
     assert verify_store(good) == []
 
     def broken(name, edit):
@@ -410,9 +410,9 @@ def test_list_stores(tmp_path):
 
 
 def test_empty_store(tmp_path):
-    path = tmp_path / "e-ckpt1-sgd.h5"
+    path = tmp_path / "e-ckpt105-sgd.h5"
     with StoreWriter(path, dims=DIMS, index=np.zeros(0, np.int64), attrs=make_attrs()):
         pass
     assert verify_store(path) == []
-    with open_store(tmp_path, "e", 1, "sgd") as r:
+    with open_store(tmp_path, "e", 105, "sgd") as r:
         assert r.n_rows == 0 and r.read(8).shape == (0, 8) and list(r.iter_chunks(8)) == []

@@ -73,7 +73,12 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(c)
     for r in rows:
         table.add_row(*["" if v is None else str(v) for v in r])
-    out_console().print(table)
+    con = out_console()
+    if not con.is_terminal:  # a file or a pipe: never cut a name (`run --dry-run > plan.txt` keeps what --items needs)
+        from rich.console import Console
+
+        con = Console(width=max(con.width, con.measure(table, options=con.options.update(width=10_000)).maximum))
+    con.print(table)
 
 
 PROGRESS_SECONDS = 60.0  # seconds between plain progress lines; LESSCTL_PROGRESS_SECONDS or --progress-seconds

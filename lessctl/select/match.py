@@ -159,6 +159,10 @@ def run_match(
     )
     if method in CHECKPOINT_METHODS:  # the options are checked before any existing selection is looked at
         less_checkpoints(cfg, ckpts, weights)
+    elif method in REPS_METHODS:
+        from lessctl.select.rds import rds_step
+
+        rds_step(cfg, ckpts)
     _refuse_existing(cfg, target, out_name or method, fingerprint, force)
     records = {n: read_examples(files[n]) for n in train}
     subtasks, prompts = _target_subtasks_and_prompts(cfg, target)
