@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo demo-check test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,13 @@ demo: $(STAMP)
 	$(VENV)/bin/lessctl demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lessctl tests bench
-	$(VENV)/bin/ruff format --check lessctl tests bench
+	$(VENV)/bin/ruff check lessctl tests bench tools
+	$(VENV)/bin/ruff format --check lessctl tests bench tools
+
+# the README's demo tables against a fresh run (`tools/demo_readme.py REPORT --write` puts a run's tables in)
+demo-check: $(STAMP)
+	$(VENV)/bin/lessctl demo --dir lessctl-demo --fresh --json > lessctl-demo.json
+	$(PY) tools/demo_readme.py lessctl-demo.json
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
@@ -27,4 +32,4 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow and not slurm"
 
 clean:
-	rm -rf $(VENV) lessctl-demo .pytest_cache
+	rm -rf $(VENV) lessctl-demo lessctl-demo.json .pytest_cache

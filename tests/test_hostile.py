@@ -686,7 +686,7 @@ CASES = [
         2,
         "experiment.seed",
     ),
-    ("warmup-data-seed-negative", W, s_toml("\ndata_seed = 3", "\ndata_seed = -1"), WARMUP, 2, "warmup.data_seed"),
+    ("warmup-data-seed-negative", W, s_toml("\nseed = 0", "\nseed = 0\ndata_seed = -2"), WARMUP, 2, "warmup.data_seed"),
     (
         "data-set-name-300",
         W,

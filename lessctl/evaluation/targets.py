@@ -62,8 +62,8 @@ def run_target_eval(
     cfg: Config, te: TargetEval, spec: ModelSpec | None, *, device: str | None = None, **extra: Any
 ) -> EvalOutcome:
     """Evaluates a model on the target and records it; `spec` None scores the BM25 first stage (ranking only)."""
-    from lessctl.evaluation.runner import run_custom_evaluation, run_evaluation, task_options
-
+    if te.kind not in RUNNERS:
+        raise ValueError(f"no evaluation for a target of kind {te.kind!r} ({te.reason})")
     opts: dict[str, Any] = {
         "dtype": cfg.model.dtype,
         "device": device,
@@ -71,15 +71,29 @@ def run_target_eval(
         "limit": cfg.eval.limit or None,
         **extra,
     }
-    if te.kind == RANKING:
-        from lessctl.evaluation.ranking import run_ir_evaluation
+    return RUNNERS[te.kind](cfg, te, spec, opts)
 
-        return run_ir_evaluation(spec, te.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts)
-    if te.kind == ANSWERS:
-        assert spec is not None and te.eval_file is not None and te.task is not None
-        return run_custom_evaluation(
-            spec, te.task, te.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts
-        )
+
+def _ranking(cfg: Config, te: TargetEval, spec: ModelSpec | None, opts: dict) -> EvalOutcome:
+    from lessctl.evaluation.ranking import run_ir_evaluation
+
+    return run_ir_evaluation(spec, te.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts)
+
+
+def _answers(cfg: Config, te: TargetEval, spec: ModelSpec | None, opts: dict) -> EvalOutcome:
+    from lessctl.evaluation.runner import run_custom_evaluation
+
+    assert spec is not None and te.eval_file is not None and te.task is not None
+    return run_custom_evaluation(spec, te.task, te.eval_file, cfg.output_dir, chat_format=cfg.model.chat_format, **opts)
+
+
+def _benchmark(cfg: Config, te: TargetEval, spec: ModelSpec | None, opts: dict) -> EvalOutcome:
+    from lessctl.evaluation.runner import run_evaluation, task_options
+
     assert spec is not None and te.task is not None
     data_dir = cfg.resolve(cfg.eval.data_dir or cfg.data.data_dir)
     return run_evaluation(spec, te.task, data_dir, cfg.output_dir, **opts, **task_options(cfg.eval, te.task))
+
+
+# How each kind of target is evaluated, keyed by TargetEval.kind (a target of kind `none` has no evaluation).
+RUNNERS = {BENCHMARK: _benchmark, ANSWERS: _answers, RANKING: _ranking}

@@ -106,10 +106,14 @@ def checkpoint_steps(output_dir: layout.Folder) -> list[int] | None:
 
 
 def selection_record(output_dir: layout.Folder, target: str, selection: str) -> dict | None:
-    """summary.json of a selection, when it names its jsonl and that file is there."""
-    rec = read_record(layout.selection_summary(output_dir, target, selection))
-    if rec is None or not isinstance(rec.get("file"), str) or "/" in rec["file"] or rec["file"] in ("", ".", ".."):
+    """summary.json of a selection, when it is there and its jsonl too (None otherwise); a damaged one is an
+    InputError naming the file and the `match --force` that writes it again (lessctl.outputs.readback)."""
+    from lessctl.outputs.readback import read_summary
+
+    path = layout.selection_summary(output_dir, target, selection)
+    if not path.exists():
         return None
+    rec = read_summary(path)
     if not (layout.selection_dir(output_dir, target, selection) / rec["file"]).is_file():
         return None
     return rec

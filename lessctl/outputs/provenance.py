@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -119,11 +120,14 @@ _SHA: dict[tuple, str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str | None:
-    """The sha256 of a file, computed once per process for the same (path, size, mtime); None when it is missing."""
+    """The sha256 of a file, computed once per process for the same (path, size, mtime); None when it is missing or
+    not a regular file (a FIFO or a device is never opened here: the stage that reads it names the problem)."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
         return None
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _SHA:

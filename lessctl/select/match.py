@@ -360,7 +360,7 @@ def _sorted_csv(scored: Scored, order: np.ndarray) -> str:
 
 
 def read_sorted_csv(path: Path) -> list[tuple[str, int, float]]:
-    from lessctl.select.readback import read_sorted_csv as checked
+    from lessctl.outputs.readback import read_sorted_csv as checked
 
     return checked(path)
 

@@ -382,7 +382,7 @@ def run_ablation(
 
 def _note_subset(summary_path: Path, subset: tuple[int, ...]) -> None:
     """Adds the subset's positions to the selection's summary.json (run_match names the checkpoints by step)."""
-    from lessctl.select.readback import read_summary
+    from lessctl.outputs.readback import read_summary
 
     summary = read_summary(summary_path)
     summary["checkpoint_positions"] = list(subset)

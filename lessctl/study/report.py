@@ -19,8 +19,8 @@ from lessctl.errors import ConfigError, MissingArtifactError
 from lessctl.evaluation.results import read_results
 from lessctl.files import atomic_path, write_atomic
 from lessctl.outputs import layout as paths
+from lessctl.outputs.readback import read_sorted_csv, read_summary
 from lessctl.select.match import SUMMARY_KEYS
-from lessctl.select.readback import read_sorted_csv, read_summary
 from lessctl.study.ablation import HEATMAP_FILE
 from lessctl.training.runs import read_checkpoints
 from lessctl.vocab import METHODS

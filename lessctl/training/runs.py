@@ -139,8 +139,8 @@ def _warmup_into(cfg: Config, files: dict[str, Path], out: Path, device: str, on
     started = artifacts.read_record(out / RUN_FILE) or {}  # a resumed run keeps its id
     run_id = started.get("run_id") if started.get("fingerprint") == fingerprint else None
     run_id = run_id or artifacts.new_id()
-    if is_main():  # the settings are on record before the first step, so a resume can be checked against them
-        out.mkdir(parents=True, exist_ok=True)
+    if is_main() and started.get("run_id") != run_id:  # the settings are on record before the first step, so a
+        out.mkdir(parents=True, exist_ok=True)  # resume can be checked against them (a resume leaves the record be)
         _write_run_file(out, cfg, {"kind": "warmup", "run_id": run_id, "complete": False, "fingerprint": fingerprint})
     res = train_lora(cfg, cfg.warmup, files, out, save_each_epoch=True, device=device, on_log=on_log)
     barrier()  # every rank's last step is done (rank 0 saved the checkpoints)

@@ -112,7 +112,8 @@ def _name_mismatch(path: Path, a: dict) -> str | None:
     parsed = parse_store_name(Path(path).name)
     for key, named in zip(("dataset", "step", "grad_type"), parsed or ()):
         if key in a and a[key] != named:
-            return f"records {key} {a[key]!r} but its name says {named!r} (renamed or copied from another store?)"
+            whose = "another data set's" if key == "dataset" else "another checkpoint's" if key == "step" else "another"
+            return f"records {key} {a[key]!r} but its name says {named!r} ({whose} store, renamed or copied?)"
     return None
 
 
