@@ -67,11 +67,15 @@ def test_completion_candidates_from_the_workspace(tiny_ws):
 
 
 def test_show_completion_prints_a_script(tmp_path):
+    # With shellingham installed, Typer makes --show-completion a flag and detects the shell from the parent
+    # processes (none is a shell under some CI launchers); its test switch makes it take the shell named here.
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     out = subprocess.run(
         [sys.executable, "-c", "from lessctl.cli import main; main()", "--show-completion", "bash"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert out.returncode == 0 and "_LESSCTL_COMPLETE" in out.stdout
