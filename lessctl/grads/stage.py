@@ -141,11 +141,11 @@ def collect_gradients(
     cfg: Config,
     *,
     steps: list[int],
-    dims: list[int],
+    dims: list[int] | None = None,
     train: list[str] | None = None,
     targets: list[str] | None = None,
     grad_type: str | None = None,
-    projector: str = "auto",
+    projector: str | None = None,
     shard: tuple[int, int] | None = None,
     batch_tokens: int | None = None,
     force: bool = False,
@@ -155,7 +155,8 @@ def collect_gradients(
 ) -> list[StoreResult]:
     """Computes and stores the features of every selected data set at every selected checkpoint.
 
-    grad_type "reps" stores RDS's representations instead (collect_representations; dims and projector do not apply).
+    dims and projector default to `[grads] dims` and `[grads] projector`. grad_type "reps" stores RDS's
+    representations instead (collect_representations; dims and projector do not apply).
     """
     import torch
 
@@ -185,6 +186,8 @@ def collect_gradients(
     from lessctl.training import checkpoint_dir, warmup_run_id
 
     device = resolve_device(device)
+    dims = list(cfg.grads.dims) if dims is None else list(dims)
+    projector = cfg.grads.projector if projector is None else projector
     if batch_tokens is not None and batch_tokens < 1:
         raise ConfigError(f"--batch-tokens: must be at least 1, got {batch_tokens}")
     batch_tokens = batch_tokens or cfg.grads.batch_tokens

@@ -187,15 +187,7 @@ def _grads(cfg: Config, job: Job, device, tell: _Told) -> list[StageReport]:
     steps = [c["step"] for c in read_checkpoints(cfg)]
     if job.method == REPS:  # rds matches on representations at the last checkpoint (its default)
         steps = steps[-1:]
-    results = collect_gradients(
-        cfg,
-        steps=steps,
-        dims=list(cfg.grads.dims),
-        grad_type=job.method,
-        projector=cfg.grads.projector,
-        device=device,
-        progress=tell.stores(),
-    )
+    results = collect_gradients(cfg, steps=steps, grad_type=job.method, device=device, progress=tell.stores())
     return [
         StageReport("grads", r.path.name, "skipped" if r.status == "skipped" else "done", f"{r.rows} rows")
         for r in results
