@@ -131,6 +131,11 @@ EDITS = {
         },
         "seed 3 -> 4",
     ),  # fmt: skip
+    "projection seed": (
+        lambda cli, ws: set_key(ws, "grads", "projection_seed", "1"),
+        LESS_CHAIN,
+        "[grads] projection_seed 0 -> 1",
+    ),
     "eval limit": (
         lambda cli, ws: set_key(ws, "eval", "limit", "3"),
         EVALS | {f"eval base/{TARGET}"},

@@ -209,7 +209,7 @@ def collect_gradients(
     all_dims = sorted(set(dims).union(*widen.values()))
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, ds.grad_type, shard) for ds in sets}
-        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results, widen)
+        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results, widen, cfg)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)
@@ -343,7 +343,7 @@ def _lacking_dims(sets, steps, dims, grads_dir: Path, shard) -> dict[tuple[str, 
     return out
 
 
-def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, results: list, widen=None):
+def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, results: list, widen=None, cfg=None):
     """(data sets whose store at `step` must be written, the names among them whose complete store is stale);
     a current complete store is appended to `results` as skipped. `widen` names the complete stores that lack
     some of the dims asked for (`_lacking_dims`): they are stale too."""
@@ -358,7 +358,7 @@ def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, resul
         if not force and (old := complete_attrs(store_paths[ds.name])) is not None:
             if ds.name not in hashes:
                 hashes[ds.name] = source_sha256(ds.files)
-            why = stale_reason(old, hashes[ds.name], run_id, ds.files[0])
+            why = stale_reason(old, hashes[ds.name], run_id, ds.files[0], cfg)
             if why is None and widen and (ds.name, step) in widen:
                 lack = sorted(set(widen[(ds.name, step)]) - {int(d) for d in np.atleast_1d(old.get("dims"))})
                 dims_now = ", ".join(map(str, widen[(ds.name, step)]))
@@ -374,19 +374,24 @@ def _todo(sets, store_paths, step: int, force: bool, hashes: dict, run_id, resul
     return todo, stale
 
 
-def stale_reason(attrs: dict, source_sha: str, run_id: str | None, source: Path) -> str | None:
-    """Why a complete store no longer describes its data: its source changed, or the warmup was trained again
-    since (its checkpoints are other weights under the same steps); None when it is current."""
+def stale_reason(
+    attrs: dict, source_sha: str, run_id: str | None, source: Path, cfg: Config | None = None
+) -> str | None:
+    """Why a complete store no longer describes its data: its source changed, the warmup was trained again since
+    (its checkpoints are other weights under the same steps), or (given `cfg`) it was computed with another
+    projection seed, sequence length or chat format than the config's; None when it is current."""
     if attrs.get("source_sha256") != source_sha:
-        recorded = [Path(p).name for p in str(attrs.get("source") or "").split(";") if p]
-        if recorded and Path(source).name not in recorded:  # not a changed file: another data set's store
-            return (
-                f"it was computed from {';'.join(recorded)}, not {Path(source).name}: another data set's store "
-                "under this one's name"
-            )
         return f"{source} changed since it was written (its sha256 differs)"
     if attrs.get("warmup_run") and run_id and attrs["warmup_run"] != run_id:
         return "the warmup was trained again since it was written (another warmup run)"
+    if cfg is not None:
+        for attr, now, key in (
+            ("projector_seed", cfg.grads.projection_seed, "[grads] projection_seed"),
+            ("max_seq_length", cfg.model.max_seq_length, "[model] max_seq_length"),
+            ("chat_format", cfg.model.chat_format, "[model] chat_format"),
+        ):
+            if attr in attrs and attrs[attr] != now:
+                return f"it was computed with {key} {attrs[attr]!r}, the config says {now!r}"
     return None
 
 
@@ -465,7 +470,7 @@ def collect_representations(
     logged: set[str] = set()
     for step in steps:
         store_paths = {ds.name: store_path(grads_dir, ds.name, step, REPS, shard) for ds in sets}
-        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results)
+        todo, stale = _todo(sets, store_paths, step, force, hashes, run_id, results, cfg=cfg)
         if not todo:
             continue
         ckpt = checkpoint_dir(cfg, step)

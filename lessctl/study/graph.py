@@ -300,7 +300,8 @@ def _grads_state(cfg: Config, job: Job) -> State:
         if job.method != REPS and not dims <= set(s["dims"]):
             lack = ", ".join(str(d) for d in sorted(dims - set(s["dims"])))
             return State(STALE, f"{name} lacks dim {lack}")
-        why = stale_reason(s.get("attrs") or {}, provenance.files_sha256(ds.files), run_id, ds.files[0])
+        attrs, sha = s.get("attrs") or {}, provenance.files_sha256(ds.files)
+        why = stale_reason(attrs, sha, run_id, ds.files[0], cfg)
         if why:
             return State(STALE, f"{name}: {why}")
     return State(CURRENT)
