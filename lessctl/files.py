@@ -24,13 +24,14 @@ def sha256_file(path: Path, block_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def source_sha256(files: list[Path]) -> str:
-    """The sha256 of a data set: its file's, or for several files one over their names and hashes in order."""
+def source_sha256(files: list[Path], sha=sha256_file) -> str:
+    """The sha256 of a data set: its file's, or for several files one over their names and hashes in order
+    (`sha`: the hash of one file, e.g. a memoized sha256_file)."""
     if len(files) == 1:
-        return sha256_file(files[0])
+        return sha(files[0])
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{Path(f).name}:{sha256_file(f)}\n".encode())
+        h.update(f"{Path(f).name}:{sha(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -86,7 +86,12 @@ def read_manifest(output_dir: layout.Folder) -> list[dict] | None:
         entries = json.loads(layout.checkpoints_file(output_dir).read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return None
-    ok = isinstance(entries, list) and all(
+    return entries if manifest_ok(entries) else None
+
+
+def manifest_ok(entries: Any) -> bool:
+    """Whether checkpoints.json's content is a list of {"step": int, "lr_mean": finite number, ...}."""
+    return isinstance(entries, list) and all(
         isinstance(c, dict)
         and isinstance(c.get("step"), int)
         and not isinstance(c.get("step"), bool)
@@ -94,7 +99,6 @@ def read_manifest(output_dir: layout.Folder) -> list[dict] | None:
         and math.isfinite(c["lr_mean"])
         for c in entries
     )
-    return entries if ok else None
 
 
 def checkpoint_steps(output_dir: layout.Folder) -> list[int] | None:

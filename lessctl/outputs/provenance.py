@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lessctl.files import sha256_file
+from lessctl.files import sha256_file, source_sha256
 
 if TYPE_CHECKING:
     from lessctl.config import Config
@@ -136,18 +136,10 @@ def file_sha256(path: str | os.PathLike) -> str | None:
 
 
 def files_sha256(files: Sequence[str | os.PathLike]) -> str | None:
-    """One sha256 over several files (lessctl.files.source_sha256's value), None when one is missing."""
-    import hashlib
-
-    shas = [file_sha256(f) for f in files]
-    if any(s is None for s in shas):
+    """lessctl.files.source_sha256 of several files from the memoized hashes; None when one is missing."""
+    if any(file_sha256(f) is None for f in files):
         return None
-    if len(shas) == 1:
-        return shas[0]
-    h = hashlib.sha256()
-    for f, s in zip(files, shas):
-        h.update(f"{Path(f).name}:{s}\n".encode())
-    return h.hexdigest()
+    return source_sha256([Path(f) for f in files], file_sha256)
 
 
 def stage_keys(cfg: Config, stage: str) -> list[str]:

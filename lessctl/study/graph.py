@@ -206,11 +206,6 @@ def job_state(cfg: Config, job: Job) -> State:
     return artifacts.eval_state(out, job.model, job.task, eval_fingerprint(cfg, job))
 
 
-def is_complete(cfg: Config, job: Job) -> bool:
-    """Whether the job's outputs are on disk and current."""
-    return job_state(cfg, job).current
-
-
 def match_fingerprint(cfg: Config, job: Job) -> provenance.Fingerprint | None:
     """The fingerprint a match job records (None: an ablation subset whose checkpoints cannot be read yet)."""
     from lessctl.vocab import REPS_METHODS
@@ -269,12 +264,6 @@ def eval_fingerprint(cfg: Config, job: Job) -> provenance.Fingerprint:
 def model_id(cfg: Config, model: str) -> str | None:
     """What an evaluation records of its model (lessctl.outputs.provenance.model_id)."""
     return artifacts.model_id(cfg, model, paths.finetune_dir(cfg.output_dir, model))
-
-
-def finetune_state(cfg: Config, job: Job) -> str:
-    """complete, stale (what it was trained from changed) or missing."""
-    state = job_state(cfg, job)
-    return "complete" if state.current else state.status
 
 
 def _grads_state(cfg: Config, job: Job) -> State:

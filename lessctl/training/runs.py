@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -49,14 +48,7 @@ def read_checkpoints(cfg: Config) -> list[dict]:
         raise InputError(f"{p}: not UTF-8 text (byte {e.start}); {redo}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); {redo}") from None
-    ok = isinstance(entries, list) and all(
-        isinstance(c, dict)
-        and isinstance(c.get("step"), int)
-        and isinstance(c.get("lr_mean"), (int, float))
-        and math.isfinite(c["lr_mean"])
-        for c in entries
-    )
-    if not ok:
+    if not artifacts.manifest_ok(entries):
         raise InputError(f'{p}: expected a list of {{"step": int, "epoch", "lr_mean": number}}; {redo}')
     return entries
 
